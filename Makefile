@@ -1,0 +1,31 @@
+# backward-lab. `make run` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: help install run test bench experiments clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -e ".[dev,launchers]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with a CPU torch where none is present, and the package
+
+run: $(STAMP)  ## run the default experiment (outputs/runs/<time>/)
+	$(PY) -m runner $(ARGS)
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+clean:  ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,125 @@
+"""The only Hydra entry point: compose, build, run, map the outcome to an exit code.
+
+Single run: exit 0 when it finished ok; 1 for a failed or diverged run; 2 for bad input;
+130/143 when interrupted by SIGINT/SIGTERM. In a sweep (-m) a job never raises: its outcome is
+recorded in its summary.json and the sweep's comparison decides the exit code.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner import schema
+from runner.schema import Config, ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "data", "loss", "backward", "optim")
+
+schema.register()
+
+
+def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
+    """Composed config -> (typed plain dataclasses, the custom loss's extra keyword arguments)."""
+    try:
+        if "hydra" in cfg:  # callbacks see Hydra's own node; its sweep keys only resolve in a job
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        kwargs = schema.loss_kwargs(container["loss"])
+        container["loss"] = {k: v for k, v in container["loss"].items() if k not in kwargs}
+        typed = OmegaConf.merge(OmegaConf.structured(Config), container)
+        return OmegaConf.to_object(typed), kwargs
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        if key == "loss._target_" or "_target_" in str(exc):
+            raise ConfigError("loss._target_ is missing: loss=custom needs "
+                              "loss._target_=package.module.Class") from None
+        raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
+
+
+def report_bad_input(exc: Exception) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+
+
+def _run_meta(cfg: DictConfig) -> Dict[str, Any]:
+    hc = HydraConfig.get()
+    choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
+    if hc.runtime.choices.get("experiment"):
+        choices["experiment"] = hc.runtime.choices.get("experiment")
+    return {
+        "choices": choices,
+        "overrides": list(hc.overrides.task),
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+    }
+
+
+def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=False, highlight=False)
+    status = summary["status"]
+    colour = {"ok": "green", "interrupted": "yellow"}.get(status, "red")
+    if multirun:
+        console.print(f"[{colour}]{status}[/] {summary.get('run_dir')} "
+                      f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"run: [{colour}]{status}[/]", show_header=False)
+    rows = [("run dir", summary.get("run_dir")), ("steps", summary.get("steps_done")),
+            ("final loss", summary.get("final_loss")),
+            (summary.get("eval_metric") or "eval", summary.get("eval_value")),
+            ("param_sum", summary.get("param_sum")),
+            ("param_sha256", (summary.get("param_sha256") or "")[:16]),
+            ("peak_saved_bytes", summary.get("peak_saved_bytes")),
+            ("wall s", summary.get("wall_s"))]
+    if summary.get("params_without_grad"):
+        rows.append(("no gradient", ", ".join(summary["params_without_grad"])))
+    if summary.get("error"):
+        rows.append(("error", summary["error"]))
+    if summary.get("hint"):
+        rows.append(("hint", summary["hint"]))
+    for key, value in rows:
+        table.add_row(key, "" if value is None else str(value))
+    console.print(table)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    # Imported here so `--help` and bad input stay fast; they pull in torch.
+    import torch
+
+    from runner import record
+    from runner.parts import build_parts
+    from runner.train import run
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    meta = _run_meta(cfg)
+    try:
+        config, loss_kwargs = config_from_omegaconf(cfg)
+        schema.validate(config)
+        if config.trainer.threads:
+            torch.set_num_threads(config.trainer.threads)
+        parts = build_parts(config, loss_kwargs)
+    except ConfigError as exc:
+        report_bad_input(exc)
+        if not multirun:
+            sys.exit(2)
+        # The job's row in the sweep says what was wrong; the other jobs go on.
+        record.write_summary(run_dir, {"status": "error", "error": str(exc), "steps_done": 0,
+                                       "run_dir": str(run_dir.resolve()), **meta})
+        return
+    outcome = run(parts, run_dir, meta)
+    if outcome.status == "error" and not multirun:
+        print(f"error: {outcome.summary['error']}", file=sys.stderr)
+    _print_summary(outcome.summary, multirun)
+    if not multirun and outcome.exit_code:
+        sys.exit(outcome.exit_code)

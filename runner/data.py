@@ -1,0 +1,172 @@
+"""Seeded synthetic data and the split of a batch into weighted micro-batches.
+
+Labels come from a hidden random teacher network, so a student can learn them and loss curves
+fall. Everything here draws from its own `torch.Generator` seeded by `seed` alone: data, data
+order and held-out split never depend on the loss or backward choice, and building a data set
+leaves the global RNG untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Union
+
+import torch
+
+Targets = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+# Offsets keep the generators of different concerns independent of each other.
+_TEACHER_STREAM = 1_000_003
+_ORDER_STREAM = 2_000_003
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a model consumes and predicts; the data set is built to match it."""
+
+    input_shape: tuple  # one example, e.g. (3, 10, 10)
+    kind: str  # multilabel | multiclass | multitask
+    outputs: int  # labels (multilabel), classes (multiclass)
+
+
+@dataclass
+class MicroBatch:
+    inputs: torch.Tensor
+    targets: Targets
+    weight: float  # its share of the batch: len(micro-batch) / len(batch)
+
+
+def map_targets(targets: Targets, fn) -> Targets:
+    if isinstance(targets, dict):
+        return {k: fn(v) for k, v in targets.items()}
+    return fn(targets)
+
+
+def split_targets(targets: Targets, k: int) -> List[Targets]:
+    if isinstance(targets, dict):
+        pieces = {name: torch.tensor_split(t, k) for name, t in targets.items()}
+        return [{name: pieces[name][i] for name in targets} for i in range(k)]
+    return list(torch.tensor_split(targets, k))
+
+
+def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "size") -> List[MicroBatch]:
+    """`torch.tensor_split` into k micro-batches (sizes differ by at most one).
+
+    scale="size" weights each micro-batch by its share of the batch, which makes the weighted sum
+    of mean losses equal the full-batch mean loss exactly (the identity of the accumulation answer,
+    f(x,y) = (i/b) f(x[:i],y[:i]) + (1-i/b) f(x[i:],y[i:])). scale="mean" divides by k, which is the
+    same only when k divides the batch; it is kept to show that error on uneven splits.
+    """
+    batch = inputs.shape[0]
+    if not 1 <= k <= batch:
+        raise ValueError(f"cannot split a batch of {batch} into {k} micro-batches")
+    xs = torch.tensor_split(inputs, k)
+    ys = split_targets(targets, k)
+    if scale == "size":
+        weights = [x.shape[0] / batch for x in xs]
+    elif scale == "mean":
+        weights = [1.0 / k] * k
+    else:
+        raise ValueError(f"scale must be 'size' or 'mean', got {scale!r}")
+    return [MicroBatch(x, y, w) for x, y, w in zip(xs, ys, weights)]
+
+
+class Teacher(torch.nn.Module):
+    """A random two-layer network whose outputs define the labels."""
+
+    def __init__(self, in_features: int, outputs: int, generator: torch.Generator, hidden: int = 32):
+        super().__init__()
+        self.w1 = torch.randn(in_features, hidden, generator=generator) / in_features**0.5
+        self.w2 = torch.randn(hidden, outputs, generator=generator) / hidden**0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.flatten(1) @ self.w1) @ self.w2
+
+
+def _binary_labels(scores: torch.Tensor, positive_rate: float, noise: float, g: torch.Generator) -> torch.Tensor:
+    # Thresholds per output at the (1 - rate) quantile give about `rate` positives in every column.
+    thresholds = torch.quantile(scores, 1.0 - positive_rate, dim=0, keepdim=True)
+    labels = (scores > thresholds).float()
+    if noise > 0:
+        flip = torch.rand(labels.shape, generator=g) < noise
+        labels = torch.where(flip, 1.0 - labels, labels)
+    return labels
+
+
+def make_examples(spec: TaskSpec, n: int, seed: int, positive_rate: float = 0.5, noise: float = 0.0):
+    """n examples (float32 inputs, targets) for `spec`, a pure function of the seed."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn((n, *spec.input_shape), generator=g)
+    teacher_g = torch.Generator().manual_seed(seed + _TEACHER_STREAM)
+    in_features = int(torch.tensor(spec.input_shape).prod())
+    if spec.kind == "multilabel":
+        scores = Teacher(in_features, spec.outputs, teacher_g)(inputs)
+        targets: Targets = _binary_labels(scores, positive_rate, noise, g)
+    elif spec.kind == "multiclass":
+        scores = Teacher(in_features, spec.outputs, teacher_g)(inputs)
+        targets = scores.argmax(dim=1)
+    elif spec.kind == "multitask":
+        scores = Teacher(in_features, 2, teacher_g)(inputs)
+        targets = {
+            "cls": _binary_labels(scores[:, :1], positive_rate, noise, g),
+            "reg": scores[:, 1:2].clone(),
+        }
+    else:
+        raise ValueError(f"unknown task kind {spec.kind!r}")
+    return inputs, targets
+
+
+class Dataset:
+    """A training set drawn in seeded epochs plus a held-out split.
+
+    The batch of optimizer step s is a pure function of (seed, s): epoch e uses the permutation
+    from a generator seeded with (seed, e), so a resumed run sees exactly the data it would have
+    seen, and two strategies see the same batches.
+    """
+
+    def __init__(self, spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
+                 positive_rate: float = 0.5, noise: float = 0.0):
+        if batch_size > train_size:
+            raise ValueError(f"batch_size {batch_size} exceeds train_size {train_size}")
+        inputs, targets = make_examples(spec, train_size + eval_size, seed, positive_rate, noise)
+        self.spec = spec
+        self.seed = seed
+        self.batch_size = batch_size
+        self.train_inputs = inputs[:train_size]
+        self.train_targets = map_targets(targets, lambda t: t[:train_size])
+        self.eval_inputs = inputs[train_size:]
+        self.eval_targets = map_targets(targets, lambda t: t[train_size:])
+        self.batches_per_epoch = train_size // batch_size
+        self._epoch = -1
+        self._order = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Dataset":
+        """Move every tensor once; floating point tensors take the run's dtype."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        self.train_inputs = move(self.train_inputs)
+        self.eval_inputs = move(self.eval_inputs)
+        self.train_targets = map_targets(self.train_targets, move)
+        self.eval_targets = map_targets(self.eval_targets, move)
+        return self
+
+    def _order_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * _ORDER_STREAM + epoch)
+            n = self.train_inputs.shape[0]
+            self._order = torch.randperm(n, generator=g).to(self.train_inputs.device)
+            self._epoch = epoch
+        return self._order
+
+    def batch(self, step: int):
+        """(inputs, targets) of optimizer step `step` (0-based)."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        order = self._order_for(epoch)
+        rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.train_inputs[rows], map_targets(self.train_targets, lambda t: t[rows])
+
+
+def positives_share(targets: Any) -> float:
+    t = targets["cls"] if isinstance(targets, dict) else targets
+    return float(t.float().mean())

@@ -1,0 +1,45 @@
+"""Held-out evaluation at the end of a run: average precision for binary labels."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Macro average precision over label columns that have a positive (sklearn's definition:
+    the mean of precision at each positive, ranked by descending score)."""
+    scores, labels = scores.reshape(len(scores), -1), labels.reshape(len(labels), -1)
+    per_column = []
+    for col in range(scores.shape[1]):
+        y = labels[:, col][torch.argsort(scores[:, col], descending=True, stable=True)].double()
+        positives = y.sum()
+        if positives == 0:
+            continue
+        precision_at_k = torch.cumsum(y, 0) / torch.arange(1, len(y) + 1, dtype=torch.float64)
+        per_column.append(float((precision_at_k * y).sum() / positives))
+    return sum(per_column) / len(per_column) if per_column else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -> Dict[str, float]:
+    """Metrics on the held-out split; the first key is the run's headline `eval_metric`."""
+    if len(inputs) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(inputs)
+    finally:
+        model.train(was_training)
+    if kind == "multilabel":
+        return {"average_precision": average_precision(outputs.cpu(), targets.cpu())}
+    if kind == "multiclass":
+        logits = outputs["stage2"] if isinstance(outputs, dict) else outputs
+        return {"accuracy": float((logits.argmax(1) == targets).double().mean())}
+    if kind == "multitask":
+        return {
+            "average_precision": average_precision(outputs["cls"].cpu(), targets["cls"].cpu()),
+            "mse": float(torch.mean((outputs["reg"] - targets["reg"]).double() ** 2)),
+        }
+    raise ValueError(f"unknown task kind {kind!r}")

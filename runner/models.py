@@ -1,0 +1,79 @@
+"""Plain nn.Modules. Each builder returns the model and the TaskSpec its data must match.
+
+Models output logits (no sigmoid): losses use the with-logits forms, which are stable.
+Initialisation draws from the global RNG, which the runner seeds with `seed` right before
+building, so initial parameters depend on the seed and the model choice alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from runner.data import TaskSpec
+
+IMAGE_SHAPE = (3, 10, 10)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int = 64, outputs: int = 5, batchnorm: bool = False):
+        super().__init__()
+        in_features = math.prod(IMAGE_SHAPE)
+        self.hidden = nn.Linear(in_features, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.norm(self.hidden(x.flatten(1)))))
+
+
+class ConvNet(nn.Module):
+    """The gradient-accumulation answer's model, returning logits instead of sigmoid outputs."""
+
+    def __init__(self, outputs: int = 5, batchnorm: bool = False):
+        super().__init__()
+        self.conv_layer = nn.Conv2d(3, 10, 3, 1, 1)
+        self.norm = nn.BatchNorm2d(10) if batchnorm else nn.Identity()
+        self.fc_layer = nn.Linear(10 * 5 * 5, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv_layer(x))
+        x = F.max_pool2d(x, 2, 2, 0, 1, False, False)
+        x = F.relu(x)
+        return self.fc_layer(x.flatten(start_dim=1))
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The last Linear layer, whose bias a prior initialisation sets."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def init_prior_bias(layer: nn.Linear, prior: float) -> None:
+    """RetinaNet's initialisation: every output starts predicting `prior` for the rare class."""
+    with torch.no_grad():
+        layer.bias.fill_(-math.log((1 - prior) / prior))
+
+
+def _mlp(cfg) -> Tuple[nn.Module, TaskSpec]:
+    return (MLP(cfg.hidden, cfg.outputs, cfg.batchnorm),
+            TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs))
+
+
+def _cnn(cfg) -> Tuple[nn.Module, TaskSpec]:
+    return ConvNet(cfg.outputs, cfg.batchnorm), TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs)
+
+
+# name -> builder(model_cfg) -> (model, TaskSpec). Add a model by adding a builder here.
+BUILDERS: Dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn}
+
+
+def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:
+    if cfg.name not in BUILDERS:
+        raise ValueError(f"model={cfg.name} is unknown: expected one of {sorted(BUILDERS)}")
+    model, spec = BUILDERS[cfg.name](cfg)
+    if cfg.prior_bias:
+        init_prior_bias(output_layer(model), cfg.prior)
+    return model, spec
