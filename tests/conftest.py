@@ -1,0 +1,67 @@
+"""Shared helpers: build a typed Config from dotted overrides and run it in-process."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import record
+from runner.parts import build_parts
+from runner.schema import Config
+from runner.train import run
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+def make_config(**overrides) -> Config:
+    """Config() with dotted keys given as double underscores: trainer__steps=5."""
+    cfg = Config()
+    cfg.trainer.progress = False
+    for dotted, value in overrides.items():
+        *path, leaf = dotted.split("__")
+        node = cfg
+        for name in path:
+            node = getattr(node, name)
+        if not hasattr(node, leaf):
+            raise AttributeError(f"no config key {dotted}")
+        setattr(node, leaf, value)
+    return cfg
+
+
+def train(tmp_path: Path, loss_kwargs=None, **overrides):
+    """Run in-process; returns (summary, final parameters by name, run_dir)."""
+    run_dir = tmp_path / f"run{next(_counter)}"
+    run_dir.mkdir(parents=True)
+    parts = build_parts(make_config(**overrides), loss_kwargs)
+    outcome = run(parts, run_dir)
+    params = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    return outcome.summary, params, run_dir
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_params_close(a: dict, b: dict, **tol) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def run_cli(*args, cwd=None, timeout=120, env_extra=None):
+    """`python -m runner ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def read_summary():
+    return record.read_summary
