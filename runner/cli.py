@@ -67,7 +67,8 @@ def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
     colour = {"ok": "green", "interrupted": "yellow"}.get(status, "red")
     if multirun:
         console.print(f"[{colour}]{status}[/] {summary.get('run_dir')} "
-                      f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}")
+                      f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}",
+                      soft_wrap=True)
         return
     from rich.table import Table
 

@@ -143,8 +143,6 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "an integer >= 1"),
         (cfg.backward.accumulation >= 1, "backward.accumulation", cfg.backward.accumulation,
          "an integer >= 1"),
-        (cfg.backward.accumulation <= cfg.data.batch_size, "backward.accumulation",
-         cfg.backward.accumulation, f"at most data.batch_size ({cfg.data.batch_size})"),
         (cfg.loss.alpha <= 1, "loss.alpha", cfg.loss.alpha, "<= 1 (or < 0 to disable)"),
         (cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, ">= 0"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),

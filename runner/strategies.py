@@ -114,7 +114,8 @@ class MicroBatched(Strategy):
     def check(self, model, loss_fn, batch_size: int) -> None:
         if self.cfg.accumulation > batch_size:
             raise StrategyMismatch(
-                f"backward.accumulation={self.cfg.accumulation} exceeds data.batch_size={batch_size}")
+                f"backward.accumulation={self.cfg.accumulation} is not allowed with backward={self.name}: "
+                f"expected at most data.batch_size ({batch_size})")
 
     def weighted(self, loss_fn, inputs, targets):
         """Micro-batches with the factor each one's loss is multiplied by.
