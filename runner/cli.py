@@ -89,6 +89,15 @@ def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
     for key, value in rows:
         table.add_row(key, "" if value is None else str(value))
     console.print(table)
+    flow = summary.get("gradient_flow")
+    if flow:
+        flow_table = Table(title="gradient flow, first step")
+        for column in ("module", "component", "grad_norm"):
+            flow_table.add_column(column)
+        for row in flow:
+            norm = f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none"
+            flow_table.add_row(row["module"], row["component"], norm)
+        console.print(flow_table)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -26,6 +26,7 @@ class TaskSpec:
     input_shape: tuple  # one example, e.g. (3, 10, 10)
     kind: str  # multilabel | multiclass | multitask
     outputs: int  # labels (multilabel), classes (multiclass)
+    stages: tuple = ()  # names of a chained model's outputs, each scored against the targets
 
 
 @dataclass

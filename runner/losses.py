@@ -49,7 +49,29 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return reduce(ce, reduction)
 
 
+def softmax_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+    """The multi-class (softmax) form: FL = -alpha (1 - p_t)^gamma log(p_t), with p_t the softmax
+    probability of the true class (Lin et al. 2017; alpha is one weight for all classes here).
+
+    log(1 - p_t) is computed as logsumexp over the other classes minus logsumexp over all, which
+    stays finite, with a finite gradient, when p_t rounds to 1.
+    """
+    check_reduction(reduction)
+    log_norm = torch.logsumexp(logits, dim=1)
+    loss = log_norm - logits.gather(1, targets[:, None]).squeeze(1)  # -log p_t
+    if gamma != 0:
+        true_class = F.one_hot(targets, logits.shape[1]).bool()
+        log_rest = torch.logsumexp(logits.masked_fill(true_class, float("-inf")), dim=1)
+        loss = torch.exp(gamma * (log_rest - log_norm)) * loss
+    if alpha >= 0:
+        loss = alpha * loss
+    return reduce(loss, reduction)
+
+
 class FocalLoss(nn.Module):
+    """Sigmoid focal loss for binary 0/1 targets; the softmax form for integer class targets."""
+
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean"):
         super().__init__()
         if gamma < 0:
@@ -59,10 +81,72 @@ class FocalLoss(nn.Module):
         self.alpha, self.gamma, self.reduction = alpha, gamma, check_reduction(reduction)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not targets.is_floating_point():
+            return softmax_focal_loss(logits, targets, self.alpha, self.gamma, self.reduction)
         return sigmoid_focal_loss(logits, targets, self.alpha, self.gamma, self.reduction)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class PerStage(nn.Module):
+    """One loss applied to each stage's output of a chained model: the answer's l1 and l2.
+
+    parts() gives {"stage1": loss(a, y), "stage2": loss(b, y)}; forward() their sum.
+    """
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.reduction = getattr(base, "reduction", "mean")
+
+    def parts(self, outputs: Dict[str, torch.Tensor], targets) -> Dict[str, torch.Tensor]:
+        return {name: self.base(output, targets) for name, output in outputs.items()}
+
+    def forward(self, outputs, targets) -> torch.Tensor:
+        return sum(self.parts(outputs, targets).values())
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of named task losses: BCE-with-logits for `cls`, MSE for `reg`.
+
+    weighting="fixed": sum_t w_t L_t. weighting="uncertainty" learns s_t = log(sigma_t^2) per task
+    (Kendall, Gal & Cipolla 2018, in the stable log-variance form): exp(-s) L + s/2 for a
+    classification task, exp(-s) L / 2 + s/2 for a regression task.
+    """
+
+    TASKS = {"cls": F.binary_cross_entropy_with_logits, "reg": F.mse_loss}
+    REGRESSION = {"reg"}
+    DEFAULT_WEIGHTS = {"cls": 0.5, "reg": 0.5}
+
+    def __init__(self, weights: Dict[str, float] | None = None, weighting: str = "fixed",
+                 reduction: str = "mean"):
+        super().__init__()
+        unknown = set(weights or {}) - set(self.TASKS)
+        if unknown:
+            raise ValueError(f"loss.weights has unknown task(s) {sorted(unknown)}: expected {sorted(self.TASKS)}")
+        if weighting not in ("fixed", "uncertainty"):
+            raise ValueError(f"loss.weighting={weighting} is not allowed: expected fixed or uncertainty")
+        self.weights = {**self.DEFAULT_WEIGHTS, **(weights or {})}
+        self.weighting = weighting
+        self.reduction = check_reduction(reduction)
+        if weighting == "uncertainty":
+            self.log_vars = nn.Parameter(torch.zeros(len(self.TASKS)))
+
+    def parts(self, outputs: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        parts = {}
+        for i, (name, fn) in enumerate(self.TASKS.items()):
+            loss = fn(outputs[name], targets[name], reduction=self.reduction)
+            if self.weighting == "fixed":
+                parts[name] = self.weights[name] * loss
+            else:
+                s = self.log_vars[i]
+                factor = 0.5 if name in self.REGRESSION else 1.0
+                parts[name] = factor * torch.exp(-s) * loss + 0.5 * s
+        return parts
+
+    def forward(self, outputs, targets) -> torch.Tensor:
+        return sum(self.parts(outputs, targets).values())
 
 
 def import_class(path: str):
@@ -100,14 +184,35 @@ def _custom(cfg, kwargs):
     return loss
 
 
+def _ce(cfg, kwargs):
+    return nn.CrossEntropyLoss(reduction=cfg.reduction)
+
+
+def _multitask(cfg, kwargs):
+    return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
+
+
 # name -> builder(loss_cfg, extra_kwargs) -> loss module
-BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "custom": _custom}
+BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask,
+                                 "custom": _custom}
+# The task kinds (runner.data.TaskSpec.kind) each loss can score; custom losses fit any.
+FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
+        "multitask": {"multitask"}}
 
 
-def build_loss(cfg, kwargs: dict | None = None) -> nn.Module:
+def build_loss(cfg, kwargs: dict | None = None, spec=None, model_name: str = "?") -> nn.Module:
+    """The loss for `cfg`; given the model's TaskSpec, also checks that the two fit and wraps
+    the loss to score every stage of a chained model."""
     if cfg.name not in BUILDERS:
         raise ValueError(f"loss={cfg.name} is unknown: expected one of {sorted(BUILDERS)}")
-    return BUILDERS[cfg.name](cfg, kwargs or {})
+    if spec is not None and cfg.name in FITS and spec.kind not in FITS[cfg.name]:
+        fitting = sorted(name for name, kinds in FITS.items() if spec.kind in kinds)
+        raise ValueError(f"loss={cfg.name} does not fit model={model_name} ({spec.kind} targets): "
+                         f"expected loss={' or loss='.join(fitting + ['custom'])}")
+    loss = BUILDERS[cfg.name](cfg, kwargs or {})
+    if spec is not None and spec.stages:
+        loss = PerStage(loss)
+    return loss
 
 
 def loss_parts(loss_fn, outputs, targets) -> Dict[str, torch.Tensor]:

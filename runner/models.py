@@ -46,6 +46,41 @@ class ConvNet(nn.Module):
         return self.fc_layer(x.flatten(start_dim=1))
 
 
+class MultiTaskNet(nn.Module):
+    """A shared trunk of `depth` Linear+ReLU layers, a binary classification head and a
+    regression head. With depth >= 2 the trunk's later layers save their weights for backward,
+    which is what makes stepping between per-task backwards fail on current PyTorch."""
+
+    def __init__(self, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        sizes = [math.prod(IMAGE_SHAPE)] + [hidden] * depth
+        self.trunk = nn.Sequential(*[layer for i in range(depth)
+                                     for layer in (nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU())])
+        self.cls = nn.Linear(hidden, 1)
+        self.reg = nn.Linear(hidden, 1)
+
+    def shared_parameters(self):
+        return list(self.trunk.parameters())
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = self.trunk(x.flatten(1))
+        return {"cls": self.cls(features), "reg": self.reg(features)}
+
+
+class TwoStage(nn.Module):
+    """Two chained models as in the chained-models answer: stage 2 consumes stage 1's output,
+    and each stage's output has its own loss (Linear(10, 2) -> Linear(2, 2) by default)."""
+
+    def __init__(self, in_features: int = 10, stage1_outputs: int = 2, classes: int = 2):
+        super().__init__()
+        self.stage1 = nn.Linear(in_features, stage1_outputs)
+        self.stage2 = nn.Linear(stage1_outputs, classes)
+
+    def forward(self, x: torch.Tensor, detach: bool = False) -> Dict[str, torch.Tensor]:
+        a = self.stage1(x)
+        return {"stage1": a, "stage2": self.stage2(a.detach() if detach else a)}
+
+
 def output_layer(model: nn.Module) -> nn.Module:
     """The last Linear layer, whose bias a prior initialisation sets."""
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -66,8 +101,28 @@ def _cnn(cfg) -> Tuple[nn.Module, TaskSpec]:
     return ConvNet(cfg.outputs, cfg.batchnorm), TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs)
 
 
+def _multitask(cfg) -> Tuple[nn.Module, TaskSpec]:
+    if cfg.depth < 1:
+        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
+    return MultiTaskNet(cfg.hidden, cfg.depth), TaskSpec(IMAGE_SHAPE, "multitask", 1)
+
+
+def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
+    # The answer's loss is cross-entropy on both stages' outputs: stage 1 predicts the classes too.
+    if cfg.stage1_outputs != cfg.outputs:
+        raise ValueError(f"model.stage1_outputs={cfg.stage1_outputs} must equal model.outputs="
+                         f"{cfg.outputs}: both stages' outputs are scored against the same classes")
+    if cfg.outputs < 2:
+        raise ValueError(f"model.outputs={cfg.outputs} is not allowed for model=two_stage: expected >= 2 classes")
+    return TwoStage(TWO_STAGE_FEATURES, cfg.stage1_outputs, cfg.outputs), \
+        TaskSpec((TWO_STAGE_FEATURES,), "multiclass", cfg.outputs, stages=("stage1", "stage2"))
+
+
+TWO_STAGE_FEATURES = 10
+
 # name -> builder(model_cfg) -> (model, TaskSpec). Add a model by adding a builder here.
-BUILDERS: Dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn}
+BUILDERS: Dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn, "multitask": _multitask,
+                                 "two_stage": _two_stage}
 
 
 def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:

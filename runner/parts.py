@@ -76,9 +76,9 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
 def _build_model_loss_strategy(cfg: Config, loss_kwargs: Optional[dict]):
     try:
         model, spec = build_model(cfg.model)
-        loss_fn = build_loss(cfg.loss, loss_kwargs)
+        loss_fn = build_loss(cfg.loss, loss_kwargs, spec, cfg.model.name)
         strategy = build_strategy(cfg.backward)
-        strategy.check(model, loss_fn, cfg.data.batch_size)
+        strategy.check(model, loss_fn, cfg)
     except (ValueError, StrategyMismatch) as exc:
         raise ConfigError(str(exc)) from None
     return model, spec, loss_fn, strategy

@@ -55,6 +55,22 @@ def read_summary(run_dir: Path) -> dict:
         return json.load(f)
 
 
+GRADIENT_FLOW = "gradient_flow.csv"
+
+
+def write_table(run_dir: Path, name: str, rows: list) -> None:
+    """A small CSV written whole and atomically (e.g. gradient_flow.csv)."""
+    import io
+
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+    atomic_write_bytes(Path(run_dir) / name, buffer.getvalue().encode())
+
+
 def named_parameters_in_order(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(model.named_parameters(), key=lambda item: item[0])
 

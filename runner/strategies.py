@@ -48,6 +48,9 @@ class Strategy:
     name = "strategy"
     # A one-line hint shown with an error this strategy is known to provoke.
     hint = ""
+    # The backward.* switches this strategy reads; setting another one is a misfit.
+    options: tuple = ()
+    SWITCHES = {"step_per_task": "separate", "reforward": "separate", "joint": "naive, retain_graph or detach"}
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -61,8 +64,16 @@ class Strategy:
         """One list of parameters per optimizer the strategy steps."""
         return [list(model.parameters())]
 
-    def check(self, model: nn.Module, loss_fn, batch_size: int) -> None:
-        """Raise StrategyMismatch when the strategy does not fit the model or loss."""
+    def check(self, model: nn.Module, loss_fn, cfg) -> None:
+        """Raise StrategyMismatch when the strategy does not fit the model, loss or switches."""
+        for switch, fits in self.SWITCHES.items():
+            if getattr(cfg.backward, switch) and switch not in self.options:
+                raise StrategyMismatch(f"backward.{switch}=true does not fit backward={self.name}: "
+                                       f"it applies to backward={fits}")
+
+    def forward(self, model: nn.Module, inputs):
+        """The forward pass as this strategy runs it (the gradient-flow table replays it)."""
+        return model(inputs)
 
     def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
         raise NotImplementedError
@@ -111,7 +122,9 @@ class MicroBatched(Strategy):
     def accumulation(self) -> int:
         return self.cfg.accumulation
 
-    def check(self, model, loss_fn, batch_size: int) -> None:
+    def check(self, model, loss_fn, cfg) -> None:
+        super().check(model, loss_fn, cfg)
+        batch_size = cfg.data.batch_size
         if self.cfg.accumulation > batch_size:
             raise StrategyMismatch(
                 f"backward.accumulation={self.cfg.accumulation} is not allowed with backward={self.name}: "
@@ -164,6 +177,129 @@ class Accumulate(MicroBatched):
             parts = add_parts(parts, detached_parts(loss_fn, outputs, mb.targets, weight))
         norm = self.apply(model, optimizers)
         return StepResult(total, norm, parts)
+
+
+def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    flat_a, flat_b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0)
+
+
+def combined_norm(norms: List[torch.Tensor]) -> torch.Tensor:
+    """One number for several steps' gradients: the root of the sum of their squared norms."""
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@register
+class Separate(Strategy):
+    """Multi-task: one backward per weighted task loss (retain_graph on all but the last), then
+    one optimizer step: the same gradient as backward of the sum. step_per_task=true steps after
+    each task's backward, as the multi-task answer's second snippet does; reforward=true runs the
+    forward again after each step (as PyTorch's DCGAN example does) and so also steps per task.
+
+    Records the cosine similarity of the tasks' gradients on the shared trunk (grad_cos_<a>_<b>).
+    """
+
+    name = "separate"
+    options = ("step_per_task", "reforward")
+    hint = ("optimizer.step() changed weights that the retained graph still needs: step once after "
+            "all task backwards (backward.step_per_task=false), re-run the forward after each step "
+            "(backward.reforward=true), or backward the summed loss")
+
+    def check(self, model, loss_fn, cfg) -> None:
+        super().check(model, loss_fn, cfg)
+        if not callable(getattr(loss_fn, "parts", None)):
+            raise StrategyMismatch(
+                f"backward=separate does not fit loss={cfg.loss.name} on model={cfg.model.name}: it needs "
+                "a loss made of parts (loss=multitask with model=multitask, or any loss on model=two_stage)")
+
+    @property
+    def steps_per_task(self) -> bool:
+        return self.cfg.step_per_task or self.cfg.reforward
+
+    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+        shared = model.shared_parameters() if hasattr(model, "shared_parameters") else []
+        self.zero_grad(optimizers)
+        parts = loss_fn.parts(model(inputs), targets)
+        names = list(parts)
+        values, task_grads, norms = {}, {}, []
+        for i, name in enumerate(names):
+            if i > 0 and self.cfg.reforward:
+                parts = loss_fn.parts(model(inputs), targets)  # a fresh graph on the stepped weights
+            before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in shared]
+            last = i == len(names) - 1
+            parts[name].backward(retain_graph=not last and not self.cfg.reforward)
+            values[name] = parts[name].detach()
+            task_grads[name] = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
+                                for p, b in zip(shared, before)]
+            if self.steps_per_task:
+                norms.append(self.apply(model, optimizers))
+                self.zero_grad(optimizers)
+        if not self.steps_per_task:
+            norms.append(self.apply(model, optimizers))
+        extras = {}
+        if shared:
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    extras[f"grad_cos_{a}_{b}"] = cosine(task_grads[a], task_grads[b]).detach()
+        return StepResult(sum(values.values()), combined_norm(norms), values, extras)
+
+
+class Chained(Strategy):
+    """Two chained models with two optimizers, in the chained-models answer's loop order:
+    zero stage-2 grads, backward stage-2 loss, step stage 2; zero stage-1 grads, backward
+    stage-1 loss, step stage 1. Optimizer 1 owns stage 1; optimizer 2 owns stage 2, or both
+    stages with backward.joint=true (the answer's itertools.chain caveat)."""
+
+    options = ("joint",)
+    retain_graph = False
+    detach = False
+
+    def check(self, model, loss_fn, cfg) -> None:
+        super().check(model, loss_fn, cfg)
+        if not (hasattr(model, "stage1") and hasattr(model, "stage2")):
+            raise StrategyMismatch(f"backward={self.name} does not fit model={cfg.model.name}: "
+                                   "it needs two chained models (model=two_stage)")
+
+    def param_groups(self, model: nn.Module) -> List[List[nn.Parameter]]:
+        stage1, stage2 = list(model.stage1.parameters()), list(model.stage2.parameters())
+        return [stage1, stage1 + stage2 if self.cfg.joint else stage2]
+
+    def forward(self, model, inputs):
+        return model(inputs, detach=self.detach)
+
+    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+        optimizer1, optimizer2 = optimizers
+        parts = loss_fn.parts(self.forward(model, inputs), targets)
+        l1, l2 = parts["stage1"], parts["stage2"]
+        optimizer2.zero_grad()
+        l2.backward(retain_graph=self.retain_graph)
+        norm2 = self.apply(model, [optimizer2])
+        optimizer1.zero_grad()
+        l1.backward()
+        norm1 = self.apply(model, [optimizer1])
+        values = {"stage1": l1.detach(), "stage2": l2.detach()}
+        return StepResult(values["stage1"] + values["stage2"], combined_norm([norm1, norm2]), values)
+
+
+@register
+class Naive(Chained):
+    """Reproduces "Trying to backward through the graph a second time" on purpose."""
+
+    name = "naive"
+    hint = ("stage 2's backward freed the graph that stage 1's loss shares: pass retain_graph=True to "
+            "the first backward (backward=retain_graph) or feed stage 2 a.detach() (backward=detach)")
+
+
+@register
+class RetainGraph(Chained):
+    name = "retain_graph"
+    retain_graph = True
+
+
+@register
+class Detach(Chained):
+    name = "detach"
+    detach = True
 
 
 def build_strategy(cfg) -> Strategy:

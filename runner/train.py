@@ -24,6 +24,7 @@ import torch
 
 from runner import record
 from runner.evaluate import evaluate
+from runner.gradflow import gradient_flow
 from runner.memory import SavedTensorsMeter
 from runner.parts import Parts
 
@@ -205,6 +206,10 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
         record.write_summary(run_dir, summary)
         return Outcome("error", 1, summary)
 
+    first_inputs, first_targets = parts.dataset.batch(start_step)
+    summary["gradient_flow"] = gradient_flow(parts.strategy, parts.model, parts.loss_fn,
+                                             first_inputs, first_targets)
+    record.write_table(run_dir, record.GRADIENT_FLOW, summary["gradient_flow"])
     record.write_summary(run_dir, summary)
     buffer = StepBuffer(parts, run_dir, append=start_step > 0,
                         extra_columns=[] if memory_mode == "off" else ["peak_saved_bytes"])

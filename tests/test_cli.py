@@ -92,8 +92,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 def test_help_lists_groups_and_options():
     result = run_cli("--help")
     assert result.returncode == 0
-    for text in ("backward-lab", "backward: accumulate, full, sum", "loss: bce, custom, focal",
-                 "model: cnn, mlp", "optim: adam, sgd", "data: default, imbalanced"):
+    for text in ("backward-lab", "backward: accumulate, detach, full, naive, retain_graph, separate, sum",
+                 "loss: bce, ce, custom, focal, multitask", "model: cnn, mlp, multitask, two_stage",
+                 "optim: adam, adam_gan, sgd", "data: default, imbalanced"):
         assert text in result.stdout, text
     assert "base_config" not in result.stdout
 
