@@ -6,6 +6,7 @@ the saved tensor, so its finaliser tells when autograd lets go. The meter sums l
 keeps their peak. A tensor saved twice (same storage, offset, shape and stride) counts once; a
 view counts its own bytes, not its whole storage, so a micro-batch slice of the input costs 1/k
 of it. Parameters saved by autograd count too. The number is exact and device-independent.
+The meter changes nothing else: it repeats autograd's in-place modification check on unpack.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def _key(t: torch.Tensor) -> tuple:
 
 
 class _Saved:
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("tensor", "version", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
+        self.version = tensor._version
 
 
 class SavedTensorsMeter:
@@ -45,7 +47,15 @@ class SavedTensorsMeter:
 
     @staticmethod
     def _unpack(handle: _Saved) -> torch.Tensor:
-        return handle.tensor
+        # Autograd skips its in-place check for tensors that went through hooks; make it here, or
+        # a measured step would silently compute with weights an optimizer step already changed.
+        tensor = handle.tensor
+        if tensor._version != handle.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{tensor.type()} {list(tensor.shape)}] is at version "
+                f"{tensor._version}; expected version {handle.version} instead.")
+        return tensor
 
     def _release(self, key: tuple, nbytes: int) -> None:
         count = self._refs[key] - 1

@@ -56,3 +56,20 @@ def test_memory_is_measured_on_the_first_step_unless_asked(tmp_path):
     assert pd.read_csv(first / "metrics.csv")["peak_saved_bytes"].notna().tolist() == [True] + [False] * 4
     assert pd.read_csv(every / "metrics.csv")["peak_saved_bytes"].notna().all()
     assert "peak_saved_bytes" not in pd.read_csv(off / "metrics.csv").columns
+
+
+def test_the_meter_keeps_autograds_inplace_check():
+    """Autograd skips its version check for tensors that went through saved-tensor hooks; the
+    meter makes it, so a measured step fails exactly where an unmeasured one does."""
+    w = torch.randn(3, requires_grad=True)
+    for meter in (None, SavedTensorsMeter()):
+        h = w * 1.0
+        if meter is None:
+            y = (h * h).sum()  # saves h
+        else:
+            with meter:
+                y = (h * h).sum()
+        with torch.no_grad():
+            h.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
