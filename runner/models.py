@@ -108,13 +108,11 @@ def _multitask(cfg) -> Tuple[nn.Module, TaskSpec]:
 
 
 def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
-    # The answer's loss is cross-entropy on both stages' outputs: stage 1 predicts the classes too.
-    if cfg.stage1_outputs != cfg.outputs:
-        raise ValueError(f"model.stage1_outputs={cfg.stage1_outputs} must equal model.outputs="
-                         f"{cfg.outputs}: both stages' outputs are scored against the same classes")
+    # The answer scores both stages' outputs with cross-entropy against the same labels, so stage
+    # 1's width is the number of classes (2 by default: Linear(10, 2) -> Linear(2, 2)).
     if cfg.outputs < 2:
         raise ValueError(f"model.outputs={cfg.outputs} is not allowed for model=two_stage: expected >= 2 classes")
-    return TwoStage(TWO_STAGE_FEATURES, cfg.stage1_outputs, cfg.outputs), \
+    return TwoStage(TWO_STAGE_FEATURES, cfg.outputs, cfg.outputs), \
         TaskSpec((TWO_STAGE_FEATURES,), "multiclass", cfg.outputs, stages=("stage1", "stage2"))
 
 

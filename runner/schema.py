@@ -53,7 +53,6 @@ class ModelConf:
     prior_bias: bool = False
     prior: float = 0.01
     depth: int = 2  # layers in a shared trunk (multi-task models)
-    stage1_outputs: int = 2  # two-stage chain: width of stage 1's output
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Two chained models: naive, retain_graph, detach, the joint optimizer, and gradient flow."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runner.losses import FocalLoss, softmax_focal_loss
+from runner.parts import build_parts
+from tests.conftest import make_config, max_abs_diff, run_cli, train
+
+CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,
+             optim__betas=[0.5, 0.999])
+
+
+def test_naive_is_recorded_as_the_second_backward_error(tmp_path):
+    summary, _, _ = train(tmp_path, **CHAIN, backward__name="naive")
+    assert summary["status"] == "error" and summary["steps_done"] == 0
+    assert "Trying to backward through the graph a second time" in summary["error"]
+    assert "retain_graph=True" in summary["hint"] and "detach()" in summary["hint"]
+
+
+def test_naive_single_run_exits_non_zero(tmp_path):
+    result = run_cli("model=two_stage", "loss=ce", "backward=naive", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Trying to backward through the graph a second time" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_retain_graph_and_detach_agree_bit_for_bit_with_separate_optimizers(tmp_path):
+    retain = train(tmp_path, **CHAIN, backward__name="retain_graph")[0]
+    detach = train(tmp_path, **CHAIN, backward__name="detach")[0]
+    assert retain["status"] == detach["status"] == "ok"
+    assert retain["param_sha256"] == detach["param_sha256"]
+
+
+def test_joint_optimizer_makes_them_differ(tmp_path):
+    retain, p_retain, _ = train(tmp_path, **CHAIN, backward__name="retain_graph", backward__joint=True)
+    detach, p_detach, _ = train(tmp_path, **CHAIN, backward__name="detach", backward__joint=True)
+    assert retain["status"] == detach["status"] == "ok"
+    assert retain["param_sha256"] != detach["param_sha256"]
+    # Only stage 1 differs: detach keeps stage 2's loss from reaching stage 1's parameters.
+    assert max_abs_diff({k: v for k, v in p_retain.items() if k.startswith("stage1")},
+                        {k: v for k, v in p_detach.items() if k.startswith("stage1")}) > 1e-4
+
+
+@pytest.mark.parametrize("style", ["retain_graph", "detach", "retain_graph_joint"])
+def test_runner_matches_the_chained_answers_loop(tmp_path, style):
+    """The chained-models answer's loop, written by hand on the runner's models and data."""
+    steps = 20
+    joint = style.endswith("joint")
+    strategy = style.replace("_joint", "")
+    expected = train(tmp_path, **CHAIN, trainer__steps=steps, backward__name=strategy,
+                     backward__joint=joint)[1]
+    parts = build_parts(make_config(**CHAIN))
+    model1, model2 = parts.model.stage1, parts.model.stage2
+    optimizer1 = torch.optim.Adam(model1.parameters(), lr=0.001, betas=(0.5, 0.999))
+    optimizer2 = torch.optim.Adam(itertools.chain(model1.parameters(), model2.parameters()) if joint
+                                  else model2.parameters(), lr=0.001, betas=(0.5, 0.999))
+    loss = torch.nn.CrossEntropyLoss()
+    for i in range(steps):
+        data, label = parts.dataset.batch(i)
+        a = model1(data)
+        b = model2(a.detach() if strategy == "detach" else a)
+        l1 = loss(a, label)
+        l2 = loss(b, label)
+        optimizer2.zero_grad()
+        l2.backward(retain_graph=strategy == "retain_graph")
+        optimizer2.step()
+        optimizer1.zero_grad()
+        l1.backward()
+        optimizer1.step()
+    for name, p in parts.model.named_parameters():
+        torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=0)
+
+
+def test_gradient_flow_shows_detach_cuts_stage2_off_stage1(tmp_path):
+    def flow(strategy):
+        summary, _, run_dir = train(tmp_path, **CHAIN, backward__name=strategy, trainer__steps=1)
+        assert (run_dir / "gradient_flow.csv").exists()
+        return {(r["module"], r["component"]): r["receives_gradient"] for r in summary["gradient_flow"]}
+
+    detach, retain = flow("detach"), flow("retain_graph")
+    assert detach[("stage1", "stage2")] is False and retain[("stage1", "stage2")] is True
+    for table in (detach, retain):
+        assert table[("stage1", "stage1")] and table[("stage2", "stage2")]
+        assert table[("stage2", "stage1")] is False
+
+
+def test_chained_strategies_refuse_a_single_model(tmp_path):
+    result = run_cli("backward=detach", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "backward=detach does not fit model=mlp" in result.stderr and "model=two_stage" in result.stderr
+
+
+def test_softmax_focal_loss_matches_the_formula_and_reduces_to_ce():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 4, (32,), generator=g)
+    p_t = torch.softmax(logits, 1).gather(1, targets[:, None]).squeeze(1)
+    expected = -0.25 * (1 - p_t) ** 2.0 * torch.log(p_t)
+    torch.testing.assert_close(FocalLoss(0.25, 2.0)(logits, targets), expected.mean())
+    torch.testing.assert_close(FocalLoss(-1, 0.0)(logits, targets), F.cross_entropy(logits, targets))
+    saturated = torch.tensor([[100.0, -100.0], [-100.0, 100.0]], requires_grad=True)
+    loss = softmax_focal_loss(saturated, torch.tensor([0, 0]), 0.25, 0.5, "sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(saturated.grad).all()
+
+
+def test_two_stage_with_focal_and_ce_learns(tmp_path):
+    for loss in ("ce", "focal"):
+        summary = train(tmp_path, model__name="two_stage", model__outputs=2, loss__name=loss, backward__name="detach")[0]
+        assert summary["status"] == "ok" and summary["eval_metric"] == "accuracy"
+        assert summary["eval_value"] > 0.8
