@@ -7,6 +7,8 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 REDUCTIONS = ("none", "mean", "sum")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def check_reduction(reduction: str) -> str:
@@ -154,6 +157,8 @@ def import_class(path: str):
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise ValueError(f"loss._target_={path} is not an import path like package.module.Class")
+    if str(PROJECT_ROOT) not in sys.path:  # experiments.* imports from any working directory
+        sys.path.append(str(PROJECT_ROOT))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -1,0 +1,38 @@
+"""A user's own losses, for `loss=custom` (the custom-loss answer, made runnable).
+
+    python -m runner loss=custom loss._target_=experiments.custom_loss.SoftF1Loss +loss.smooth=1.0
+    python -m runner loss=custom loss._target_=experiments.custom_loss.HardF1Loss   # refused
+
+A loss is an nn.Module, as torch.nn's losses are: it composes (nn.Sequential, .to(device)),
+carries its own hyper-parameters, and may hold learnable parameters. Its output needs no
+`requires_grad=True`: it inherits a gradient from the model's outputs, as long as every
+operation on the way is differentiable.
+"""
+import torch
+from torch import nn
+
+
+class SoftF1Loss(nn.Module):
+    """1 - F1, with the counts of true/false positives taken from probabilities instead of
+    thresholded predictions, so the loss is differentiable (a common "soft" surrogate)."""
+
+    def __init__(self, smooth: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        self.smooth = smooth
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        tp = (p * targets).sum(0)
+        fp = (p * (1 - targets)).sum(0)
+        fn = ((1 - p) * targets).sum(0)
+        f1 = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
+        return 1 - f1.mean()
+
+
+class HardF1Loss(SoftF1Loss):
+    """The same formula on thresholded predictions: `logits > 0` is a comparison, which has no
+    gradient, so the loss has no grad_fn and the runner refuses it before training."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.where(logits > 0, 100.0, -100.0), targets)
