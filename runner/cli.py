@@ -127,6 +127,8 @@ def main(cfg: DictConfig) -> None:
         record.write_summary(run_dir, {"status": "error", "error": str(exc), "steps_done": 0,
                                        "run_dir": str(run_dir.resolve()), **meta})
         return
+    for warning in parts.strategy.ignored_switches(config.backward):
+        print(f"warning: {warning}", file=sys.stderr)
     outcome = run(parts, run_dir, meta)
     if outcome.status == "error" and not multirun:
         print(f"error: {outcome.summary['error']}", file=sys.stderr)

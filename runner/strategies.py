@@ -65,11 +65,14 @@ class Strategy:
         return [list(model.parameters())]
 
     def check(self, model: nn.Module, loss_fn, cfg) -> None:
-        """Raise StrategyMismatch when the strategy does not fit the model, loss or switches."""
-        for switch, fits in self.SWITCHES.items():
-            if getattr(cfg.backward, switch) and switch not in self.options:
-                raise StrategyMismatch(f"backward.{switch}=true does not fit backward={self.name}: "
-                                       f"it applies to backward={fits}")
+        """Raise StrategyMismatch when the strategy does not fit the model or loss."""
+
+    def ignored_switches(self, cfg) -> List[str]:
+        """Switches set for another strategy. Like `full` ignoring backward.accumulation, they are
+        ignored (with a warning) so that one sweep can cross strategies with every switch."""
+        return [f"backward.{switch}=true is ignored by backward={self.name}: it applies to backward={fits}"
+                for switch, fits in self.SWITCHES.items()
+                if getattr(cfg, switch) and switch not in self.options]
 
     def forward(self, model: nn.Module, inputs):
         """The forward pass as this strategy runs it (the gradient-flow table replays it)."""

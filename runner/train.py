@@ -194,6 +194,7 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
         "device": str(parts.device), "dtype": _value(cfg.trainer.dtype),
         "torch_version": torch.__version__, "seed": cfg.seed,
         "accumulation": parts.strategy.accumulation, "params_without_grad": [],
+        "warnings": parts.strategy.ignored_switches(cfg.backward),
         "run_dir": str(run_dir.resolve()),
     }
     summary.update(meta or {})
@@ -276,7 +277,8 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
     if summary["status"] != "error":
         record.write_params(run_dir, parts.model)
         summary.update(param_sum=record.param_sum(parts.model),
-                       param_sha256=record.param_sha256(parts.model))
+                       param_sha256=record.param_sha256(parts.model),
+                       param_names=[name for name, _ in record.named_parameters_in_order(parts.model)])
         if summary["status"] == "ok" and cfg.trainer.eval:
             metrics = evaluate(parts.model, parts.dataset.eval_inputs, parts.dataset.eval_targets,
                                parts.spec.kind)

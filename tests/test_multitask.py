@@ -126,10 +126,14 @@ def test_uncertainty_weights_are_trained(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["backward=separate"], "backward=separate does not fit loss=bce"),
     (["loss=multitask"], "loss=multitask does not fit model=mlp"),
-    (["model=multitask", "loss=multitask", "backward.step_per_task=true"],
-     "backward.step_per_task=true does not fit backward=full"),
 ])
 def test_misfits_are_one_line_before_training(tmp_path, args, needle):
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2 and needle in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_a_switch_for_another_strategy_is_ignored_with_a_warning(tmp_path):
+    result = run_cli("backward.step_per_task=true", "trainer.steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: backward.step_per_task=true is ignored by backward=full" in result.stderr
