@@ -28,3 +28,41 @@ class ValidateConfig(Callback):
         except ConfigError as exc:
             report_bad_input(exc)
             sys.exit(2)
+
+
+def _sweep_dir(output_dir: str):
+    from pathlib import Path
+
+    path = Path(output_dir).resolve()
+    for parent in path.parents:
+        if (parent / "multirun.yaml").exists():
+            return parent
+    return path.parent
+
+
+class SweepComparison(Callback):
+    """Writes comparison.csv as each job ends (an interrupted sweep keeps what it finished),
+    and at the end of the sweep prints the table and the claims' verdicts and draws the loss
+    curves. Hydra skips on_multirun_end when a job raised; runner jobs record failures instead
+    of raising, so it always runs. Exits 1 when a claim fails or a job failed unexpectedly."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        from runner.compare import summarise_sweep
+
+        try:
+            summarise_sweep(_sweep_dir(config.hydra.runtime.output_dir), final=False)
+        except Exception as exc:  # a table that cannot be written must not stop the other jobs
+            print(f"warning: comparison.csv not updated: {exc}", file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pathlib import Path
+
+        from runner.compare import summarise_sweep
+
+        code = summarise_sweep(Path(config.hydra.sweep.dir), final=True)
+        if code:
+            sys.exit(code)
