@@ -66,9 +66,10 @@ def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
     status = summary["status"]
     colour = {"ok": "green", "interrupted": "yellow"}.get(status, "red")
     if multirun:
-        console.print(f"[{colour}]{status}[/] {summary.get('run_dir')} "
-                      f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}",
-                      soft_wrap=True)
+        detail = summary.get("error") if status != "ok" else \
+            f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}"
+        console.print(f"[{colour}]{status}[/] {Path(summary.get('run_dir', '')).name} {detail}",
+                      soft_wrap=True, highlight=False, markup=True)
         return
     from rich.table import Table
 

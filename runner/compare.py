@@ -70,13 +70,19 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
     return flat
 
 
+def _natural(path: Path) -> tuple:
+    """Job folders in launch order: 2_... before 10_..."""
+    head = path.parent.name.split("_", 1)[0]
+    return (str(path.parent.parent), int(head) if head.isdigit() else -1, str(path))
+
+
 def find_runs(paths: Iterable[Path]) -> List[Run]:
     runs = []
     for base in map(Path, paths):
         if not base.exists():
             raise FileNotFoundError(f"{base}: no such file or directory")
         summaries = [base / record.SUMMARY] if (base / record.SUMMARY).exists() \
-            else sorted(base.rglob(record.SUMMARY))
+            else sorted(base.rglob(record.SUMMARY), key=_natural)
         for path in summaries:
             run_dir = path.parent
             try:
@@ -202,13 +208,13 @@ class ClaimResult:
 
 
 def _describe(selector: Dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in selector.items()) or "all runs"
+    return " ".join(f"{k}={as_text(v)}" for k, v in selector.items()) or "all runs"
 
 
 def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any]) -> ClaimResult:
     """Kinds: equivalent, identical, differs (parameters against `reference`), fails (status error,
-    error text containing `message`), succeeds, smaller / about (a summary `metric` against the
-    reference's: smaller than `factor` times it, or within `rel` of it)."""
+    error text containing `message`), succeeds, smaller / about (a summary `metric` against
+    `factor` times the reference's: smaller than it, or within `rel` of it)."""
     kind = claim.get("kind", "")
     selector = dict(claim.get("runs") or {})
     name = claim.get("name") or f"{kind}: {_describe(selector)}"
@@ -246,9 +252,11 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
             factor = float(claim.get("factor", 1.0))
             holds = all(v < factor * ref_value for v in values)
             return ClaimResult(name, kind, holds, f"{metric} {max(values):g} vs {factor:g} x {ref_value:g}")
-        rel = float(claim.get("rel", 0.05))
-        holds = all(abs(v - ref_value) <= rel * abs(ref_value) for v in values)
-        return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of {ref_value:g}")
+        rel, factor = float(claim.get("rel", 0.05)), float(claim.get("factor", 1.0))
+        target = factor * ref_value
+        holds = all(abs(v - target) <= rel * abs(target) for v in values)
+        return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of "
+                           f"{factor:g} x {ref_value:g}")
     return ClaimResult(name, kind, False, f"unknown claim kind {kind!r}: expected equivalent, identical, "
                        "differs, fails, succeeds, smaller or about")
 
