@@ -26,6 +26,17 @@ run: $(STAMP)  ## run the default experiment (outputs/runs/<time>/)
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
 
+EXPERIMENTS := $(basename $(notdir $(wildcard experiments/*.yaml)))
+EXPERIMENTS_DIR ?= outputs/experiments/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+experiments: $(STAMP)  ## run every experiment in experiments/ and write a markdown report
+	@status=0; for name in $(EXPERIMENTS); do \
+	  echo "== experiment=$$name"; \
+	  $(PY) -m runner -m experiment=$$name hydra.sweep.dir=$(EXPERIMENTS_DIR)/$$name $(ARGS) || status=1; \
+	done; \
+	$(PY) -m runner.report $(EXPERIMENTS_DIR) --out $(EXPERIMENTS_DIR)/report.md || status=1; \
+	exit $$status
+
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -313,7 +313,8 @@ def to_markdown(table, claims: List[ClaimResult]) -> str:
         lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
     if claims:
         lines += ["", "| claim | kind | verdict | detail |", "|---|---|---|---|"]
-        lines += [f"| {c.name} | {c.kind} | {'holds' if c.holds else 'FAILS'} | {c.detail} |" for c in claims]
+        lines += [f"| {c.name} | {c.kind} | {'holds' if c.holds else 'FAILS'} | {c.detail.replace('|', chr(92) + '|')} |"
+                  for c in claims]
     return "\n".join(lines) + "\n"
 
 
