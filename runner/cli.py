@@ -101,6 +101,20 @@ def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
         console.print(flow_table)
 
 
+def parallel_job_threads(hc) -> int:
+    """Torch threads for one job of a parallel sweep, so that jobs don't oversubscribe the cores:
+    the cores divided by the launcher's workers (0 = leave torch's default)."""
+    launcher = hc.launcher.get("_target_", "") if hc.launcher else ""
+    if "Joblib" not in launcher:
+        return 0
+    import os
+
+    cores = os.cpu_count() or 1
+    workers = hc.launcher.get("n_jobs", -1)
+    workers = cores if workers in (None, -1) or workers > cores else max(1, workers)
+    return max(1, cores // workers)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     # Imported here so `--help` and bad input stay fast; they pull in torch.
@@ -117,8 +131,9 @@ def main(cfg: DictConfig) -> None:
     try:
         config, loss_kwargs = config_from_omegaconf(cfg)
         schema.validate(config)
-        if config.trainer.threads:
-            torch.set_num_threads(config.trainer.threads)
+        threads = config.trainer.threads or parallel_job_threads(hc)
+        if threads:
+            torch.set_num_threads(threads)
         parts = build_parts(config, loss_kwargs)
     except ConfigError as exc:
         report_bad_input(exc)
