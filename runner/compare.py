@@ -89,7 +89,7 @@ def find_runs(paths: Iterable[Path]) -> List[Run]:
                 summary = record.read_summary(run_dir)
             except (OSError, ValueError):
                 summary = {"status": "unreadable", "error": f"cannot read {path}"}
-            sweep = run_dir.parent.name if (run_dir.parent / "multirun.yaml").exists() else ""
+            sweep = str(run_dir.parent) if (run_dir.parent / "multirun.yaml").exists() else ""
             keys = dict(summary.get("choices") or {})
             keys.update(flatten(summary.get("config") or {}))
             keys = {k: as_text(v) for k, v in keys.items()
@@ -168,6 +168,11 @@ def build_table(runs: List[Run], reference: Optional[Run]):
     import pandas as pd
 
     varying = varying_keys(runs)
+    # Keys that are constant inside each sweep but differ between sweeps (float32 vs float64,
+    # cpu vs cuda, ...) say which sweep a run is from: runs equal in every other key line up.
+    sweeps = {r.sweep for r in runs}
+    across = [k for k in varying if len(sweeps) > 1 and
+              all(len({r.keys.get(k) for r in runs if r.sweep == s}) == 1 for s in sweeps)]
     cache: Dict[Path, Any] = {}
     rows = []
     for run in runs:
@@ -185,7 +190,7 @@ def build_table(runs: List[Run], reference: Optional[Run]):
             "time_per_step_s": s.get("time_per_step_s"),
             "steps_done": s.get("steps_done"),
             "error": s.get("error"),
-            "config_key": ",".join(f"{k}={run.keys.get(k)}" for k in varying if k != "sweep"),
+            "config_key": ",".join(f"{k}={run.keys.get(k)}" for k in varying if k not in across),
             "sweep": run.sweep,
             "run_dir": str(run.path),
         })

@@ -1,0 +1,61 @@
+"""Sweeps through the real CLI: rows for failed jobs, comparisons across sweeps, launchers."""
+import pandas as pd
+import pytest
+
+from runner import compare
+from tests.conftest import run_cli
+
+TINY = ["trainer.steps=15", "data.train_size=256", "data.eval_size=64", "model.hidden=8"]
+
+
+def sweep(tmp_path, name, *args, timeout=180):
+    sweep_dir = tmp_path / name
+    result = run_cli("-m", *args, *TINY, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=timeout)
+    return result, sweep_dir
+
+
+def test_a_failing_job_keeps_every_row_and_the_comparison(tmp_path):
+    result, sweep_dir = sweep(tmp_path, "s", "backward=full,detach,accumulate", "backward.accumulation=4")
+    assert result.returncode == 1  # a job failed and no claim expected it
+    assert "job failed" in result.stderr and "Traceback" not in result.stderr
+    table = pd.read_csv(sweep_dir / "comparison.csv")
+    assert table["backward"].tolist() == ["full", "detach", "accumulate"]
+    assert table["status"].tolist() == ["ok", "error", "ok"]
+    assert "does not fit model=mlp" in table["error"][1]
+    assert table["verdict"].tolist() == ["reference", "error", "equivalent"]
+    assert (sweep_dir / "loss_curves.png").stat().st_size > 10_000
+    assert "equivalent" in result.stdout  # the table printed at the end
+
+
+def test_compare_lines_up_two_sweeps(tmp_path):
+    r32, s32 = sweep(tmp_path, "f32", "backward=full,sum,accumulate")
+    r64, s64 = sweep(tmp_path, "f64", "backward=full,sum,accumulate", "trainer.dtype=float64")
+    assert r32.returncode == 0 and r64.returncode == 0, r32.stderr + r64.stderr
+    out = tmp_path / "both.csv"
+    result = run_cli_compare(s32, s64, "--out", out)
+    assert result == 0
+    table = pd.read_csv(out)
+    assert len(table) == 6
+    # Same config, different sweeps: adjacent rows with the same config_key.
+    assert table["config_key"].tolist() == sorted(table["config_key"].tolist())
+    assert table.groupby("config_key")["trainer.dtype"].apply(sorted).tolist() == [["float32", "float64"]] * 3
+    f64 = table[table["trainer.dtype"] == "float64"]
+    assert set(f64["verdict"]) <= {"equivalent", "identical", "reference"}
+    assert (f64["tolerance"].str.startswith("float64")).all()
+    # The float64 runs differ from the float32 reference by float32 rounding, no more.
+    assert 0 < table["max_abs_diff"].max() < 1e-4
+
+
+def run_cli_compare(*args):
+    return compare.main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_give_the_basic_launchers_comparison(tmp_path, launcher):
+    args = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
+    basic, basic_dir = sweep(tmp_path, "basic", *args)
+    other, other_dir = sweep(tmp_path, launcher, f"hydra/launcher={launcher}", *args)
+    assert basic.returncode == 0 and other.returncode == 0, other.stderr[-2000:]
+    a, b = pd.read_csv(basic_dir / "comparison.csv"), pd.read_csv(other_dir / "comparison.csv")
+    columns = ["backward", "status", "final_loss", "param_sum", "param_sha256", "verdict", "peak_saved_bytes"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
