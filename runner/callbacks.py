@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -23,11 +24,51 @@ class ValidateConfig(Callback):
 
         try:
             plain, loss_kwargs = config_from_omegaconf(config)
+            if plain.trainer.resume:
+                _resume_in_place(config, plain.trainer.resume)
+                return  # the job checks the checkpoint and uses the run's own config
+            _refuse_existing_run(Path(str(config.hydra.run.dir)))
             validate(plain)
             preflight(plain, loss_kwargs)
         except ConfigError as exc:
             report_bad_input(exc)
             sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from runner.cli import report_bad_input
+        from runner.schema import ConfigError
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.exists() and any(sweep_dir.glob("*/summary.json")):
+            report_bad_input(ConfigError(
+                f"hydra.sweep.dir={sweep_dir} already holds a sweep: choose another directory "
+                "(outputs are never overwritten)"))
+            sys.exit(2)
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """Outputs are never overwritten: a run directory that holds a run is refused."""
+    from runner.schema import ConfigError
+
+    if (run_dir / "summary.json").exists() or (run_dir / "metrics.csv").exists():
+        raise ConfigError(f"hydra.run.dir={run_dir} already holds a run: choose another directory, "
+                          f"or continue that run with trainer.resume={run_dir}")
+
+
+def _resume_in_place(config: DictConfig, resume: str) -> None:
+    """A resumed run continues in its own directory: point Hydra there (before it creates any
+    folder) and keep the run's original .hydra/ record untouched."""
+    from omegaconf import open_dict
+
+    from runner.schema import ConfigError
+
+    run_dir = Path(resume).resolve()
+    if not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"trainer.resume={resume}: no checkpoint.pt there "
+                          "(runs write one with trainer.checkpoint_every=N)")
+    with open_dict(config):
+        config.hydra.run.dir = str(run_dir)
+        config.hydra.output_subdir = None
 
 
 def _sweep_dir(output_dir: str):

@@ -43,6 +43,27 @@ def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
         raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
+# trainer.* keys a resumed run may change; everything else comes from the checkpoint.
+RESUME_MAY_CHANGE = ("trainer.resume", "trainer.steps", "trainer.device", "trainer.progress",
+                     "trainer.log_every", "trainer.checkpoint_every", "trainer.threads", "trainer.memory")
+
+
+def config_for_resume(state: Dict[str, Any], overrides: list, current: Config) -> Tuple[Config, Dict[str, Any]]:
+    """The checkpoint's own config, with the few trainer settings a resume may change."""
+    saved = dict(state["config"])
+    loss_kwargs = saved.pop("loss_kwargs", {}) or {}
+    foreign = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_MAY_CHANGE)]
+    if foreign:
+        raise ConfigError(f"trainer.resume continues a run with its own config: drop {foreign[0]} "
+                          f"(allowed with a resume: {', '.join(RESUME_MAY_CHANGE[1:])})")
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
+    for dotted in RESUME_MAY_CHANGE:
+        if any(o.lstrip("+~").startswith(dotted + "=") for o in overrides):
+            key = dotted.split(".")[1]
+            setattr(config.trainer, key, getattr(current.trainer, key))
+    return config, loss_kwargs
+
+
 def report_bad_input(exc: Exception) -> None:
     print(f"error: {exc}", file=sys.stderr)
 
@@ -124,18 +145,27 @@ def main(cfg: DictConfig) -> None:
     from runner.parts import build_parts
     from runner.train import run
 
+    from runner import checkpoint
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     meta = _run_meta(cfg)
+    resume_state = None
     try:
         config, loss_kwargs = config_from_omegaconf(cfg)
+        if config.trainer.resume:
+            resume_state = checkpoint.load(Path(config.trainer.resume))
+            config, loss_kwargs = config_for_resume(resume_state, meta["overrides"], config)
+            run_dir = Path(config.trainer.resume)
+            previous = record.read_summary(run_dir) if (run_dir / record.SUMMARY).exists() else {}
+            meta = {k: previous.get(k, v) for k, v in meta.items()}  # the run's own choices and config
         schema.validate(config)
         threads = config.trainer.threads or parallel_job_threads(hc)
         if threads:
             torch.set_num_threads(threads)
         parts = build_parts(config, loss_kwargs)
-    except ConfigError as exc:
+    except (ConfigError, checkpoint.CheckpointError) as exc:
         report_bad_input(exc)
         if not multirun:
             sys.exit(2)
@@ -145,7 +175,11 @@ def main(cfg: DictConfig) -> None:
         return
     for warning in parts.strategy.ignored_switches(config.backward):
         print(f"warning: {warning}", file=sys.stderr)
-    outcome = run(parts, run_dir, meta)
+    try:
+        outcome = run(parts, run_dir, meta, resume=resume_state)
+    except checkpoint.CheckpointError as exc:
+        report_bad_input(exc)
+        sys.exit(2)
     if outcome.status == "error" and not multirun:
         print(f"error: {outcome.summary['error']}", file=sys.stderr)
     _print_summary(outcome.summary, multirun)

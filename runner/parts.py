@@ -31,6 +31,7 @@ class Parts:
     dataset: Dataset
     device: torch.device
     dtype: torch.dtype
+    loss_kwargs: Optional[dict] = None  # a custom loss's extra arguments, kept for checkpoints
 
 
 def _value(x):
@@ -111,4 +112,4 @@ def build_parts(cfg: Config, loss_kwargs: Optional[dict] = None) -> Parts:
     optimizers = [build_optimizer(cfg.optim, group) for group in groups]
     dataset = Dataset(spec, cfg.seed, cfg.data.train_size, cfg.data.eval_size, cfg.data.batch_size,
                       cfg.data.positive_rate, cfg.data.noise).to(device, dtype)
-    return Parts(cfg, model, spec, loss_fn, strategy, optimizers, dataset, device, dtype)
+    return Parts(cfg, model, spec, loss_fn, strategy, optimizers, dataset, device, dtype, loss_kwargs)

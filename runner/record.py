@@ -122,6 +122,10 @@ class MetricsWriter:
         # per step would cost more than a small training step.
         self._file.flush()
 
+    def position(self) -> int:
+        """Bytes written so far (a checkpoint remembers where its rows end)."""
+        return self._file.tell()
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()

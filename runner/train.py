@@ -12,17 +12,18 @@ status=interrupted. summary.json says status=running while the loop runs.
 """
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner import record
+from runner import checkpoint, record
 from runner.evaluate import evaluate
 from runner.gradflow import gradient_flow
 from runner.memory import SavedTensorsMeter
@@ -169,6 +170,9 @@ class StepBuffer:
         self.steps, self.values, self.times, self.extras = [], [], [], []
         return diverged_at
 
+    def position(self) -> int:
+        return self.writer.position() if self.writer is not None else 0
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -178,11 +182,26 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
+def config_record(parts: Parts) -> Dict[str, Any]:
+    """The run's config as plain JSON-able data, with a custom loss's arguments."""
+    return {**json.loads(json.dumps(asdict(parts.config), default=str)), "loss_kwargs": parts.loss_kwargs or {}}
+
+
 def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
-        start_step: int = 0) -> Outcome:
-    """Train, record, and return the outcome. Never raises for a failure of the run itself."""
+        resume: Optional[Dict[str, Any]] = None) -> Outcome:
+    """Train, record, and return the outcome. Never raises for a failure of the run itself.
+
+    `resume` is a loaded checkpoint (runner.checkpoint.load) of this run: training continues
+    from its step with its states, and metrics.csv is cut back to the rows it had then.
+    """
     run_dir = Path(run_dir)
     cfg = parts.config
+    start_step = 0
+    if resume is not None:
+        checkpoint.check_matches(resume, config_record(parts), run_dir)
+        start_step = checkpoint.restore(resume, parts)
+        checkpoint.truncate_metrics(run_dir, resume["metrics_bytes"])
+    checkpoint_every = cfg.trainer.checkpoint_every
     steps = cfg.trainer.steps
     log_every = cfg.trainer.log_every or (50 if parts.device.type == "cuda" else 1)
     memory_mode = _value(cfg.trainer.memory)
@@ -195,7 +214,7 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
         "torch_version": torch.__version__, "seed": cfg.seed,
         "accumulation": parts.strategy.accumulation, "params_without_grad": [],
         "warnings": parts.strategy.ignored_switches(cfg.backward),
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(run_dir.resolve()), "resumed_from_step": start_step if resume else None,
     }
     summary.update(meta or {})
     started = time.perf_counter()
@@ -212,7 +231,7 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
                                              first_inputs, first_targets)
     record.write_table(run_dir, record.GRADIENT_FLOW, summary["gradient_flow"])
     record.write_summary(run_dir, summary)
-    buffer = StepBuffer(parts, run_dir, append=start_step > 0,
+    buffer = StepBuffer(parts, run_dir, append=resume is not None,
                         extra_columns=[] if memory_mode == "off" else ["peak_saved_bytes"])
     if parts.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(parts.device)
@@ -240,14 +259,17 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
                 done = step + 1
                 if bar is not None:
                     bar.update(bar.task_ids[0], completed=done)
-                if done % log_every == 0 or done == steps or stop.signum is not None:
+                checkpoint_due = checkpoint_every and done % checkpoint_every == 0 and done < steps
+                if done % log_every == 0 or done == steps or stop.signum is not None or checkpoint_due:
                     diverged_at = buffer.flush()
                     if diverged_at is not None:
-                        summary.update(status="diverged", steps_done=diverged_at,
+                        summary.update(status="diverged", steps_done=diverged_at, diverged_at_step=diverged_at,
                                        error=f"non-finite loss or gradient at step {diverged_at}",
                                        hint="lower optim.lr, or check the loss for log(0) / division by zero")
                         break
                     summary["steps_done"] = done
+                    if checkpoint_due:
+                        checkpoint.save(run_dir, parts, done, buffer.position(), config_record(parts))
                 if stop.signum is not None:
                     name = signal.Signals(stop.signum).name
                     summary.update(status="interrupted", error=f"stopped by {name} after step {done}")
