@@ -65,7 +65,7 @@ def write_table(run_dir: Path, name: str, rows: list) -> None:
     if not rows:
         return
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
     atomic_write_bytes(Path(run_dir) / name, buffer.getvalue().encode())
@@ -110,7 +110,8 @@ class MetricsWriter:
         self.columns = list(BASE_COLUMNS) + [c for c in extra_columns if c not in BASE_COLUMNS]
         exists = append and self.path.exists()
         self._file = open(self.path, "a" if exists else "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore",
+                                      lineterminator="\n")
         if not exists:
             self._writer.writeheader()
             self._file.flush()

@@ -195,6 +195,7 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
     from its step with its states, and metrics.csv is cut back to the rows it had then.
     """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = parts.config
     start_step = 0
     if resume is not None:

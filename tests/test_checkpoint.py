@@ -1,0 +1,91 @@
+"""Checkpoints: exact resume in-process for stateful optimizers and losses; bad checkpoints."""
+import io
+
+import pytest
+import torch
+
+from runner import checkpoint
+from runner.parts import build_parts
+from runner.train import run
+from tests.conftest import make_config, run_cli
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(optim__name="adam", optim__lr=0.01, backward__name="sum", backward__accumulation=4),
+    dict(optim__momentum=0.9, optim__lr=0.1, model__batchnorm=True),
+    dict(model__name="multitask", loss__name="multitask", loss__weighting="uncertainty",
+         optim__name="adam", optim__lr=0.01, backward__name="separate"),
+    dict(model__name="two_stage", model__outputs=2, loss__name="ce", backward__name="detach",
+         optim__name="adam"),
+])
+def test_resume_is_exact_in_process(tmp_path, overrides):
+    config = dict(trainer__steps=12, trainer__checkpoint_every=5, **overrides)
+    whole = run(build_parts(make_config(**config)), tmp_path / "whole")
+    assert whole.status == "ok"
+    # Stop after 7 steps, leaving the checkpoint of step 5 and two rows after it.
+    (tmp_path / "part").mkdir()
+    first = run(build_parts(make_config(**{**config, "trainer__steps": 7})), tmp_path / "part")
+    assert first.status == "ok"
+    state = checkpoint.load(tmp_path / "part")
+    assert state["step"] == 5
+    # A fresh process would seed differently before resuming: disturb the RNG on purpose.
+    torch.manual_seed(12345)
+    resumed = run(build_parts(make_config(**config)), tmp_path / "part", resume=state)
+    assert resumed.status == "ok" and resumed.summary["resumed_from_step"] == 5
+    assert resumed.summary["param_sha256"] == whole.summary["param_sha256"]
+    rows = (tmp_path / "part" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
+
+
+def test_resuming_a_different_training_is_refused(tmp_path):
+    config = dict(trainer__steps=4, trainer__checkpoint_every=2)
+    (tmp_path / "a").mkdir()
+    run(build_parts(make_config(**config)), tmp_path / "a")
+    state = checkpoint.load(tmp_path / "a")
+    other = build_parts(make_config(**config, backward__name="accumulate", backward__accumulation=2))
+    with pytest.raises(checkpoint.CheckpointError, match="different backward"):
+        run(other, tmp_path / "a", resume=state)
+
+
+def _make_checkpointed_run(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("trainer.steps=6", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    run_dir = _make_checkpointed_run(tmp_path)
+    path = run_dir / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run_cli(f"trainer.resume={run_dir}")
+    assert result.returncode == 2
+    assert "checkpoint.pt is corrupt or unreadable" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "payload": _Evil()}, buffer)
+    (tmp_path / "checkpoint.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or unreadable"):
+        checkpoint.load(tmp_path)
+    assert not _Evil.unpickled
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    result = run_cli(f"trainer.resume={tmp_path}")
+    assert result.returncode == 2 and "no checkpoint.pt" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+class _Evil:
+    unpickled = False
+
+    def __reduce__(self):
+        return (_mark_unpickled, ())
+
+
+def _mark_unpickled():
+    _Evil.unpickled = True
+    return None
