@@ -112,13 +112,14 @@ class MetricsWriter:
         self._file = open(self.path, "a" if exists else "w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore",
                                       lineterminator="\n")
+        self._rows = csv.writer(self._file, lineterminator="\n")
         if not exists:
             self._writer.writeheader()
             self._file.flush()
 
     def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
-            self._writer.writerow({k: _csv_value(v) for k, v in row.items()})
+            self._rows.writerow([_csv_value(row.get(c, "")) for c in self.columns])
         # flush, not fsync: a killed process loses nothing the OS already has, and an fsync
         # per step would cost more than a small training step.
         self._file.flush()

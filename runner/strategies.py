@@ -32,8 +32,9 @@ def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    # One fused kernel for the per-tensor norms where torch has it (as clip_grad_norm_ does).
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].dtype) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def detached_parts(loss_fn, outputs, targets, weight: float = 1.0) -> Dict[str, torch.Tensor]:
@@ -171,15 +172,15 @@ class Accumulate(MicroBatched):
 
     def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
-        total, parts = 0, {}
+        losses, parts = [], {}
         for mb, weight in self.weighted(loss_fn, inputs, targets):
             outputs = model(mb.inputs)
             loss = weight * loss_fn(outputs, mb.targets)
             loss.backward()
-            total = total + loss.detach()
+            losses.append(loss.detach())
             parts = add_parts(parts, detached_parts(loss_fn, outputs, mb.targets, weight))
         norm = self.apply(model, optimizers)
-        return StepResult(total, norm, parts)
+        return StepResult(torch.stack(losses).sum(), norm, parts)
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:

@@ -142,9 +142,11 @@ class StepBuffer:
         named.update(result.extras)
         if self.columns is None:
             self.columns = list(named)
-        sums = [p.detach().sum() for p in self.params]
-        self.values.append(torch.stack([named[c].reshape(()).to(torch.float64) for c in self.columns]
-                                       + [s.to(torch.float64) for s in sums]))
+        values = [named[c] for c in self.columns] + [p.detach().sum() for p in self.params]
+        try:  # one op when every value has the run's dtype (the common case)
+            self.values.append(torch.stack(values))
+        except RuntimeError:
+            self.values.append(torch.stack([v.reshape(()).to(torch.float64) for v in values]))
         self.steps.append(step)
         self.times.append(elapsed)
         self.extras.append(extra or {})

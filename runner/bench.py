@@ -1,0 +1,227 @@
+"""What the runner costs beyond what any training script pays. Prints ratios, writes bench.csv.
+
+    python -m runner.bench [--quick] [--out bench.csv] [--device cpu|cuda]
+
+1. step: the runner's loop (train.run) against a hand-written PyTorch loop of the same model,
+   data, seed and strategy, interleaved repeats, medians (target: within 5%).
+2. sweep: cost per job of `python -m runner -m` beyond a minimal Hydra app sweeping the same
+   jobs, from the slope between a short and a long sweep (target: <= 50 ms per job).
+3. cold start: `python -m runner trainer.steps=1` against a process that imports torch and hydra
+   and builds one optimizer (target: within 0.6 s).
+4. memory: peak_saved_bytes of sum and accumulate at accumulation 1, 2, 4, 8 (and
+   torch.cuda.max_memory_allocated on a GPU).
+5. launchers: a sweep of heavier jobs with the basic launcher and with joblib.
+Figures are measurements, not test assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from runner.parts import build_parts
+from runner.schema import Config
+from runner.train import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(model: str, strategy: str, steps: int, device: str) -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.hidden = model, 512
+    cfg.data.batch_size, cfg.data.train_size, cfg.data.eval_size = 512, 8192, 0
+    cfg.backward.name, cfg.backward.accumulation = strategy, 4 if strategy != "full" else 1
+    cfg.trainer.steps, cfg.trainer.device, cfg.trainer.progress = steps, device, False
+    cfg.trainer.eval = False
+    return cfg
+
+
+def hand_written_loop(parts, steps: int) -> float:
+    """The loop a user writes: the accumulation answer's, with the loss read once per step."""
+    model, optimizer = parts.model, parts.optimizers[0]
+    objective = torch.nn.BCEWithLogitsLoss()
+    k = parts.strategy.accumulation
+    sync = torch.cuda.synchronize if parts.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for step in range(steps):
+        inputs, targets = parts.dataset.batch(step)
+        optimizer.zero_grad()
+        loss_value = 0.0
+        for x, y in zip(torch.tensor_split(inputs, k), torch.tensor_split(targets, k)):
+            loss = objective(model(x), y) * (len(x) / len(inputs))
+            loss.backward()
+            loss_value += loss.item()
+        optimizer.step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def runner_loop(cfg: Config, workdir: Path) -> float:
+    parts = build_parts(cfg)
+    outcome = run(parts, Path(tempfile.mkdtemp(dir=workdir)))
+    assert outcome.status == "ok", outcome.summary.get("error")
+    return outcome.summary["time_per_step_s"]
+
+
+def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
+    for model in ("mlp", "cnn"):
+        for strategy in ("full", "accumulate"):
+            cfg = config(model, strategy, steps, device)
+            runner_loop(cfg, workdir)  # warm-up: allocator, kernels, lazy imports
+            hand_written_loop(build_parts(cfg), steps)
+            ours, theirs = [], []
+            for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
+                ours.append(runner_loop(cfg, workdir))
+                theirs.append(hand_written_loop(build_parts(cfg), steps))
+            r, h = statistics.median(ours), statistics.median(theirs)
+            rows.append(dict(benchmark="step", case=f"{model} {strategy} batch 512 ({device})",
+                             runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
+                             result=f"ratio {r / h:.3f}", target="ratio <= 1.05", met=r / h <= 1.05))
+
+
+def _python(*args: str, cwd: Path, env: Dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return time.perf_counter() - start
+
+
+MINIMAL_HYDRA_APP = textwrap.dedent('''
+    import hydra, torch
+    @hydra.main(version_base="1.3", config_path=None, config_name=None)
+    def app(cfg):
+        pass
+    if __name__ == "__main__":
+        app()
+''')
+
+
+def bench_sweep(rows: List[Dict], repeats: int, workdir: Path) -> None:
+    app = workdir / "minimal_app.py"
+    app.write_text(MINIMAL_HYDRA_APP)
+
+    def sweep_time(jobs: int, ours: bool) -> float:
+        seeds = ",".join(str(i) for i in range(jobs))
+        out = tempfile.mkdtemp(dir=workdir)
+        if ours:
+            return _python("-m", "runner", "-m", f"seed={seeds}", "trainer.steps=1", "data.train_size=64",
+                           "data.eval_size=16", f"hydra.sweep.dir={out}", cwd=workdir)
+        return _python(str(app), "-m", f"+seed={seeds}", f"hydra.sweep.dir={out}", cwd=workdir)
+
+    small, large = 2, 10
+    slopes = {}
+    for ours in (True, False):
+        per_job = [(sweep_time(large, ours) - sweep_time(small, ours)) / (large - small) for _ in range(repeats)]
+        slopes[ours] = statistics.median(per_job)
+    extra = (slopes[True] - slopes[False]) * 1e3
+    rows.append(dict(benchmark="sweep", case=f"per job, slope {small}->{large} jobs", runner=slopes[True] * 1e3,
+                     baseline=slopes[False] * 1e3, unit="ms/job", result=f"extra {extra:.0f} ms",
+                     target="extra <= 50 ms", met=extra <= 50))
+
+
+BASELINE_START = "import torch, hydra; torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)"
+
+
+def bench_cold_start(rows: List[Dict], repeats: int, workdir: Path) -> None:
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(_python("-m", "runner", "trainer.steps=1", f"hydra.run.dir={tempfile.mkdtemp(dir=workdir)}/r",
+                            cwd=workdir))
+        theirs.append(_python("-c", BASELINE_START, cwd=workdir))
+    r, b = statistics.median(ours), statistics.median(theirs)
+    rows.append(dict(benchmark="cold start", case="python -m runner trainer.steps=1", runner=r, baseline=b,
+                     unit="s", result=f"extra {r - b:.2f} s", target="extra <= 0.6 s", met=r - b <= 0.6))
+
+
+def bench_memory(rows: List[Dict], device: str, workdir: Path) -> None:
+    for model in ("mlp", "cnn"):
+        full_cfg = config(model, "full", 1, device)
+        full_parts = build_parts(full_cfg)
+        full = run(full_parts, Path(tempfile.mkdtemp(dir=workdir))).summary
+        for k in (1, 2, 4, 8):
+            measured = {}
+            for strategy in ("sum", "accumulate"):
+                cfg = config(model, strategy, 1, device)
+                cfg.backward.accumulation = k
+                measured[strategy] = run(build_parts(cfg), Path(tempfile.mkdtemp(dir=workdir))).summary
+            s, a = measured["sum"]["peak_saved_bytes"], measured["accumulate"]["peak_saved_bytes"]
+            cuda = ""
+            if device == "cuda":
+                cuda = (f"; cuda max allocated sum {measured['sum']['cuda_max_memory_allocated']} B, "
+                        f"accumulate {measured['accumulate']['cuda_max_memory_allocated']} B")
+            rows.append(dict(benchmark="memory", case=f"{model} accumulation {k}", runner=a, baseline=s,
+                             unit="saved bytes (accumulate vs sum)",
+                             result=f"sum/full {s / full['peak_saved_bytes']:.2f}, accumulate/full "
+                                    f"{a / full['peak_saved_bytes']:.3f} (1/k = {1 / k:.3f}){cuda}",
+                             target="", met=""))
+
+
+def bench_launchers(rows: List[Dict], workdir: Path) -> None:
+    args = ["backward=full,sum,accumulate", "backward.accumulation=2,4", "model=cnn", "data.batch_size=256",
+            "trainer.steps=1000", "trainer.eval=false"]
+    basic = _python("-m", "runner", "-m", *args, f"hydra.sweep.dir={tempfile.mkdtemp(dir=workdir)}/s", cwd=workdir)
+    joblib = _python("-m", "runner", "-m", "hydra/launcher=joblib", *args,
+                     f"hydra.sweep.dir={tempfile.mkdtemp(dir=workdir)}/s", cwd=workdir)
+    rows.append(dict(benchmark="launchers", case=f"6 cnn jobs x 1000 steps, {os.cpu_count()} cores",
+                     runner=joblib, baseline=basic, unit="s (joblib vs basic)",
+                     result=f"speed-up {basic / joblib:.2f}x", target="faster than sequential",
+                     met=joblib < basic))
+
+
+def print_table(rows: List[Dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"backward-lab bench: torch {torch.__version__}, {os.cpu_count()} CPUs")
+    for column in ("benchmark", "case", "runner", "baseline", "unit", "result", "target", "met"):
+        table.add_column(column)
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in
+                 ("benchmark", "case", "runner", "baseline", "unit", "result", "target", "met")]
+        table.add_row(*cells)
+    Console(width=200).print(table)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats and steps (a smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("bench.csv"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", default=["step", "sweep", "cold", "memory", "launchers"])
+    args = parser.parse_args(argv)
+    repeats, steps = (1, 5) if args.quick else (5, 100)
+    rows: List[Dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "step" in args.only:
+            bench_steps(rows, repeats, steps, args.device, workdir)
+        if "sweep" in args.only:
+            bench_sweep(rows, repeats, workdir)
+        if "cold" in args.only:
+            bench_cold_start(rows, repeats, workdir)
+        if "memory" in args.only:
+            bench_memory(rows, args.device, workdir)
+        if "launchers" in args.only and not args.quick:
+            bench_launchers(rows, workdir)
+    print_table(rows)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
