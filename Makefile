@@ -26,6 +26,9 @@ run: $(STAMP)  ## run the default experiment (outputs/runs/<time>/)
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
 
+bench: $(STAMP)  ## measure the runner's cost against hand-written loops and Hydra (bench.csv)
+	$(PY) -m runner.bench $(ARGS)
+
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/*.yaml)))
 EXPERIMENTS_DIR ?= outputs/experiments/$(shell date +%Y-%m-%d_%H-%M-%S)
 

@@ -163,8 +163,9 @@ def _first_row_metric(run: Run, column: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def build_table(runs: List[Run], reference: Optional[Run]):
-    """One row per run: the varying config keys, outcome, checksums, verdict and cost."""
+def build_table(runs: List[Run], reference: Optional[Run], verdicts: bool = True):
+    """One row per run: the varying config keys, outcome, checksums, verdict and cost.
+    verdicts=False skips reading params.pt (the per-job update of a running sweep)."""
     import pandas as pd
 
     varying = varying_keys(runs)
@@ -185,7 +186,8 @@ def build_table(runs: List[Run], reference: Optional[Run]):
             "eval_value": s.get("eval_value"),
             "param_sum": s.get("param_sum"),
             "param_sha256": (s.get("param_sha256") or "")[:12],
-            **compare_to(run, reference, cache),
+            **(compare_to(run, reference, cache) if verdicts else
+               {"max_abs_diff": math.nan, "verdict": "pending", "tolerance": ""}),
             "peak_saved_bytes": s.get("peak_saved_bytes"),
             "time_per_step_s": s.get("time_per_step_s"),
             "steps_done": s.get("steps_done"),
@@ -438,7 +440,9 @@ def summarise_sweep(sweep_dir: Path, final: bool) -> int:
     if not runs:
         return 0
     reference = pick_reference(runs)
-    table = build_table(runs, reference)
+    # While the sweep runs, rows are rewritten as jobs end without the verdicts (which read every
+    # params.pt); the final pass adds them.
+    table = build_table(runs, reference, verdicts=final)
     write_csv(table, Path(sweep_dir) / "comparison.csv")
     if not final:
         return 0

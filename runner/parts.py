@@ -62,7 +62,8 @@ def set_determinism(on: bool, device: torch.device) -> None:
     if on and device.type == "cuda":
         # cuBLAS needs a fixed workspace for deterministic results (PyTorch's reproducibility notes).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
+    if torch.are_deterministic_algorithms_enabled() != on:  # the call is not free: skip no-ops
+        torch.use_deterministic_algorithms(on)
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:

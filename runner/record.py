@@ -26,11 +26,13 @@ BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file, then rename: readers see the old file or the new one, never
+    half of one, even if the process is killed. (No fsync: that guards against power loss, not
+    against a killed process, and costs milliseconds per write; checkpoints do fsync.)"""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
