@@ -82,9 +82,9 @@ def _sweep_dir(output_dir: str):
 
 
 class SweepComparison(Callback):
-    """Writes comparison.csv as each job ends (an interrupted sweep keeps what it finished),
-    and at the end of the sweep prints the table and the claims' verdicts and draws the loss
-    curves. Hydra skips on_multirun_end when a job raised; runner jobs record failures instead
+    """Appends each job's row to comparison.csv as it ends (an interrupted sweep keeps what it
+    finished); at the end of the sweep rewrites it as the full comparison with verdicts, prints
+    the table and the claims' verdicts and draws the loss curves. Hydra skips on_multirun_end when a job raised; runner jobs record failures instead
     of raising, so it always runs. Exits 1 when a claim fails or a job failed unexpectedly."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -92,10 +92,13 @@ class SweepComparison(Callback):
 
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        from runner.compare import summarise_sweep
+        from pathlib import Path
 
+        from runner.compare import append_job_row
+
+        run_dir = Path(config.hydra.runtime.output_dir)
         try:
-            summarise_sweep(_sweep_dir(config.hydra.runtime.output_dir), final=False)
+            append_job_row(_sweep_dir(str(run_dir)), run_dir)
         except Exception as exc:  # a table that cannot be written must not stop the other jobs
             print(f"warning: comparison.csv not updated: {exc}", file=sys.stderr)
 
@@ -104,6 +107,6 @@ class SweepComparison(Callback):
 
         from runner.compare import summarise_sweep
 
-        code = summarise_sweep(Path(config.hydra.sweep.dir), final=True)
+        code = summarise_sweep(Path(config.hydra.sweep.dir))
         if code:
             sys.exit(code)

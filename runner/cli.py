@@ -30,6 +30,8 @@ def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
     try:
         if "hydra" in cfg:  # callbacks see Hydra's own node; its sweep keys only resolve in a job
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        if OmegaConf.get_type(cfg) is Config and not schema.loss_kwargs(cfg.loss):
+            return OmegaConf.to_object(cfg), {}  # already typed by Hydra: the fast, common path
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         kwargs = schema.loss_kwargs(container["loss"])
         container["loss"] = {k: v for k, v in container["loss"].items() if k not in kwargs}

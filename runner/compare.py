@@ -10,6 +10,7 @@ runner/record.py wrote (summary.json, params.pt, metrics.csv). Exit 0 when every
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 from dataclasses import dataclass, field
@@ -163,9 +164,8 @@ def _first_row_metric(run: Run, column: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def build_table(runs: List[Run], reference: Optional[Run], verdicts: bool = True):
-    """One row per run: the varying config keys, outcome, checksums, verdict and cost.
-    verdicts=False skips reading params.pt (the per-job update of a running sweep)."""
+def build_table(runs: List[Run], reference: Optional[Run]):
+    """One row per run: the varying config keys, outcome, checksums, verdict and cost."""
     import pandas as pd
 
     varying = varying_keys(runs)
@@ -186,8 +186,7 @@ def build_table(runs: List[Run], reference: Optional[Run], verdicts: bool = True
             "eval_value": s.get("eval_value"),
             "param_sum": s.get("param_sum"),
             "param_sha256": (s.get("param_sha256") or "")[:12],
-            **(compare_to(run, reference, cache) if verdicts else
-               {"max_abs_diff": math.nan, "verdict": "pending", "tolerance": ""}),
+            **compare_to(run, reference, cache),
             "peak_saved_bytes": s.get("peak_saved_bytes"),
             "time_per_step_s": s.get("time_per_step_s"),
             "steps_done": s.get("steps_done"),
@@ -433,19 +432,36 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def summarise_sweep(sweep_dir: Path, final: bool) -> int:
-    """comparison.csv (and at the end, the table, claims and loss_curves.png) for one sweep.
+JOB_COLUMNS = ["job", "overrides", "status", "final_loss", "eval_metric", "eval_value", "param_sum",
+               "param_sha256", "peak_saved_bytes", "time_per_step_s", "steps_done", "error", "run_dir"]
+
+
+def append_job_row(sweep_dir: Path, run_dir: Path) -> None:
+    """One finished job's row, appended to comparison.csv while the sweep runs (cheap: no pandas,
+    no params.pt). The end of the sweep rewrites the file as the full comparison."""
+    summary = record.read_summary(run_dir) if (run_dir / record.SUMMARY).exists() else \
+        {"status": "error", "error": "the job wrote no summary.json"}
+    row = {**{c: summary.get(c) for c in JOB_COLUMNS}, "job": run_dir.name,
+           "overrides": " ".join(summary.get("overrides") or []), "run_dir": str(run_dir),
+           "param_sha256": (summary.get("param_sha256") or "")[:12]}
+    path = Path(sweep_dir) / "comparison.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=JOB_COLUMNS, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def summarise_sweep(sweep_dir: Path) -> int:
+    """The end of a sweep: comparison.csv with verdicts, the table, the claims, loss_curves.png.
     Returns the sweep's exit code: 1 when a claim fails or a job failed unexpectedly."""
     runs = find_runs([sweep_dir])
     if not runs:
         return 0
     reference = pick_reference(runs)
-    # While the sweep runs, rows are rewritten as jobs end without the verdicts (which read every
-    # params.pt); the final pass adds them.
-    table = build_table(runs, reference, verdicts=final)
+    table = build_table(runs, reference)
     write_csv(table, Path(sweep_dir) / "comparison.csv")
-    if not final:
-        return 0
     claims = claims_of(runs)
     results = evaluate_claims(claims, runs)
     print_rich(table, results, title=f"sweep {sweep_dir} ({len(runs)} jobs)")
