@@ -140,14 +140,12 @@ def parallel_job_threads(hc) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    # Imported here so `--help` and bad input stay fast; they pull in torch.
+    # Imported here, not at the top, so that `--help` never pays for torch.
     import torch
 
-    from runner import record
+    from runner import checkpoint, record
     from runner.parts import build_parts
     from runner.train import run
-
-    from runner import checkpoint
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from runner import compare, record
+from runner import claims as claim_checks, compare, record
 
 
 def sweep_dirs(base: Path) -> List[Path]:
@@ -34,7 +34,7 @@ def machine() -> str:
 
 
 def build_report(base: Path) -> tuple[str, bool]:
-    lines = [f"# backward-lab experiments", "",
+    lines = ["# backward-lab experiments", "",
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}", "",
              "Verdicts compare final parameters with the reference run: identical (same bytes), "
              "equivalent (within the dtype's tolerance, named in each claim), differs, error.", ""]
@@ -43,9 +43,9 @@ def build_report(base: Path) -> tuple[str, bool]:
         runs = compare.find_runs([sweep])
         if not runs:
             continue
-        claims = compare.claims_of(runs)
-        results = compare.evaluate_claims(claims, runs)
-        failed = compare.unexpected_failures(runs, claims)
+        claims = claim_checks.claims_of(runs)
+        results = claim_checks.evaluate_claims(claims, runs)
+        failed = claim_checks.unexpected_failures(runs, claims)
         all_hold = all_hold and all(r.holds for r in results) and not failed
         held = sum(r.holds for r in results)
         lines += [f"## {sweep.name}", "", f"{len(runs)} runs; {held}/{len(results)} claims hold"

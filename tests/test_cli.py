@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runner import record
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
 
 def only_run_dir(base):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from runner import compare, record
+from runner import claims as claim_checks, compare, record
 from tests.conftest import train
 
 
@@ -78,10 +78,10 @@ def test_claims_hold_and_fail(runs):
         {"kind": "smaller", "metric": "peak_saved_bytes", "factor": 0.5,
          "runs": {"backward": "accumulate"}, "reference": {"backward": "full"}},
     ]
-    assert [r.holds for r in compare.evaluate_claims(claims, found)] == [True, True, True, False, False,
+    assert [r.holds for r in claim_checks.evaluate_claims(claims, found)] == [True, True, True, False, False,
                                                                           False, True]
-    assert compare.unexpected_failures(found, claims[2:3]) == []
-    assert len(compare.unexpected_failures(found, [])) == 1
+    assert claim_checks.unexpected_failures(found, claims[2:3]) == []
+    assert len(claim_checks.unexpected_failures(found, [])) == 1
 
 
 def test_cli_writes_csv_markdown_and_exit_codes(runs, tmp_path, capsys):

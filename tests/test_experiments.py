@@ -1,6 +1,4 @@
 """Every ready-made experiment's claims hold (on fewer steps), and a false claim fails the sweep."""
-from pathlib import Path
-
 import pandas as pd
 import pytest
 

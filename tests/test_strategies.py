@@ -1,7 +1,6 @@
 """full / sum / accumulate: equivalent to float32 rounding, and the known non-equivalences."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from runner.parts import build_parts
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
