@@ -37,8 +37,14 @@ def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def detached_parts(loss_fn, outputs, targets, weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    return {name: weight * value.detach() for name, value in loss_parts(loss_fn, outputs, targets).items()}
+def loss_with_parts(loss_fn, outputs, targets, weight: float = 1.0):
+    """(weight * loss, its weighted parts detached). A loss made of parts is computed once: its
+    total is the sum of its parts, as its forward() is."""
+    parts = loss_parts(loss_fn, outputs, targets)
+    loss = sum(parts.values()) if parts else loss_fn(outputs, targets)
+    if weight != 1.0:
+        loss = weight * loss
+    return loss, {name: weight * value.detach() for name, value in parts.items()}
 
 
 def add_parts(total: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -49,7 +55,7 @@ class Strategy:
     name = "strategy"
     # A one-line hint shown with an error this strategy is known to provoke.
     hint = ""
-    # The backward.* switches this strategy reads; setting another one is a misfit.
+    # The backward.* switches this strategy reads; others are ignored with a warning.
     options: tuple = ()
     SWITCHES = {"step_per_task": "separate", "reforward": "separate", "joint": "naive, retain_graph or detach"}
 
@@ -112,11 +118,10 @@ class Full(Strategy):
 
     def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
         self.zero_grad(optimizers)
-        outputs = model(inputs)
-        loss = loss_fn(outputs, targets)
+        loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
         loss.backward()
         norm = self.apply(model, optimizers)
-        return StepResult(loss.detach(), norm, detached_parts(loss_fn, outputs, targets))
+        return StepResult(loss.detach(), norm, parts)
 
 
 class MicroBatched(Strategy):
@@ -156,9 +161,9 @@ class Sum(MicroBatched):
         self.zero_grad(optimizers)
         total, parts = 0, {}
         for mb, weight in self.weighted(loss_fn, inputs, targets):
-            outputs = model(mb.inputs)
-            total = total + weight * loss_fn(outputs, mb.targets)
-            parts = add_parts(parts, detached_parts(loss_fn, outputs, mb.targets, weight))
+            loss, mb_parts = loss_with_parts(loss_fn, model(mb.inputs), mb.targets, weight)
+            total = total + loss
+            parts = add_parts(parts, mb_parts)
         total.backward()
         norm = self.apply(model, optimizers)
         return StepResult(total.detach(), norm, parts)
@@ -174,11 +179,10 @@ class Accumulate(MicroBatched):
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
         losses, parts = [], {}
         for mb, weight in self.weighted(loss_fn, inputs, targets):
-            outputs = model(mb.inputs)
-            loss = weight * loss_fn(outputs, mb.targets)
+            loss, mb_parts = loss_with_parts(loss_fn, model(mb.inputs), mb.targets, weight)
             loss.backward()
             losses.append(loss.detach())
-            parts = add_parts(parts, detached_parts(loss_fn, outputs, mb.targets, weight))
+            parts = add_parts(parts, mb_parts)
         norm = self.apply(model, optimizers)
         return StepResult(torch.stack(losses).sum(), norm, parts)
 
