@@ -2,6 +2,7 @@
 
     python -m runner loss=custom loss._target_=experiments.custom_loss.SoftF1Loss +loss.smooth=1.0
     python -m runner loss=custom loss._target_=experiments.custom_loss.HardF1Loss   # refused
+    python -m runner loss=custom loss._target_=experiments.custom_loss.RewrappedF1Loss  # refused
 
 A loss is an nn.Module, as torch.nn's losses are: it composes (nn.Sequential, .to(device)),
 carries its own hyper-parameters, and may hold learnable parameters. Its output needs no
@@ -36,3 +37,14 @@ class HardF1Loss(SoftF1Loss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return super().forward(torch.where(logits > 0, 100.0, -100.0), targets)
+
+
+class RewrappedF1Loss(SoftF1Loss):
+    """The classic wrong fix for a loss that "does not train": take the value out with .item()
+    and wrap it in a new tensor with requires_grad=True. The result does require grad, but it is a
+    new leaf with no history, so no gradient can reach the model: requires_grad on the loss is
+    never what makes it trainable (the custom-loss answer's second question)."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = super().forward(logits, targets).item()
+        return torch.tensor(value, requires_grad=True)

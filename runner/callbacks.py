@@ -38,6 +38,10 @@ class ValidateConfig(Callback):
         from runner.cli import report_bad_input
         from runner.schema import ConfigError
 
+        if any(o.lstrip("+~").split("=")[0] == "trainer.resume" for o in config.hydra.overrides.task):
+            report_bad_input(ConfigError("trainer.resume continues one run in its own folder: "
+                                         "it cannot be part of a sweep (-m); resume each run on its own"))
+            sys.exit(2)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if sweep_dir.exists() and any(sweep_dir.glob("*/summary.json")):
             report_bad_input(ConfigError(

@@ -8,6 +8,7 @@ unpickles arbitrary objects: `torch.load(weights_only=True)` accepts it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,11 +32,13 @@ def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     return ident
 
 
-def save(run_dir: Path, parts, step: int, metrics_bytes: int, config: Dict[str, Any]) -> None:
+def save(run_dir: Path, parts, step: int, metrics_bytes: int, config: Dict[str, Any],
+         elapsed_s: float = 0.0) -> None:
     state = {
         "format": FORMAT,
         "step": step,
         "metrics_bytes": metrics_bytes,
+        "elapsed_s": float(elapsed_s),
         "config_json": json.dumps(config, sort_keys=True, default=str),
         "model": parts.model.state_dict(),
         "optimizers": [opt.state_dict() for opt in parts.optimizers],
@@ -68,14 +71,37 @@ def load(run_dir: Path) -> Dict[str, Any]:
     return state
 
 
+def training_id(config: Dict[str, Any]) -> str:
+    """A short hash of what defines the training; summary.json records it, so that a checkpoint
+    copied into another run's folder is recognised as foreign."""
+    text = json.dumps(identity(json.loads(json.dumps(config, default=str))), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def check_matches(state: Dict[str, Any], config: Dict[str, Any], run_dir: Path) -> None:
-    """Refuse to resume a checkpoint into a different training (model, strategy, data, ...)."""
+    """Refuse to resume a checkpoint into a different training (model, strategy, data, ...), into
+    a folder whose run it does not belong to, or past what the folder holds."""
     saved, wanted = identity(state["config"]), identity(json.loads(json.dumps(config, default=str)))
     differences = [key for key in saved if saved[key] != wanted[key]]
     if differences:
         key = differences[0]
         raise CheckpointError(f"trainer.resume={run_dir}: the checkpoint was made with a different {key} "
                               f"({saved[key]!r}, this run has {wanted[key]!r}); resume with the run's own config")
+    summary_path = Path(run_dir) / "summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if previous.get("training_id") not in (None, training_id(state["config"])):
+        raise CheckpointError(f"trainer.resume={run_dir}: {CHECKPOINT} belongs to another run (its model, "
+                              "strategy or config differ from this folder's summary.json)")
+    steps, step = (config.get("trainer") or {}).get("steps"), int(state["step"])
+    if steps is not None and steps < step:
+        raise CheckpointError(f"trainer.steps={steps} is below the checkpoint's step {step}: expected >= {step}")
+    if previous.get("status") == "ok" and steps is not None and previous.get("steps_done", 0) >= steps:
+        raise CheckpointError(f"trainer.resume={run_dir}: the run already finished its {steps} steps; "
+                              "nothing to resume (raise trainer.steps to train it further)")
+    metrics = Path(run_dir) / "metrics.csv"
+    if (metrics.stat().st_size if metrics.exists() else 0) < state["metrics_bytes"]:
+        raise CheckpointError(f"trainer.resume={run_dir}: metrics.csv is shorter than at the checkpoint "
+                              f"(step {step}): it was changed after the run; cannot continue it")
 
 
 def restore(state: Dict[str, Any], parts) -> int:

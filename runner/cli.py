@@ -2,7 +2,9 @@
 
 Single run: exit 0 when it finished ok; 1 for a failed or diverged run; 2 for bad input;
 130/143 when interrupted by SIGINT/SIGTERM. In a sweep (-m) a job never raises: its outcome is
-recorded in its summary.json and the sweep's comparison decides the exit code.
+recorded in its summary.json and the sweep's comparison decides the exit code; only SIGINT/SIGTERM
+stops the whole sweep (130/143) after recording the interrupted job.
+`trainer.resume=<run dir>` continues that run in its own folder from its checkpoint.pt.
 """
 from __future__ import annotations
 
@@ -183,5 +185,24 @@ def main(cfg: DictConfig) -> None:
     if outcome.status == "error" and not multirun:
         print(f"error: {outcome.summary['error']}", file=sys.stderr)
     _print_summary(outcome.summary, multirun)
+    if multirun and outcome.status == "interrupted" and in_process_launcher(hc):
+        stop_sweep(run_dir, outcome.exit_code)
     if not multirun and outcome.exit_code:
         sys.exit(outcome.exit_code)
+
+
+def in_process_launcher(hc) -> bool:
+    return "BasicLauncher" in (hc.launcher.get("_target_", "") if hc.launcher else "")
+
+
+def stop_sweep(run_dir: Path, exit_code: int) -> None:
+    """Ctrl-C (or SIGTERM) stops the whole sweep, not just its current job: record this job's
+    row and the comparison of the jobs so far, then exit 130/143 as a single run does. (Hydra
+    skips on_job_end and on_multirun_end once the task exits, hence the explicit calls.)"""
+    from runner.compare import append_job_row, summarise_sweep
+
+    sweep_dir = next((p for p in run_dir.resolve().parents if (p / "multirun.yaml").exists()), run_dir.parent)
+    append_job_row(sweep_dir, run_dir)
+    summarise_sweep(sweep_dir)
+    print(f"sweep stopped: {run_dir.name} was interrupted; the jobs after it did not run", file=sys.stderr)
+    sys.exit(exit_code)

@@ -204,7 +204,9 @@ class Separate(Strategy):
     each task's backward, as the multi-task answer's second snippet does; reforward=true runs the
     forward again after each step (as PyTorch's DCGAN example does) and so also steps per task.
 
-    Records the cosine similarity of the tasks' gradients on the shared trunk (grad_cos_<a>_<b>).
+    Records the cosine similarity of the tasks' gradients on the shared trunk (grad_cos_<a>_<b>),
+    a by-product of the per-task backwards. full/sum/accumulate do not record it: they would need
+    an extra backward per task, which would skew the time and memory they are compared on.
     """
 
     name = "separate"

@@ -158,7 +158,8 @@ class StepBuffer:
         if self.writer is None:
             self.writer = record.MetricsWriter(self.run_dir, self.columns[2:] + self.extra_columns,
                                                append=self.append)
-        table = torch.stack(self.values).cpu().tolist()
+        buffered = self.values  # one transfer for all buffered rows (no stack for a single row)
+        table = [buffered[0].cpu().tolist()] if len(buffered) == 1 else torch.stack(buffered).cpu().tolist()
         rows, diverged_at = [], None
         width = len(self.columns)
         for step, values, elapsed, extra in zip(self.steps, table, self.times, self.extras):
@@ -166,8 +167,9 @@ class StepBuffer:
             # param_sum as the accumulation answer prints it: a Python sum of per-tensor sums
             row.update(step=step + 1, param_sum=sum(values[width:]), time_s=elapsed, **extra)
             rows.append(row)
-            if diverged_at is None and not all(map(_finite, (row["loss"], row["grad_norm"]))):
+            if not all(map(_finite, (row["loss"], row["grad_norm"]))):
                 diverged_at = step + 1
+                break  # the run ends at this step: rows batched after it are not its record
         self.writer.write_rows(rows)
         self.steps, self.values, self.times, self.extras = [], [], [], []
         return diverged_at
@@ -218,9 +220,11 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
         "accumulation": parts.strategy.accumulation, "params_without_grad": [],
         "warnings": parts.strategy.ignored_switches(cfg.backward),
         "run_dir": str(run_dir.resolve()), "resumed_from_step": start_step if resume else None,
+        "training_id": checkpoint.training_id(config_record(parts)),
     }
     summary.update(meta or {})
-    started = time.perf_counter()
+    # A resumed run's clock goes on from its checkpoint (time_s, wall_s count training, not downtime).
+    started = time.perf_counter() - (float(resume.get("elapsed_s", 0.0)) if resume is not None else 0.0)
 
     try:
         summary["params_without_grad"] = probe_loss(parts)
@@ -272,7 +276,8 @@ def run(parts: Parts, run_dir: Path, meta: Optional[Dict[str, Any]] = None,
                         break
                     summary["steps_done"] = done
                     if checkpoint_due:
-                        checkpoint.save(run_dir, parts, done, buffer.position(), config_record(parts))
+                        checkpoint.save(run_dir, parts, done, buffer.position(), config_record(parts),
+                                        elapsed_s=time.perf_counter() - started)
                 if stop.signum is not None:
                     name = signal.Signals(stop.signum).name
                     summary.update(status="interrupted", error=f"stopped by {name} after step {done}")

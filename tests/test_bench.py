@@ -1,15 +1,25 @@
 """The benchmark runs and reports every figure (the figures themselves are not asserted)."""
 import csv
 
+import torch
+
 from runner import bench
 
 
-def test_quick_bench_reports_every_ratio(tmp_path, monkeypatch):
+def test_quick_bench_reports_every_ratio(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert bench.main(["--quick", "--only", "step", "cold", "memory", "--out", str(tmp_path / "b.csv")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a smoke test: one thread keeps it quick on a busy machine
+    try:
+        assert bench.main(["--quick", "--only", "step", "cold", "memory", "--out", str(tmp_path / "b.csv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     rows = list(csv.DictReader(open(tmp_path / "b.csv")))
     kinds = [r["benchmark"] for r in rows]
-    assert kinds.count("step") == 4 and kinds.count("cold start") == 1 and kinds.count("memory") == 8
+    # mlp/cnn x full/accumulate, each against the bare and the recording hand-written loop
+    assert kinds.count("step") == 8 and kinds.count("cold start") == 1 and kinds.count("memory") == 8
     for row in rows:
         assert float(row["runner"]) > 0 and float(row["baseline"]) > 0
     assert all(r["result"].startswith("ratio") for r in rows if r["benchmark"] == "step")
+    assert all(r["met"] in ("True", "False") for r in rows if r["target"])
+    assert "backward-lab bench" in capsys.readouterr().out

@@ -13,8 +13,9 @@ CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__
              optim__betas=[0.5, 0.999])
 
 
-def test_naive_is_recorded_as_the_second_backward_error(tmp_path):
-    summary, _, _ = train(tmp_path, **CHAIN, backward__name="naive")
+@pytest.mark.parametrize("joint,memory", [(False, "first"), (False, "off"), (True, "first")])
+def test_naive_is_recorded_as_the_second_backward_error(tmp_path, joint, memory):
+    summary, _, _ = train(tmp_path, **CHAIN, backward__name="naive", backward__joint=joint, trainer__memory=memory)
     assert summary["status"] == "error" and summary["steps_done"] == 0
     assert "Trying to backward through the graph a second time" in summary["error"]
     assert "retain_graph=True" in summary["hint"] and "detach()" in summary["hint"]
@@ -112,3 +113,48 @@ def test_two_stage_with_focal_and_ce_learns(tmp_path):
         summary = train(tmp_path, model__name="two_stage", model__outputs=2, loss__name=loss, backward__name="detach")[0]
         assert summary["status"] == "ok" and summary["eval_metric"] == "accuracy"
         assert summary["eval_value"] > 0.8
+
+
+def test_under_joint_detach_is_still_the_separate_optimizers_training(tmp_path):
+    """What actually happens with the itertools.chain caveat on current PyTorch: under detach,
+    stage 1's .grad is None (zero_grad sets it to None) when optimizer 2 steps, so optimizer 2
+    skips stage 1 and detach+joint is bit for bit detach with separate optimizers. retain_graph+joint
+    is the run that changes: optimizer 2 also moves stage 1 with the stage-2 loss's gradient, and
+    no in-place error follows, because stage 1's Linear saved its input, not its weight."""
+    detach = train(tmp_path, **CHAIN, backward__name="detach", trainer__steps=30)[0]
+    detach_joint = train(tmp_path, **CHAIN, backward__name="detach", backward__joint=True, trainer__steps=30)[0]
+    retain_joint = train(tmp_path, **CHAIN, backward__name="retain_graph", backward__joint=True, trainer__steps=30)[0]
+    assert detach_joint["status"] == retain_joint["status"] == "ok"
+    assert detach_joint["param_sha256"] == detach["param_sha256"] != retain_joint["param_sha256"]
+
+
+def test_separate_on_two_stages_equals_the_summed_backward(tmp_path):
+    """One optimizer over both stages: one backward per stage loss then one step is the summed step."""
+    full = train(tmp_path, **CHAIN, trainer__steps=30)
+    separate = train(tmp_path, **CHAIN, trainer__steps=30, backward__name="separate")
+    assert full[0]["status"] == separate[0]["status"] == "ok"
+    assert max_abs_diff(full[1], separate[1]) < 1e-6
+    import pandas as pd
+
+    columns = set(pd.read_csv(separate[2] / "metrics.csv").columns)
+    assert {"loss_stage1", "loss_stage2"} <= columns and not any(c.startswith("grad_cos") for c in columns)
+
+
+def test_joint_retain_graph_would_be_the_inplace_error_if_stage1_saved_its_weight():
+    """Why retain_graph + joint runs: stage 1's Linear saves its input, not its weight, because the
+    inputs need no gradient. Give the inputs requires_grad and the same loop hits the in-place error."""
+    model1, model2 = torch.nn.Linear(10, 2), torch.nn.Linear(2, 2)
+    optimizer1 = torch.optim.Adam(model1.parameters(), lr=0.001, betas=(0.5, 0.999))
+    optimizer2 = torch.optim.Adam(itertools.chain(model1.parameters(), model2.parameters()), lr=0.001,
+                                  betas=(0.5, 0.999))
+    loss = torch.nn.CrossEntropyLoss()
+    data, label = torch.randn(4, 10, requires_grad=True), torch.tensor([0, 1, 1, 0])
+    a = model1(data)
+    b = model2(a)
+    l1, l2 = loss(a, label), loss(b, label)
+    optimizer2.zero_grad()
+    l2.backward(retain_graph=True)
+    optimizer2.step()
+    optimizer1.zero_grad()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        l1.backward()

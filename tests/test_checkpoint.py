@@ -35,6 +35,8 @@ def test_resume_is_exact_in_process(tmp_path, overrides):
     assert resumed.summary["param_sha256"] == whole.summary["param_sha256"]
     rows = (tmp_path / "part" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
+    times = [float(r.split(",")[4]) for r in rows[1:]]
+    assert times == sorted(times)  # the clock goes on from the checkpoint
 
 
 def test_resuming_a_different_training_is_refused(tmp_path):
@@ -45,6 +47,36 @@ def test_resuming_a_different_training_is_refused(tmp_path):
     other = build_parts(make_config(**config, backward__name="accumulate", backward__accumulation=2))
     with pytest.raises(checkpoint.CheckpointError, match="different backward"):
         run(other, tmp_path / "a", resume=state)
+
+
+def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
+    tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=2)
+    run(build_parts(make_config(trainer__steps=5, **tiny)), tmp_path / "a")
+    state = checkpoint.load(tmp_path / "a")
+    assert state["step"] == 4
+    with pytest.raises(checkpoint.CheckpointError, match="already finished its 5 steps"):
+        run(build_parts(make_config(trainer__steps=5, **tiny)), tmp_path / "a", resume=state)
+    with pytest.raises(checkpoint.CheckpointError, match="trainer.steps=3 is below the checkpoint's step 4"):
+        run(build_parts(make_config(trainer__steps=3, **tiny)), tmp_path / "a", resume=state)
+    # A checkpoint copied into another run's folder belongs to another run.
+    run(build_parts(make_config(trainer__steps=5, seed=1, **tiny)), tmp_path / "b")
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to another run"):
+        run(build_parts(make_config(trainer__steps=9, **tiny)), tmp_path / "b", resume=state)
+    # A metrics.csv cut shorter than at the checkpoint cannot be continued.
+    metrics = tmp_path / "a" / "metrics.csv"
+    metrics.write_bytes(metrics.read_bytes()[:state["metrics_bytes"] - 10])
+    with pytest.raises(checkpoint.CheckpointError, match="metrics.csv is shorter"):
+        run(build_parts(make_config(trainer__steps=9, **tiny)), tmp_path / "a", resume=state)
+
+
+def test_a_finished_run_can_be_extended_exactly(tmp_path):
+    tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=3)
+    run(build_parts(make_config(trainer__steps=7, **tiny)), tmp_path / "short")
+    longer = run(build_parts(make_config(trainer__steps=11, **tiny)), tmp_path / "short",
+                 resume=checkpoint.load(tmp_path / "short"))
+    whole = run(build_parts(make_config(trainer__steps=11, **tiny)), tmp_path / "whole")
+    assert longer.summary["resumed_from_step"] == 6
+    assert longer.summary["param_sha256"] == whole.summary["param_sha256"]
 
 
 def _make_checkpointed_run(tmp_path):

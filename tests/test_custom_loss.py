@@ -26,3 +26,32 @@ def test_a_loss_that_is_not_a_per_example_mean_breaks_the_accumulation_identity(
     full = train(tmp_path, kwargs, **base)[1]
     acc = train(tmp_path, kwargs, **base, backward__name="accumulate", backward__accumulation=4)[1]
     assert max_abs_diff(acc, full) > 1e-3
+
+
+def test_requires_grad_on_a_rewrapped_value_trains_nothing_and_is_refused(tmp_path):
+    """The custom-loss answer's second question: requires_grad=True on the loss does not make it
+    trainable. By hand, backward runs without complaint and the model never changes; the runner
+    refuses the loss before training."""
+    import torch
+
+    from experiments.custom_loss import RewrappedF1Loss
+    from runner.parts import build_parts
+    from tests.conftest import make_config
+
+    parts = build_parts(make_config(trainer__steps=3))
+    before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    optimizer = torch.optim.SGD(parts.model.parameters(), lr=0.5)
+    loss_fn = RewrappedF1Loss()
+    for step in range(3):
+        inputs, targets = parts.dataset.batch(step)
+        optimizer.zero_grad()
+        loss = loss_fn(parts.model(inputs), targets)
+        assert loss.requires_grad and loss.grad_fn is None
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None for p in parts.model.parameters())
+    assert max_abs_diff(before, {n: p.detach() for n, p in parts.model.named_parameters()}) == 0
+
+    summary = train(tmp_path, loss__name="custom", loss___target_="experiments.custom_loss.RewrappedF1Loss")[0]
+    assert summary["status"] == "error" and summary["steps_done"] == 0
+    assert "RewrappedF1Loss) is not differentiable: its output has no grad_fn" in summary["error"]

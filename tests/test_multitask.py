@@ -1,4 +1,6 @@
 """Multi-task losses: summed vs separate backward, stepping per task, re-forwarding."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,10 @@ def test_accumulate_with_multitask_loss_is_also_equivalent(tmp_path):
     assert_params_close(p_acc, p_sum, **F32)
 
 
-def test_step_per_task_on_a_deep_trunk_is_the_inplace_error(tmp_path):
-    summary, _, run_dir = train(tmp_path, **MT, backward__name="separate", backward__step_per_task=True)
+@pytest.mark.parametrize("memory", ["first", "off"])  # the meter's own check, and autograd's
+def test_step_per_task_on_a_deep_trunk_is_the_inplace_error(tmp_path, memory):
+    summary, _, run_dir = train(tmp_path, **MT, backward__name="separate", backward__step_per_task=True,
+                                trainer__memory=memory)
     assert summary["status"] == "error" and summary["steps_done"] == 0
     assert "modified by an inplace operation" in summary["error"]
     assert "reforward" in summary["hint"]
@@ -137,3 +141,100 @@ def test_a_switch_for_another_strategy_is_ignored_with_a_warning(tmp_path):
     result = run_cli("backward.step_per_task=true", "trainer.steps=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "warning: backward.step_per_task=true is ignored by backward=full" in result.stderr
+
+
+def test_uncertainty_weighting_separate_equals_summed(tmp_path):
+    mt = dict(MT, loss__weighting="uncertainty", trainer__steps=30)
+    p_sum = train(tmp_path, **mt)[1]
+    p_sep = train(tmp_path, **mt, backward__name="separate")[1]
+    assert_params_close(p_sep, p_sum, **F32)
+
+
+def answer_batches(parts, steps):
+    for step in range(steps):
+        inputs, targets = parts.dataset.batch(step)
+        yield inputs, targets["cls"], targets["reg"]
+
+
+def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_trunk(tmp_path):
+    """The multi-task answer's second snippet (unweighted task losses: weights 1/1 here), by hand."""
+    # lr 0.1: unweighted, the sum of the two task losses diverges at the default lr of 0.5.
+    steps, mt = 20, dict(MT, model__depth=1, loss__weights={"cls": 1.0, "reg": 1.0}, optim__lr=0.1)
+    summary, expected, _ = train(tmp_path, **mt, trainer__steps=steps, backward__name="separate",
+                                 backward__step_per_task=True)
+    assert summary["status"] == "ok"
+    parts = build_parts(make_config(**mt))
+    model = parts.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for inputs, class_targets, regress_targets in answer_batches(parts, steps):
+        outputs = model(inputs)
+        class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
+        regress_loss = F.mse_loss(outputs["reg"], regress_targets)
+        optimizer.zero_grad()
+        class_loss.backward(retain_graph=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        regress_loss.backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=0)
+
+
+def test_the_answers_step_per_task_snippet_fails_by_hand_on_a_deep_trunk():
+    """The runner's recorded error is PyTorch's own: the same snippet fails outside the runner."""
+    parts = build_parts(make_config(**MT))
+    model = parts.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    inputs, class_targets, regress_targets = next(answer_batches(parts, 1))
+    outputs = model(inputs)
+    class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
+    regress_loss = F.mse_loss(outputs["reg"], regress_targets)
+    optimizer.zero_grad()
+    class_loss.backward(retain_graph=True)
+    optimizer.step()
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        regress_loss.backward()
+
+
+def test_reforward_matches_a_dcgan_style_loop(tmp_path):
+    """Step per task with a fresh forward each time, as PyTorch's DCGAN example updates D then G."""
+    steps = 20
+    expected = train(tmp_path, **MT, trainer__steps=steps, backward__name="separate", backward__reforward=True)[1]
+    parts = build_parts(make_config(**MT))
+    model = parts.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for inputs, class_targets, regress_targets in answer_batches(parts, steps):
+        optimizer.zero_grad()
+        class_loss = 0.5 * F.binary_cross_entropy_with_logits(model(inputs)["cls"], class_targets)
+        class_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        regress_loss = 0.5 * F.mse_loss(model(inputs)["reg"], regress_targets)
+        regress_loss.backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=0)
+
+
+def test_step_per_task_single_run_exits_non_zero_with_the_hint(tmp_path):
+    result = run_cli("model=multitask", "loss=multitask", "backward=separate", "backward.step_per_task=true",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "modified by an inplace operation" in result.stderr and "Traceback" not in result.stderr
+    assert "reforward" in result.stdout  # the hint, in the printed summary
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(loss__name="bce"), "loss=bce does not fit model=multitask (multitask targets): expected loss=multitask"),
+    (dict(backward__name="naive"), "backward=naive does not fit model=multitask"),
+    (dict(model__depth=0), "model.depth=0 is not allowed"),
+    (dict(loss__weights={"depth": 1.0}), "loss.weights has unknown task"),
+    (dict(loss__weighting="learned"), "loss.weighting=learned is not allowed"),
+])
+def test_more_misfits_are_refused_before_training(overrides, needle):
+    from runner.parts import preflight
+    from runner.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        preflight(make_config(**{**MT, **overrides}))
