@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with a CPU torch where none is present, and the package
 
-run: $(STAMP)  ## run the default experiment (outputs/runs/<time>/)
-	$(PY) -m runner $(ARGS)
+run: $(STAMP)  ## the default comparison: full vs sum vs accumulate, with verdicts (outputs/multiruns/<time>/)
+	$(PY) -m runner -m experiment=default $(ARGS)
 
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
@@ -40,6 +40,6 @@ experiments: $(STAMP)  ## run every experiment in experiments/ and write a markd
 	$(PY) -m runner.report $(EXPERIMENTS_DIR) --out $(EXPERIMENTS_DIR)/report.md || status=1; \
 	exit $$status
 
-clean:  ## remove outputs and caches (keeps .venv)
-	rm -rf outputs multirun .pytest_cache
+clean:  ## remove outputs, build leftovers and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

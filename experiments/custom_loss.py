@@ -1,8 +1,10 @@
 """A user's own losses, for `loss=custom` (the custom-loss answer, made runnable).
 
-    python -m runner loss=custom loss._target_=experiments.custom_loss.SoftF1Loss +loss.smooth=1.0
-    python -m runner loss=custom loss._target_=experiments.custom_loss.HardF1Loss   # refused
-    python -m runner loss=custom loss._target_=experiments.custom_loss.RewrappedF1Loss  # refused
+    python -m runner loss=custom loss._target_=runner.experiments.custom_loss.SoftF1Loss +loss.smooth=1.0
+    python -m runner loss=custom loss._target_=runner.experiments.custom_loss.HardF1Loss       # not differentiable
+    python -m runner loss=custom loss._target_=runner.experiments.custom_loss.RewrappedF1Loss  # not differentiable
+    python -m runner loss=custom loss._target_=runner.experiments.custom_loss.NoBackwardF1Loss # not differentiable
+    python -m runner -m experiment=custom_loss                                                # all four, with claims
 
 A loss is an nn.Module, as torch.nn's losses are: it composes (nn.Sequential, .to(device)),
 carries its own hyper-parameters, and may hold learnable parameters. Its output needs no
@@ -48,3 +50,20 @@ class RewrappedF1Loss(SoftF1Loss):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         value = super().forward(logits, targets).item()
         return torch.tensor(value, requires_grad=True)
+
+
+class _DoubleWithoutBackward(torch.autograd.Function):
+    """A custom operation that forgot its backward (the custom-loss answer's first example)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+class NoBackwardF1Loss(SoftF1Loss):
+    """Soft F1 through a custom autograd.Function with no backward: the forward works and the
+    output even has a grad_fn, but backward raises NotImplementedError. The runner finds it on
+    the first batch and records "not differentiable: _DoubleWithoutBackward has no backward"."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(_DoubleWithoutBackward.apply(logits) / 2, targets)

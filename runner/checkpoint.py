@@ -10,52 +10,56 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+from runner import record
+from runner.schema import ConfigError, Role, keys_with_roles
+
 FORMAT = 1
-# Config sections that define the training itself: a checkpoint only resumes the same training.
-IDENTITY = ("model", "data", "loss", "backward", "optim", "seed")
+CHECKPOINT = record.CHECKPOINT
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot continue this run: bad input, reported like any other."""
+
+
+def lookup(config: Dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for name in dotted.split("."):
+        node = node.get(name) if isinstance(node, dict) else None
+    return node
 
 
 def identity(config: Dict[str, Any]) -> Dict[str, Any]:
-    ident = {key: config.get(key) for key in IDENTITY}
-    ident["trainer.dtype"] = (config.get("trainer") or {}).get("dtype")
+    """The keys that define the training (Role.training in runner.schema) and a custom loss's
+    arguments: a checkpoint only resumes the same training."""
+    plain = json.loads(json.dumps(config, default=str))
+    ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(Role.training)}
+    ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
     return ident
 
 
-def save(run_dir: Path, parts, step: int, metrics_bytes: int, config: Dict[str, Any],
-         elapsed_s: float = 0.0) -> None:
+def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: float = 0.0) -> None:
     state = {
         "format": FORMAT,
         "step": step,
         "metrics_bytes": metrics_bytes,
         "elapsed_s": float(elapsed_s),
-        "config_json": json.dumps(config, sort_keys=True, default=str),
-        "model": parts.model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in parts.optimizers],
-        "loss": parts.loss_fn.state_dict() if isinstance(parts.loss_fn, torch.nn.Module) else {},
+        "config_json": json.dumps(training.config_record(), sort_keys=True, default=str),
+        "model": training.model.state_dict(),
+        "optimizers": [opt.state_dict() for opt in training.optimizers],
+        "loss": training.loss_fn.state_dict() if isinstance(training.loss_fn, torch.nn.Module) else {},
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if parts.device.type == "cuda" else [],
+        "rng_cuda": torch.cuda.get_rng_state_all() if training.device.type == "cuda" else [],
     }
-    path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    record.write_checkpoint(run_dir, state)
 
 
 def load(run_dir: Path) -> Dict[str, Any]:
-    path = Path(run_dir) / CHECKPOINT
+    path = record.checkpoint_path(run_dir)
     if not path.exists():
         raise CheckpointError(f"trainer.resume={run_dir}: no {CHECKPOINT} there "
                               "(runs write one with trainer.checkpoint_every=N)")
@@ -74,55 +78,45 @@ def load(run_dir: Path) -> Dict[str, Any]:
 def training_id(config: Dict[str, Any]) -> str:
     """A short hash of what defines the training; summary.json records it, so that a checkpoint
     copied into another run's folder is recognised as foreign."""
-    text = json.dumps(identity(json.loads(json.dumps(config, default=str))), sort_keys=True)
+    text = json.dumps(identity(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_matches(state: Dict[str, Any], config: Dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume a checkpoint into a different training (model, strategy, data, ...), into
     a folder whose run it does not belong to, or past what the folder holds."""
-    saved, wanted = identity(state["config"]), identity(json.loads(json.dumps(config, default=str)))
+    saved, wanted = identity(state["config"]), identity(config)
     differences = [key for key in saved if saved[key] != wanted[key]]
     if differences:
         key = differences[0]
         raise CheckpointError(f"trainer.resume={run_dir}: the checkpoint was made with a different {key} "
                               f"({saved[key]!r}, this run has {wanted[key]!r}); resume with the run's own config")
-    summary_path = Path(run_dir) / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if previous.get("training_id") not in (None, training_id(state["config"])):
+    previous = record.read_summary(run_dir) if record.has_summary(run_dir) else record.Summary()
+    if previous.training_id not in (None, training_id(state["config"])):
         raise CheckpointError(f"trainer.resume={run_dir}: {CHECKPOINT} belongs to another run (its model, "
-                              "strategy or config differ from this folder's summary.json)")
+                              f"strategy or config differ from this folder's {record.SUMMARY})")
     steps, step = (config.get("trainer") or {}).get("steps"), int(state["step"])
     if steps is not None and steps < step:
         raise CheckpointError(f"trainer.steps={steps} is below the checkpoint's step {step}: expected >= {step}")
-    if previous.get("status") == "ok" and steps is not None and previous.get("steps_done", 0) >= steps:
+    if previous.status == "ok" and steps is not None and previous.steps_done >= steps:
         raise CheckpointError(f"trainer.resume={run_dir}: the run already finished its {steps} steps; "
                               "nothing to resume (raise trainer.steps to train it further)")
-    metrics = Path(run_dir) / "metrics.csv"
-    if (metrics.stat().st_size if metrics.exists() else 0) < state["metrics_bytes"]:
-        raise CheckpointError(f"trainer.resume={run_dir}: metrics.csv is shorter than at the checkpoint "
+    if record.metrics_size(run_dir) < state["metrics_bytes"]:
+        raise CheckpointError(f"trainer.resume={run_dir}: {record.METRICS} is shorter than at the checkpoint "
                               f"(step {step}): it was changed after the run; cannot continue it")
 
 
-def restore(state: Dict[str, Any], parts) -> int:
-    """Load the states into the parts; returns the step to continue from."""
+def restore(state: Dict[str, Any], training) -> int:
+    """Load the states into the training; returns the step to continue from."""
     try:
-        parts.model.load_state_dict(state["model"])
-        for optimizer, saved in zip(parts.optimizers, state["optimizers"], strict=True):
+        training.model.load_state_dict(state["model"])
+        for optimizer, saved in zip(training.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
-        if isinstance(parts.loss_fn, torch.nn.Module):
-            parts.loss_fn.load_state_dict(state["loss"])
+        if isinstance(training.loss_fn, torch.nn.Module):
+            training.loss_fn.load_state_dict(state["loss"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint does not fit this model or strategy: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(state["rng_cpu"])
-    if parts.device.type == "cuda" and state["rng_cuda"]:
+    if training.device.type == "cuda" and state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["step"])
-
-
-def truncate_metrics(run_dir: Path, metrics_bytes: int) -> None:
-    """Drop the rows written after the checkpoint: the resumed run writes them again."""
-    path = Path(run_dir) / "metrics.csv"
-    if path.exists() and path.stat().st_size > metrics_bytes:
-        with open(path, "r+b") as f:
-            f.truncate(metrics_bytes)

@@ -1,24 +1,22 @@
-"""Declared claims of an experiment and their verdicts.
+"""Declared claims of an experiment, their verdicts, and a sweep's exit code.
 
 An experiment lists what it expects under `claims:`. Each claim selects runs by config values
 (`runs: {backward: [sum, accumulate], backward.scale: size}`) and states one of:
 equivalent / identical / differs (final parameters against the run `reference:` selects),
 fails (status error, with `message` in the error), succeeds, and smaller / about (a summary
 `metric`, e.g. peak_saved_bytes, against `factor` times the reference's; `about` within `rel`).
+
+`sweep_verdicts` is the one place that turns runs (and extra claims) into verdicts and an exit
+code: the sweep's end, `python -m runner.compare` and the report all call it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List
 
-from runner.compare import Run, as_text, compare_to, pick_reference
-
-
-def summary_metric(run: Run, column: str) -> Optional[float]:
-    value = run.summary.get(column)
-    return float(value) if isinstance(value, (int, float)) else None
+from runner.runs import Run, compare_to, describe, pick_reference
 
 
 @dataclass
@@ -29,47 +27,43 @@ class ClaimResult:
     detail: str
 
 
-def _describe(selector: Dict[str, Any]) -> str:
-    return " ".join(f"{k}={as_text(v)}" for k, v in selector.items()) or "all runs"
-
-
 def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any]) -> ClaimResult:
     """Kinds: equivalent, identical, differs (parameters against `reference`), fails (status error,
     error text containing `message`), succeeds, smaller / about (a summary `metric` against
     `factor` times the reference's: smaller than it, or within `rel` of it)."""
     kind = claim.get("kind", "")
     selector = dict(claim.get("runs") or {})
-    name = claim.get("name") or f"{kind}: {_describe(selector)}"
+    name = claim.get("name") or f"{kind}: {describe(selector)}"
     chosen = [r for r in runs if r.matches(selector)]
     if not chosen:
-        return ClaimResult(name, kind, False, f"no run matches {_describe(selector)}")
+        return ClaimResult(name, kind, False, f"no run matches {describe(selector)}")
     if kind in ("fails", "succeeds"):
         message = claim.get("message", "")
-        wrong = [r for r in chosen if (r.status != "error" or message not in (r.summary.get("error") or ""))] \
+        wrong = [r for r in chosen if (r.status != "error" or message not in (r.summary.error or ""))] \
             if kind == "fails" else [r for r in chosen if r.status != "ok"]
         detail = f"{len(chosen) - len(wrong)}/{len(chosen)} runs {kind[:-1]}" + (f" with '{message}'" if message else "")
         return ClaimResult(name, kind, not wrong, detail)
     ref_selector = dict(claim.get("reference") or {})
     reference = pick_reference([r for r in runs if r not in chosen] or runs, ref_selector or None)
     if reference is None or (ref_selector and not reference.matches(ref_selector)):
-        return ClaimResult(name, kind, False, f"no reference run matches {_describe(ref_selector)}")
+        return ClaimResult(name, kind, False, f"no reference run matches {describe(ref_selector)}")
     if kind in ("equivalent", "identical", "differs"):
         verdicts = [compare_to(r, reference, cache) for r in chosen]
         wanted = {"equivalent": {"equivalent", "identical", "reference"}, "identical": {"identical", "reference"},
                   "differs": {"differs"}}[kind]
-        holds = all(v["verdict"] in wanted for v in verdicts)
-        worst = max((v["max_abs_diff"] for v in verdicts), default=math.nan) if kind != "differs" \
-            else min((v["max_abs_diff"] for v in verdicts), default=math.nan)
+        holds = all(v.verdict in wanted for v in verdicts)
+        worst = max((v.max_abs_diff for v in verdicts), default=math.nan) if kind != "differs" \
+            else min((v.max_abs_diff for v in verdicts), default=math.nan)
         label = "max" if kind != "differs" else "min"
-        return ClaimResult(name, kind, holds, f"{len(chosen)} runs vs {_describe(ref_selector) or 'reference'}: "
-                           f"{label} |Δθ| {worst:.3g} ({verdicts[0]['tolerance']}); verdicts "
-                           f"{sorted({v['verdict'] for v in verdicts})}")
+        return ClaimResult(name, kind, holds, f"{len(chosen)} runs vs {describe(ref_selector) or 'reference'}: "
+                           f"{label} |Δθ| {worst:.3g} ({verdicts[0].tolerance}); verdicts "
+                           f"{sorted({v.verdict for v in verdicts})}")
     if kind in ("smaller", "about"):
-        metric = claim.get("metric", "peak_saved_bytes")
-        ref_value = summary_metric(reference, metric)
-        values = [summary_metric(r, metric) for r in chosen]
+        metric = claim.get("metric", "")
+        ref_value = reference.summary.metric(metric)
+        values = [r.summary.metric(metric) for r in chosen]
         if ref_value is None or any(v is None for v in values):
-            return ClaimResult(name, kind, False, f"{metric} missing")
+            return ClaimResult(name, kind, False, f"metric {metric!r} is not a numeric summary key of these runs")
         if kind == "smaller":
             factor = float(claim.get("factor", 1.0))
             holds = all(v < factor * ref_value for v in values)
@@ -87,7 +81,7 @@ def claims_of(runs: List[Run]) -> List[Dict[str, Any]]:
     """The claims declared in the runs' configs (an experiment's `claims:`), without repeats."""
     seen, claims = set(), []
     for run in runs:
-        for claim in (run.summary.get("config") or {}).get("claims") or []:
+        for claim in run.summary.config.get("claims") or []:
             key = repr(sorted(claim.items(), key=lambda kv: kv[0]))
             if key not in seen:
                 seen.add(key)
@@ -105,3 +99,23 @@ def unexpected_failures(runs: List[Run], claims: List[Dict[str, Any]]) -> List[R
     expected = [c for c in claims if c.get("kind") == "fails"]
     return [r for r in runs if r.status != "ok"
             and not any(r.matches(dict(c.get("runs") or {})) for c in expected)]
+
+
+@dataclass
+class SweepVerdicts:
+    reference: Any  # the Run others are compared with, or None
+    claims: List[ClaimResult] = field(default_factory=list)
+    failed: List[Run] = field(default_factory=list)  # runs that failed with no claim expecting it
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every claim holds and every run not claimed to fail finished; else 1."""
+        return 0 if all(c.holds for c in self.claims) and not self.failed else 1
+
+
+def sweep_verdicts(runs: List[Run], extra_claims: Iterable[Dict[str, Any]] = (),
+                   reference: Any = None) -> SweepVerdicts:
+    """The claims the runs declare (plus `extra_claims`), their verdicts and the exit code."""
+    claims = claims_of(runs) + list(extra_claims)
+    return SweepVerdicts(reference if reference is not None else pick_reference(runs),
+                         evaluate_claims(claims, runs), unexpected_failures(runs, claims))

@@ -1,16 +1,21 @@
-"""The only Hydra entry point: compose, build, run, map the outcome to an exit code.
+"""The only Hydra entry point: compose, validate and build once, run, map the outcome to an exit code.
 
-Single run: exit 0 when it finished ok; 1 for a failed or diverged run; 2 for bad input;
-130/143 when interrupted by SIGINT/SIGTERM. In a sweep (-m) a job never raises: its outcome is
-recorded in its summary.json and the sweep's comparison decides the exit code; only SIGINT/SIGTERM
+Single run: exit 0 when it finished ok; 1 for a failed or diverged run; 2 for bad input (Hydra's
+own composition errors included); 130/143 when interrupted by SIGINT/SIGTERM. A single run is
+prepared (validated, built, its loss probed) by the ValidateConfig callback before Hydra creates
+its folder, so bad input leaves nothing behind; the task function then runs what was prepared.
+In a sweep (-m) each job prepares itself and never raises: its outcome, bad input included, is
+recorded in its summary.json and the sweep's verdicts decide the exit code; only SIGINT/SIGTERM
 stops the whole sweep (130/143) after recording the interrupted job.
-`trainer.resume=<run dir>` continues that run in its own folder from its checkpoint.pt.
+`trainer.resume=<run dir>` continues that run in its own folder from its checkpoint.
 """
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,12 +23,25 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import schema
-from runner.schema import Config, ConfigError
+from runner import record, schema
+from runner.record import Summary
+from runner.schema import GROUPS, Config, ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "data", "loss", "backward", "optim")
 
+def _conf_dir() -> Path:
+    """runner/conf inside an installed wheel; <repo>/conf in a checkout or an editable install."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "conf", here.parent / "conf"):
+        if (folder / "config.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no conf/config.yaml next to or above {here}")
+
+
+CONF_DIR = _conf_dir()
+# Hydra's own report of an exception it caught (a composition error: an unknown option, a wrong
+# type) ends in exit 1; bad input exits 2 here, so `entry` maps it. Our own code never exits 1
+# through sys.exit: the outcome's code is kept here and returned by `entry`.
+EXIT_CODE = 0
 schema.register()
 
 
@@ -47,24 +65,46 @@ def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
         raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
-# trainer.* keys a resumed run may change; everything else comes from the checkpoint.
-RESUME_MAY_CHANGE = ("trainer.resume", "trainer.steps", "trainer.device", "trainer.progress",
-                     "trainer.log_every", "trainer.checkpoint_every", "trainer.threads", "trainer.memory")
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
+    flat: Dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return flat
 
 
-def config_for_resume(state: Dict[str, Any], overrides: list, current: Config) -> Tuple[Config, Dict[str, Any]]:
-    """The checkpoint's own config, with the few trainer settings a resume may change."""
+def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[str, Any],
+                           composed: Dict[str, Any], overrides: List[str]) -> None:
+    """A resume repeats the run's command: an override equal to the run's own value is fine; one
+    that differs is refused, naming the key, the run's value and the new one. Keys the schema lets
+    a resume change (trainer.steps, ...) are not compared."""
+    may_change = schema.resume_may_change()
+    theirs_flat, mine_flat = _flat(saved), _flat(composed)
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("hydra.") or key in may_change:
+            continue
+        if key in GROUPS or key == "experiment":
+            theirs, mine = str(choices.get(key, theirs_flat.get(f"{key}.name"))), value
+        else:
+            theirs, mine = theirs_flat.get(key, "(not set)"), mine_flat.get(key, "(not set)")
+        if theirs != mine:
+            raise ConfigError(f"trainer.resume={run_dir}: {key} differs from the run's own config: the run "
+                              f"has {key}={theirs}, this command {key}={mine}; repeat the run's value or drop {key}")
+
+
+def config_for_resume(state: Dict[str, Any], current: Config, overrides: List[str]) -> Tuple[Config, Dict[str, Any]]:
+    """The checkpoint's own config, with the keys a resume may change taken from this command."""
     saved = dict(state["config"])
     loss_kwargs = saved.pop("loss_kwargs", {}) or {}
-    foreign = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_MAY_CHANGE)]
-    if foreign:
-        raise ConfigError(f"trainer.resume continues a run with its own config: drop {foreign[0]} "
-                          f"(allowed with a resume: {', '.join(RESUME_MAY_CHANGE[1:])})")
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
-    for dotted in RESUME_MAY_CHANGE:
-        if any(o.lstrip("+~").startswith(dotted + "=") for o in overrides):
-            key = dotted.split(".")[1]
-            setattr(config.trainer, key, getattr(current.trainer, key))
+    typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    for dotted in schema.resume_may_change():
+        if dotted in typed:
+            group, name = dotted.split(".")
+            setattr(getattr(config, group), name, getattr(getattr(current, group), name))
     return config, loss_kwargs
 
 
@@ -72,137 +112,180 @@ def report_bad_input(exc: Exception) -> None:
     print(f"error: {exc}", file=sys.stderr)
 
 
-def _run_meta(cfg: DictConfig) -> Dict[str, Any]:
-    hc = HydraConfig.get()
-    choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
-    if hc.runtime.choices.get("experiment"):
-        choices["experiment"] = hc.runtime.choices.get("experiment")
-    return {
-        "choices": choices,
-        "overrides": list(hc.overrides.task),
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-    }
-
-
-def _print_summary(summary: Dict[str, Any], multirun: bool) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=False, highlight=False)
-    status = summary["status"]
-    colour = {"ok": "green", "interrupted": "yellow"}.get(status, "red")
-    if multirun:
-        detail = summary.get("error") if status != "ok" else \
-            f"loss={summary.get('final_loss')} param_sum={summary.get('param_sum')}"
-        console.print(f"[{colour}]{status}[/] {Path(summary.get('run_dir', '')).name} {detail}",
-                      soft_wrap=True, highlight=False, markup=True)
-        return
-    from rich.table import Table
-
-    table = Table(title=f"run: [{colour}]{status}[/]", show_header=False)
-    rows = [("run dir", summary.get("run_dir")), ("steps", summary.get("steps_done")),
-            ("final loss", summary.get("final_loss")),
-            (summary.get("eval_metric") or "eval", summary.get("eval_value")),
-            ("param_sum", summary.get("param_sum")),
-            ("param_sha256", (summary.get("param_sha256") or "")[:16]),
-            ("peak_saved_bytes", summary.get("peak_saved_bytes")),
-            ("wall s", summary.get("wall_s"))]
-    if summary.get("params_without_grad"):
-        rows.append(("no gradient", ", ".join(summary["params_without_grad"])))
-    if summary.get("error"):
-        rows.append(("error", summary["error"]))
-    if summary.get("hint"):
-        rows.append(("hint", summary["hint"]))
-    for key, value in rows:
-        table.add_row(key, "" if value is None else str(value))
-    console.print(table)
-    flow = summary.get("gradient_flow")
-    if flow:
-        flow_table = Table(title="gradient flow, first step")
-        for column in ("module", "component", "grad_norm"):
-            flow_table.add_column(column)
-        for row in flow:
-            norm = f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none"
-            flow_table.add_row(row["module"], row["component"], norm)
-        console.print(flow_table)
-
-
-def parallel_job_threads(hc) -> int:
+def parallel_job_threads(hydra_node) -> int:
     """Torch threads for one job of a parallel sweep, so that jobs don't oversubscribe the cores:
     the cores divided by the launcher's workers (0 = leave torch's default)."""
-    launcher = hc.launcher.get("_target_", "") if hc.launcher else ""
+    launcher = hydra_node.launcher.get("_target_", "") if hydra_node.launcher else ""
     if "Joblib" not in launcher:
         return 0
-    import os
-
     cores = os.cpu_count() or 1
-    workers = hc.launcher.get("n_jobs", -1)
+    workers = hydra_node.launcher.get("n_jobs", -1)
     workers = cores if workers in (None, -1) or workers > cores else max(1, workers)
     return max(1, cores // workers)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    # Imported here, not at the top, so that `--help` never pays for torch.
+@dataclass
+class Prepared:
+    """One run, validated and built: what the task function runs."""
+
+    training: Any  # runner.build.Training
+    summary: Summary  # what is known before training: choices, overrides, config
+    resume: Optional[Dict[str, Any]] = None  # the loaded checkpoint of a resumed run
+    run_dir: Optional[Path] = None  # a resumed run's own folder
+
+
+def origin(cfg: DictConfig, hydra_node) -> Summary:
+    """What a run's summary records of how it was asked for: choices, overrides, full config."""
+    choices = {g: hydra_node.runtime.choices.get(g) for g in GROUPS}
+    if hydra_node.runtime.choices.get("experiment"):
+        choices["experiment"] = hydra_node.runtime.choices.get("experiment")
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return Summary(choices=choices, overrides=list(hydra_node.overrides.task),
+                   config=OmegaConf.to_container(task, resolve=True, enum_to_str=True))
+
+
+def prepare(cfg: DictConfig, hydra_node) -> Prepared:
+    """Compose the typed config, apply a resume, validate, build and probe: once per run.
+    Raises ConfigError (bad input, the user's code raising included)."""
     import torch
 
-    from runner import checkpoint, record
-    from runner.parts import build_parts
+    from runner import checkpoint
+    from runner.build import build_training
+
+    summary = origin(cfg, hydra_node)
+    choices = summary.choices
+    config, loss_kwargs = config_from_omegaconf(cfg)
+    resume, run_dir = None, None
+    if config.trainer.resume:
+        run_dir = Path(config.trainer.resume)
+        resume = checkpoint.load(run_dir)
+        previous = record.read_summary(run_dir) if record.has_summary(run_dir) else Summary()
+        check_resume_overrides(run_dir, {**resume["config"], "loss": {**resume["config"]["loss"],
+                                                                      **resume["config"].get("loss_kwargs", {})}},
+                               previous.choices, summary.config, summary.overrides)
+        config, loss_kwargs = config_for_resume(resume, config, summary.overrides)
+        # The run's own choices, overrides and config stay its record.
+        summary = replace(summary, choices=previous.choices or choices,
+                          overrides=previous.overrides or summary.overrides, config=previous.config or summary.config)
+    schema.validate(config)
+    threads = config.trainer.threads or parallel_job_threads(hydra_node)
+    if threads:
+        torch.set_num_threads(threads)
+    return Prepared(build_training(config, loss_kwargs), summary, resume, run_dir)
+
+
+# The single run's preparation, handed from the ValidateConfig callback to the task function.
+_prepared: Optional[Prepared] = None
+
+
+def hand_over(prepared: Prepared) -> None:
+    global _prepared
+    _prepared = prepared
+
+
+def exit_code(status: str, signum: Optional[int]) -> int:
+    if status == "interrupted" and signum is not None:
+        return 128 + signum
+    return {"ok": 0, "error": 1, "diverged": 1}.get(status, 1)
+
+
+def _round(value: Any) -> str:
+    """A number as a reader needs it on a terminal (exact values stay in the files)."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def print_summary(summary: Summary, multirun: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    colour = {"ok": "green", "interrupted": "yellow"}.get(summary.status, "red")
+    if multirun:
+        detail = summary.error if summary.status != "ok" else \
+            f"loss={_round(summary.final_loss)} param_sum={_round(summary.param_sum)}"
+        console.print(f"[{colour}]{summary.status}[/] {Path(summary.run_dir or '').name} {detail}", soft_wrap=True)
+        return
+    table = Table(title=f"run: [{colour}]{summary.status}[/]", show_header=False)
+    rows = [("run dir", summary.run_dir), ("steps", summary.steps_done), ("final loss", summary.final_loss),
+            (summary.eval_metric or "eval", summary.eval_value), ("param_sum", summary.param_sum),
+            ("param_sha256", (summary.param_sha256 or "")[:16]), ("peak_saved_bytes", summary.peak_saved_bytes),
+            ("wall s", summary.wall_s)]
+    if summary.params_without_grad:
+        rows.append(("no gradient", ", ".join(summary.params_without_grad)))
+    rows += [(name, text) for name, text in (("error", summary.error), ("hint", summary.hint)) if text]
+    for name, value in rows:
+        table.add_row(name, _round(value))
+    console.print(table)
+    if summary.gradient_flow:
+        flow = Table(title="gradient flow, first step")
+        for column in ("module", "component", "grad_norm"):
+            flow.add_column(column)
+        for row in summary.gradient_flow:
+            flow.add_row(row["module"], row["component"], f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none")
+        console.print(flow)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    global EXIT_CODE, _prepared
     from runner.train import run
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
-    meta = _run_meta(cfg)
-    resume_state = None
-    try:
-        config, loss_kwargs = config_from_omegaconf(cfg)
-        if config.trainer.resume:
-            resume_state = checkpoint.load(Path(config.trainer.resume))
-            config, loss_kwargs = config_for_resume(resume_state, meta["overrides"], config)
-            run_dir = Path(config.trainer.resume)
-            previous = record.read_summary(run_dir) if (run_dir / record.SUMMARY).exists() else {}
-            meta = {k: previous.get(k, v) for k, v in meta.items()}  # the run's own choices and config
-        schema.validate(config)
-        threads = config.trainer.threads or parallel_job_threads(hc)
-        if threads:
-            torch.set_num_threads(threads)
-        parts = build_parts(config, loss_kwargs)
-    except (ConfigError, checkpoint.CheckpointError) as exc:
-        report_bad_input(exc)
-        if not multirun:
-            sys.exit(2)
-        # The job's row in the sweep says what was wrong; the other jobs go on.
-        record.write_summary(run_dir, {"status": "error", "error": str(exc), "steps_done": 0,
-                                       "run_dir": str(run_dir.resolve()), **meta})
-        return
-    for warning in parts.strategy.ignored_switches(config.backward):
+    prepared, _prepared = _prepared, None
+    if prepared is None:  # a sweep's job: it prepares itself, and bad input is its recorded result
+        try:
+            prepared = prepare(cfg, hc)
+        except ConfigError as exc:
+            report_bad_input(exc)
+            record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
+                                                  run_dir=str(run_dir.resolve())))
+            EXIT_CODE = 2 if not multirun else EXIT_CODE
+            return
+    for warning in prepared.training.strategy.ignored_switches(prepared.training.config.backward):
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        outcome = run(parts, run_dir, meta, resume=resume_state)
-    except checkpoint.CheckpointError as exc:
+        outcome = run(prepared.training, prepared.run_dir or run_dir, prepared.summary, resume=prepared.resume)
+    except ConfigError as exc:  # a checkpoint that does not fit the folder it is resumed in
         report_bad_input(exc)
-        sys.exit(2)
+        EXIT_CODE = 2
+        return
     if outcome.status == "error" and not multirun:
-        print(f"error: {outcome.summary['error']}", file=sys.stderr)
-    _print_summary(outcome.summary, multirun)
+        print(f"error: {outcome.summary.error}", file=sys.stderr)
+    print_summary(outcome.summary, multirun)
     if multirun and outcome.status == "interrupted" and in_process_launcher(hc):
-        stop_sweep(run_dir, outcome.exit_code)
-    if not multirun and outcome.exit_code:
-        sys.exit(outcome.exit_code)
+        stop_sweep(run_dir, exit_code(outcome.status, outcome.signum))
+    if not multirun:
+        EXIT_CODE = exit_code(outcome.status, outcome.signum)
 
 
 def in_process_launcher(hc) -> bool:
     return "BasicLauncher" in (hc.launcher.get("_target_", "") if hc.launcher else "")
 
 
-def stop_sweep(run_dir: Path, exit_code: int) -> None:
+def stop_sweep(run_dir: Path, code: int) -> None:
     """Ctrl-C (or SIGTERM) stops the whole sweep, not just its current job: record this job's
     row and the comparison of the jobs so far, then exit 130/143 as a single run does. (Hydra
     skips on_job_end and on_multirun_end once the task exits, hence the explicit calls.)"""
     from runner.compare import append_job_row, summarise_sweep
 
-    sweep_dir = next((p for p in run_dir.resolve().parents if (p / "multirun.yaml").exists()), run_dir.parent)
+    sweep_dir = record.sweep_of(run_dir) or run_dir.parent
     append_job_row(sweep_dir, run_dir)
     summarise_sweep(sweep_dir)
     print(f"sweep stopped: {run_dir.name} was interrupted; the jobs after it did not run", file=sys.stderr)
-    sys.exit(exit_code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """`python -m runner`: Hydra's main, with exit codes as the contract says."""
+    try:
+        main()
+    except SystemExit as exc:
+        # Hydra reports an exception it caught (a composition error) with exit 1; ours never use 1.
+        sys.exit(2 if exc.code == 1 else exc.code)
+    sys.exit(EXIT_CODE)

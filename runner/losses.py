@@ -6,17 +6,21 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 REDUCTIONS = ("none", "mean", "sum")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@runtime_checkable
+class MultiPartLoss(Protocol):
+    """A loss made of named, already-weighted parts that sum to its value (loss_<name> columns;
+    backward=separate backwards them one by one)."""
+
+    def parts(self, outputs, targets) -> Dict[str, torch.Tensor]: ...
 
 
 def check_reduction(reduction: str) -> str:
@@ -152,78 +156,48 @@ class MultiTaskLoss(nn.Module):
         return sum(self.parts(outputs, targets).values())
 
 
-def import_class(path: str):
-    """`package.module.Class` -> the class; a clear ValueError when it cannot be found."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"loss._target_={path} is not an import path like package.module.Class")
-    if str(PROJECT_ROOT) not in sys.path:  # experiments.* imports from any working directory
-        sys.path.append(str(PROJECT_ROOT))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"loss._target_={path}: cannot import module {module_name!r} ({exc})") from None
-    if not hasattr(module, attr):
-        raise ValueError(f"loss._target_={path}: module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)
-
-
-def _bce(cfg, kwargs):
+def _bce(cfg):
     return nn.BCEWithLogitsLoss(reduction=cfg.reduction)
 
 
-def _focal(cfg, kwargs):
+def _focal(cfg):
     return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, reduction=cfg.reduction)
 
 
-def _custom(cfg, kwargs):
-    if not cfg._target_ or cfg._target_ == "???":
-        raise ValueError("loss._target_ is missing: loss=custom needs loss._target_=package.module.Class")
-    cls = import_class(cfg._target_)
-    try:
-        loss = cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"loss._target_={cfg._target_}: cannot build it with {kwargs} ({exc})") from None
-    if not callable(loss):
-        raise ValueError(f"loss._target_={cfg._target_} did not build a callable loss")
-    return loss
-
-
-def _ce(cfg, kwargs):
+def _ce(cfg):
     return nn.CrossEntropyLoss(reduction=cfg.reduction)
 
 
-def _multitask(cfg, kwargs):
+def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
-# name -> builder(loss_cfg, extra_kwargs) -> loss module
-BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask,
-                                 "custom": _custom}
+# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.build)
+BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask}
 # The task kinds (runner.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
         "multitask": {"multitask"}}
 
 
-def build_loss(cfg, kwargs: dict | None = None, spec=None, model_name: str = "?") -> nn.Module:
-    """The loss for `cfg`; given the model's TaskSpec, also checks that the two fit and wraps
-    the loss to score every stage of a chained model."""
+def build_loss(cfg, spec, model_name: str) -> nn.Module:
+    """A built-in loss for `cfg`, checked against what the model predicts (its TaskSpec)."""
     if cfg.name not in BUILDERS:
-        raise ValueError(f"loss={cfg.name} is unknown: expected one of {sorted(BUILDERS)}")
-    if spec is not None and cfg.name in FITS and spec.kind not in FITS[cfg.name]:
+        raise ValueError(f"loss={cfg.name} is unknown: expected one of {sorted([*BUILDERS, 'custom'])}")
+    if spec.kind not in FITS[cfg.name]:
         fitting = sorted(name for name, kinds in FITS.items() if spec.kind in kinds)
         raise ValueError(f"loss={cfg.name} does not fit model={model_name} ({spec.kind} targets): "
                          f"expected loss={' or loss='.join(fitting + ['custom'])}")
-    loss = BUILDERS[cfg.name](cfg, kwargs or {})
-    if spec is not None and spec.stages:
-        loss = PerStage(loss)
-    return loss
+    return BUILDERS[cfg.name](cfg)
+
+
+def per_stage(loss, spec):
+    """Score every stage of a chained model with the loss (the chained answer's l1 and l2)."""
+    return PerStage(loss) if spec.stages else loss
 
 
 def loss_parts(loss_fn, outputs, targets) -> Dict[str, torch.Tensor]:
     """The loss's named components (weighted, summing to the total), or {} for a one-part loss."""
-    parts = getattr(loss_fn, "parts", None)
-    return parts(outputs, targets) if callable(parts) else {}
+    return loss_fn.parts(outputs, targets) if isinstance(loss_fn, MultiPartLoss) else {}
 
 
 def is_sum_reduced(loss_fn) -> bool:

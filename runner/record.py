@@ -1,39 +1,111 @@
-"""What a run leaves behind: metrics.csv, summary.json, params.pt.
+"""The record format: every file a run or a sweep leaves, the summary's keys, and how they are written.
 
-record.py is the only writer of these files; compare.py reads only what is written here.
-Every file that is presented as a result is written atomically (temp file + rename), and
-metrics.csv is appended and flushed row by row, so a killed run leaves a CSV that pandas reads
-up to the last completed step.
+record.py is the only module that spells a record file name or a summary key; every other
+module reads and writes records through it. Files presented as results are written atomically
+(`atomic_path`: a temporary file renamed over the target), so a reader sees the old file or the
+new one, never half of one; metrics.csv is appended and flushed batch by batch, so a killed run
+leaves a CSV that pandas reads up to the last completed step.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import torch
 
+# Per run
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 PARAMS = "params.pt"
+CHECKPOINT = "checkpoint.pt"
+GRADIENT_FLOW = "gradient_flow.csv"
+# Per sweep
+COMPARISON = "comparison.csv"
+LOSS_CURVES = "loss_curves.png"
+SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
 
 # Columns every metrics.csv starts with; loss components and extras follow.
 BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file, then rename: readers see the old file or the new one, never
-    half of one, even if the process is killed. (No fsync: that guards against power loss, not
-    against a killed process, and costs milliseconds per write; checkpoints do fsync.)"""
+@dataclass
+class Summary:
+    """summary.json: the outcome of one run, its costs and what it was (JSON keys = field names)."""
+
+    status: str = "running"  # running | ok | error | diverged | interrupted
+    error: Optional[str] = None
+    hint: Optional[str] = None
+    steps_done: int = 0
+    final_loss: Optional[float] = None
+    eval_metric: Optional[str] = None  # the headline held-out metric's name, and its value
+    eval_value: Optional[float] = None
+    eval: Dict[str, float] = field(default_factory=dict)
+    param_sum: Optional[float] = None  # the sum of all parameters, as the accumulation answer prints it
+    param_sha256: Optional[str] = None  # bit-exact hash of the parameters, in name order
+    param_names: List[str] = field(default_factory=list)
+    peak_saved_bytes: Optional[int] = None  # the saved-tensor meter's peak (runner.memory)
+    cuda_max_memory_allocated: Optional[int] = None
+    wall_s: Optional[float] = None
+    time_per_step_s: Optional[float] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    torch_version: str = torch.__version__
+    seed: Optional[int] = None
+    accumulation: Optional[int] = None
+    params_without_grad: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    run_dir: Optional[str] = None
+    resumed_from_step: Optional[int] = None
+    diverged_at_step: Optional[int] = None
+    training_id: Optional[str] = None  # a hash of the keys that define the training (runner.checkpoint)
+    gradient_flow: List[Dict[str, Any]] = field(default_factory=list)
+    choices: Dict[str, Any] = field(default_factory=dict)  # group -> option (model=mlp, ...)
+    overrides: List[str] = field(default_factory=list)  # as typed on the command line
+    config: Dict[str, Any] = field(default_factory=dict)  # the full composed config
+
+    def metric(self, name: str) -> Optional[float]:
+        """A numeric summary key by name (claims select one, e.g. peak_saved_bytes)."""
+        value = getattr(self, name, None) if name in SUMMARY_KEYS else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+SUMMARY_KEYS = tuple(f.name for f in fields(Summary))
+# Summary keys a comparison row carries, in order (runner.compare adds its own columns around them).
+COMPARED_KEYS = ("status", "final_loss", "eval_metric", "eval_value", "param_sum", "param_sha256",
+                 "peak_saved_bytes", "time_per_step_s", "steps_done", "error")
+
+
+@contextmanager
+def atomic_path(path: Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` when the block succeeds.
+
+    Readers see the old file or the new one, never half of one, even if the process is killed.
+    durable=True also fsyncs before the rename (checkpoints: they must survive a power loss; the
+    other records are cheap to redo and skip the milliseconds an fsync costs).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix: savefig reads it
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _json_safe(value: Any) -> Any:
@@ -47,30 +119,74 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    text = json.dumps(_json_safe(dict(summary)), indent=2, sort_keys=False)
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    text = json.dumps(_json_safe(asdict(summary)), indent=2)
     atomic_write_bytes(Path(run_dir) / SUMMARY, (text + "\n").encode())
 
 
-def read_summary(run_dir: Path) -> dict:
+def has_summary(run_dir: Path) -> bool:
+    return (Path(run_dir) / SUMMARY).exists()
+
+
+def read_summary(run_dir: Path) -> Summary:
+    """summary.json as a Summary; keys this version does not know are left out."""
     with open(Path(run_dir) / SUMMARY) as f:
-        return json.load(f)
+        data = json.load(f)
+    return Summary(**{k: v for k, v in data.items() if k in SUMMARY_KEYS})
 
 
-GRADIENT_FLOW = "gradient_flow.csv"
+def summary_files(base: Path) -> List[Path]:
+    """Every summary.json at or under `base`."""
+    base = Path(base)
+    return [base / SUMMARY] if has_summary(base) else list(base.rglob(SUMMARY))
 
 
-def write_table(run_dir: Path, name: str, rows: list) -> None:
-    """A small CSV written whole and atomically (e.g. gradient_flow.csv)."""
-    import io
+def holds_a_run(run_dir: Path) -> bool:
+    return has_summary(run_dir) or (Path(run_dir) / METRICS).exists()
 
-    if not rows:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
-    atomic_write_bytes(Path(run_dir) / name, buffer.getvalue().encode())
+
+def is_sweep(folder: Path) -> bool:
+    return (Path(folder) / SWEEP_MARKER).exists()
+
+
+def sweep_of(run_dir: Path) -> Optional[Path]:
+    """The sweep folder a job's folder belongs to, or None for a single run."""
+    return next((p for p in Path(run_dir).resolve().parents if is_sweep(p)), None)
+
+
+def sweeps_under(base: Path) -> List[Path]:
+    """Sweep folders at or under `base`, in name order."""
+    base = Path(base)
+    return [base] if is_sweep(base) else sorted(p.parent for p in base.rglob(SWEEP_MARKER))
+
+
+def has_sweep_jobs(sweep_dir: Path) -> bool:
+    return any(Path(sweep_dir).glob(f"*/{SUMMARY}"))
+
+
+def _csv_field(value: Any) -> str:
+    """One CSV field as csv.writer writes it (floats with repr, which round-trips exactly)."""
+    if type(value) is float:
+        return repr(value)
+    if value is None:
+        return ""
+    if type(value) is int:
+        return str(value)
+    text = str(value)
+    if any(ch in text for ch in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: List[str], header: bool = True) -> str:
+    lines = [",".join(_csv_field(c) for c in columns)] if header else []
+    lines += [",".join(_csv_field(row.get(c)) for c in columns) for row in rows]
+    return "".join(line + "\n" for line in lines)
+
+
+def write_gradient_flow(run_dir: Path, rows: List[Dict[str, Any]]) -> None:
+    if rows:
+        atomic_write_bytes(Path(run_dir) / GRADIENT_FLOW, csv_text(rows, list(rows[0])).encode())
 
 
 def named_parameters_in_order(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -94,14 +210,43 @@ def param_sha256(model: torch.nn.Module) -> str:
 
 def write_params(run_dir: Path, model: torch.nn.Module) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    path = Path(run_dir) / PARAMS
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(Path(run_dir) / PARAMS) as tmp:
+        torch.save(state, tmp)
 
 
 def load_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / PARAMS, map_location="cpu", weights_only=True)
+
+
+# ---- checkpoints (their content is runner.checkpoint's; the file is this module's) ---------------
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT
+
+
+def write_checkpoint(run_dir: Path, state: Dict[str, Any]) -> None:
+    with atomic_path(checkpoint_path(run_dir), durable=True) as tmp:
+        torch.save(state, tmp)
+
+
+def metrics_size(run_dir: Path) -> int:
+    path = Path(run_dir) / METRICS
+    return path.stat().st_size if path.exists() else 0
+
+
+def truncate_metrics(run_dir: Path, size: int) -> None:
+    """Drop the rows written after `size` bytes (a resumed run writes them again)."""
+    if metrics_size(run_dir) > size:
+        with open(Path(run_dir) / METRICS, "r+b") as f:
+            f.truncate(size)
+
+
+def read_metrics(run_dir: Path):
+    """metrics.csv as a pandas DataFrame, or None when the run wrote none (pandas imported here)."""
+    import pandas as pd
+
+    path = Path(run_dir) / METRICS
+    return pd.read_csv(path) if path.exists() else None
 
 
 class MetricsWriter:
@@ -112,20 +257,16 @@ class MetricsWriter:
         self.columns = list(BASE_COLUMNS) + [c for c in extra_columns if c not in BASE_COLUMNS]
         exists = append and self.path.exists()
         self._file = open(self.path, "a" if exists else "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore",
-                                      lineterminator="\n")
         if not exists:
-            self._writer.writeheader()
+            self._file.write(csv_text([], self.columns))
             self._file.flush()
 
     def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        # Formatted by hand (numbers need no CSV quoting; this runs once per step on a CPU).
-        text = "".join(",".join([_csv_field(row.get(c, "")) for c in self.columns]) + "\n" for row in rows)
         # The batch goes to the OS in one write, so a SIGKILL leaves whole rows only (row by row,
         # a buffer filling up mid-row could reach the file as half a row). flush, not fsync: a
         # killed process loses nothing the OS already has, and an fsync per step would cost
         # more than a small training step.
-        self._file.write(text)
+        self._file.write(csv_text(rows, self.columns, header=False))
         self._file.flush()
 
     def position(self) -> int:
@@ -137,19 +278,33 @@ class MetricsWriter:
             self._file.close()
 
 
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return value
+# ---- sweeps --------------------------------------------------------------------------------------
+
+def read_comparison_rows(sweep_dir: Path) -> List[Dict[str, str]]:
+    path = Path(sweep_dir) / COMPARISON
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def _csv_field(value: Any) -> str:
-    """One CSV field as csv.writer writes it (floats with repr, which round-trips exactly)."""
-    if type(value) is float:
-        return repr(value)
-    if type(value) is int or value is None:
-        return "" if value is None else str(value)
-    text = str(value)
-    if any(ch in text for ch in ',"\r\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
+def append_comparison_row(sweep_dir: Path, columns: List[str], row: Mapping[str, Any]) -> None:
+    """Add one job's row to comparison.csv, rewriting the file atomically (a sweep has few rows)."""
+    rows = [r for r in read_comparison_rows(sweep_dir)] + [dict(row)]
+    atomic_write_bytes(Path(sweep_dir) / COMPARISON, csv_text(rows, columns).encode())
+
+
+def write_comparison(sweep_dir: Path, table) -> None:
+    """The sweep's full comparison (a pandas DataFrame)."""
+    write_table_csv(table, Path(sweep_dir) / COMPARISON)
+
+
+def write_table_csv(table, path: Path) -> None:
+    atomic_write_bytes(Path(path), table.to_csv(index=False).encode())
+
+
+def save_figure(figure, sweep_dir: Path, dpi: int = 110) -> Path:
+    path = Path(sweep_dir) / LOSS_CURVES
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=dpi)
+    return path

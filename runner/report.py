@@ -15,14 +15,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from runner import claims as claim_checks, compare, record
-
-
-def sweep_dirs(base: Path) -> List[Path]:
-    """Folders holding a sweep (multirun.yaml), in name order; `base` itself if it is one."""
-    if (base / "multirun.yaml").exists():
-        return [base]
-    return sorted(p.parent for p in base.rglob("multirun.yaml"))
+from runner import compare, record
+from runner.claims import sweep_verdicts
+from runner.runs import find_runs
 
 
 def machine() -> str:
@@ -39,19 +34,17 @@ def build_report(base: Path) -> tuple[str, bool]:
              "Verdicts compare final parameters with the reference run: identical (same bytes), "
              "equivalent (within the dtype's tolerance, named in each claim), differs, error.", ""]
     all_hold = True
-    for sweep in sweep_dirs(base):
-        runs = compare.find_runs([sweep])
+    for sweep in record.sweeps_under(base):
+        runs = find_runs([sweep])
         if not runs:
             continue
-        claims = claim_checks.claims_of(runs)
-        results = claim_checks.evaluate_claims(claims, runs)
-        failed = claim_checks.unexpected_failures(runs, claims)
-        all_hold = all_hold and all(r.holds for r in results) and not failed
-        held = sum(r.holds for r in results)
-        lines += [f"## {sweep.name}", "", f"{len(runs)} runs; {held}/{len(results)} claims hold"
-                  + (f"; {len(failed)} unexpected failures" if failed else "") + ".", ""]
-        table = compare.build_table(runs, compare.pick_reference(runs))
-        lines.append(compare.to_markdown(table, results))
+        verdicts = sweep_verdicts(runs)
+        all_hold = all_hold and verdicts.exit_code == 0
+        held = sum(c.holds for c in verdicts.claims)
+        lines += [f"## {sweep.name}", "", f"{len(runs)} runs; {held}/{len(verdicts.claims)} claims hold"
+                  + (f"; {len(verdicts.failed)} unexpected failures" if verdicts.failed else "") + ".", ""]
+        table = compare.build_table(runs, verdicts.reference)
+        lines.append(compare.to_markdown(table, verdicts.claims))
     return "\n".join(lines) + "\n", all_hold
 
 

@@ -1,18 +1,40 @@
-"""Structured configs: the types and defaults of every config key.
+"""Structured configs: the types, defaults and roles of every config key.
 
 Registered in Hydra's ConfigStore as `base_config`, the first entry of conf/config.yaml's defaults
 list, so each group option (conf/model/*.yaml, ...) merges into a typed node: a wrong type or an
 unknown enum value fails during composition with Hydra's message naming the key. Range checks
 that types cannot express live in `validate()`, which runs before anything is written.
 
+`backward.*` is not declared here: it is `name` plus the options every strategy declares with
+itself (runner.strategies), so a new strategy with a new option is one class and one YAML file.
+
+Each key declares its role once, as field metadata (see `Role`); resume, checkpoints and the
+comparison read the roles instead of keeping their own lists of keys.
+
 The dataclasses are plain Python: a notebook can build `Config(...)` and call
-`runner.parts.build_parts` without Hydra.
+`runner.build.build_training` without Hydra.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from runner.strategies import STRATEGIES
+
+
+class Role(str, Enum):
+    """What a key means for a run's identity."""
+
+    training = "training"  # defines the training: a resume keeps the run's value; comparisons show it
+    extent = "extent"  # how long or where it runs: a resume may change it; comparisons show it
+    operational = "operational"  # changes no result (logging, threads, ...): resumes and comparisons ignore it
+
+
+def key(default: Any = MISSING, role: Role = Role.training, **kwargs) -> Any:
+    """A dataclass field with its role; `default_factory` passes through."""
+    return field(default=default, metadata={"role": role}, **kwargs)
 
 
 class Device(str, Enum):
@@ -32,15 +54,15 @@ class Reduction(str, Enum):
     sum = "sum"
 
 
-class Scale(str, Enum):
-    size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
-    mean = "mean"  # divide by the number of micro-batches, as common frameworks do
-
-
 class MemoryMeter(str, Enum):
     first = "first"  # measure the first optimizer step only (shapes do not change)
     every = "every"
     off = "off"
+
+
+def plain(value: Any) -> Any:
+    """An enum member from a structured config -> its plain value (the one helper for it)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 @dataclass
@@ -76,14 +98,21 @@ class LossConf:
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
-@dataclass
-class BackwardConf:
-    name: str = "full"
-    accumulation: int = 1  # micro-batches per optimizer step
-    scale: Scale = Scale.size
-    step_per_task: bool = False  # separate: step the optimizer after each task's backward
-    reforward: bool = False  # separate: run the forward again after each step
-    joint: bool = False  # chained: the stage-2 optimizer owns both stages' parameters
+def _backward_conf() -> type:
+    """backward.*: `name` and the union of the options every registered strategy declares
+    (two strategies that read one key must declare it alike)."""
+    declared: Dict[str, Tuple[str, Any, Any]] = {}
+    for strategy in STRATEGIES.values():
+        hints = typing.get_type_hints(strategy.Options)
+        for f in fields(strategy.Options):
+            spec = (f.name, hints[f.name], f.default)
+            if declared.setdefault(f.name, spec) != spec:
+                raise TypeError(f"backward.{f.name} is declared differently by backward={strategy.name}")
+    return make_dataclass("BackwardConf", [("name", str, field(default="full"))] +
+                          [(name, kind, field(default=default)) for name, kind, default in declared.values()])
+
+
+BackwardConf = _backward_conf()
 
 
 @dataclass
@@ -97,19 +126,20 @@ class OptimConf:
 
 @dataclass
 class TrainerConf:
-    steps: int = 100
-    device: Device = Device.auto
+    steps: int = key(100, Role.extent)
+    device: Device = key(Device.auto, Role.extent)
     dtype: DType = DType.float32
     deterministic: bool = False
     # Rows are buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on CUDA)
     # so that logging never forces a host-device sync per step on a GPU.
-    log_every: int = 0
-    memory: MemoryMeter = MemoryMeter.first
-    progress: bool = True  # a rich progress bar when stdout is a terminal
-    eval: bool = True
-    threads: int = 0  # torch intra-op threads; 0 = torch's default (set 1 for parallel sweep jobs)
-    checkpoint_every: int = 0
-    resume: Optional[str] = None
+    log_every: int = key(0, Role.operational)
+    memory: MemoryMeter = key(MemoryMeter.first, Role.operational)
+    progress: bool = key(True, Role.operational)  # a rich progress bar when stdout is a terminal
+    eval: bool = key(True, Role.extent)
+    # torch intra-op threads; 0 = torch's default (set 1 for parallel sweep jobs)
+    threads: int = key(0, Role.operational)
+    checkpoint_every: int = key(0, Role.operational)
+    resume: Optional[str] = key(None, Role.operational)
 
 
 @dataclass
@@ -121,8 +151,32 @@ class Config:
     optim: OptimConf = field(default_factory=OptimConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
-    # Declared expectations of a sweep (see runner.compare); ignored by single runs.
-    claims: List[Any] = field(default_factory=list)
+    # Declared expectations of a sweep (see runner.claims); ignored by single runs.
+    claims: List[Any] = key(role=Role.operational, default_factory=list)
+
+
+# Which group a choice (model=cnn) picks for; the option's `name` repeats the choice.
+GROUPS = ("model", "data", "loss", "backward", "optim")
+
+
+def keys_with_roles(*roles: Role, node: type = Config, prefix: str = "") -> Iterator[str]:
+    """Dotted keys (leaves) whose declared role is one of `roles`."""
+    hints = typing.get_type_hints(node)
+    for f in fields(node):
+        if is_dataclass(hints[f.name]):
+            yield from keys_with_roles(*roles, node=hints[f.name], prefix=f"{prefix}{f.name}.")
+        elif f.metadata.get("role", Role.training) in roles:
+            yield prefix + f.name
+
+
+def ignored_by_comparison() -> Tuple[str, ...]:
+    """Keys that never make two runs different experiments."""
+    return tuple(keys_with_roles(Role.operational))
+
+
+def resume_may_change() -> Tuple[str, ...]:
+    """Keys a resumed run may set anew; every other key is the run's own."""
+    return tuple(keys_with_roles(Role.extent, Role.operational))
 
 
 class ConfigError(ValueError):
@@ -159,11 +213,41 @@ def validate(cfg: Config) -> None:
         (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
          cfg.trainer.checkpoint_every, ">= 0 (0 = no checkpoints)"),
     ]
-    for ok, key, value, allowed in checks:
+    for ok, dotted, value, allowed in checks:
         if not ok:
-            raise ConfigError(f"{key}={value} is not allowed: expected {allowed}")
+            raise ConfigError(f"{dotted}={value} is not allowed: expected {allowed}")
     if cfg.loss.reduction == Reduction.none:
         raise ConfigError("loss.reduction=none is not allowed for training: expected mean or sum")
+
+
+def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any]) -> Any:
+    """Build a `_target_` (loss._target_, and later model._target_) with hydra.utils.instantiate.
+
+    Import errors and constructor errors become one ConfigError naming the key. The target is
+    imported as Python imports anything: a module of the working directory works under
+    `python -m`, installed packages from anywhere (nothing edits sys.path).
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate as hydra_instantiate
+
+    if not target or target == "???":
+        raise ConfigError(f"{dotted} is missing: expected {dotted}=package.module.Class")
+    try:
+        get_object(target)
+    except Exception as exc:  # ImportError, or Hydra's wrapper of it
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{dotted}={target}: cannot import it ({_first_line(cause)})") from None
+    try:
+        return hydra_instantiate({"_target_": target, **kwargs}, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{dotted}={target}: cannot build it with {kwargs} "
+                          f"({type(cause).__name__}: {_first_line(cause)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def register() -> None:

@@ -1,19 +1,46 @@
 """Backward strategies: the only code that calls backward() or optimizer.step().
 
-A strategy is one small class registered by name; adding one is a class here plus a YAML file in
-conf/backward/. `step()` runs one optimizer step on one batch and returns detached tensors only
-(no .item(): on a GPU the loop reads them back in batches, never once per step).
+A strategy is one small class registered by name, declaring the backward.* options it reads as
+its own `Options` dataclass (the config schema is built from them); adding one, with new options
+or not, is a class here plus a YAML file in conf/backward/. `step()` runs one optimizer step on
+one batch and returns detached tensors only (no .item(): on a GPU the loop reads them back in
+batches, never once per step). What a strategy needs from a model or a loss beyond
+`model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
+TwoStageModel here; MultiPartLoss in runner.losses).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from runner.data import micro_batches
-from runner.losses import is_sum_reduced, loss_parts
+from runner.losses import MultiPartLoss, is_sum_reduced, loss_parts
+
+
+class Scale(str, Enum):
+    size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
+    mean = "mean"  # divide by the number of micro-batches, as common frameworks do
+
+
+@runtime_checkable
+class SharedTrunk(Protocol):
+    """A multi-task model whose heads share parameters (separate records the tasks' gradient cosine)."""
+
+    def shared_parameters(self) -> List[nn.Parameter]: ...
+
+
+@runtime_checkable
+class TwoStageModel(Protocol):
+    """Two chained models: stage 2 consumes stage 1's output, detached or not."""
+
+    stage1: nn.Module
+    stage2: nn.Module
+
+    def __call__(self, inputs: torch.Tensor, detach: bool = False) -> Dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -25,7 +52,11 @@ class StepResult:
 
 
 class StrategyMismatch(ValueError):
-    """The strategy does not fit the chosen model or loss."""
+    """The strategy does not fit the chosen model or loss (`misfit`), or a value of its own."""
+
+    def __init__(self, reason: str, misfit: Optional[str] = None):
+        super().__init__(reason)
+        self.misfit = misfit  # "model", "loss" or None (the message names the key itself)
 
 
 def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
@@ -55,12 +86,13 @@ class Strategy:
     name = "strategy"
     # A one-line hint shown with an error this strategy is known to provoke.
     hint = ""
-    # The backward.* switches this strategy reads; others are ignored with a warning.
-    options: tuple = ()
-    SWITCHES = {"step_per_task": "separate", "reforward": "separate", "joint": "naive, retain_graph or detach"}
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    @dataclass
+    class Options:
+        """The backward.* keys this strategy reads (besides backward.name)."""
+
+    def __init__(self, options: "Strategy.Options"):
+        self.options = options
 
     @property
     def accumulation(self) -> int:
@@ -71,15 +103,17 @@ class Strategy:
         """One list of parameters per optimizer the strategy steps."""
         return [list(model.parameters())]
 
-    def check(self, model: nn.Module, loss_fn, cfg) -> None:
-        """Raise StrategyMismatch when the strategy does not fit the model or loss."""
+    def check(self, model: nn.Module, loss_fn, batch_size: int) -> None:
+        """Raise StrategyMismatch when the strategy does not fit the model, loss or batch size."""
 
-    def ignored_switches(self, cfg) -> List[str]:
+    def ignored_switches(self, backward_conf) -> List[str]:
         """Switches set for another strategy. Like `full` ignoring backward.accumulation, they are
         ignored (with a warning) so that one sweep can cross strategies with every switch."""
-        return [f"backward.{switch}=true is ignored by backward={self.name}: it applies to backward={fits}"
-                for switch, fits in self.SWITCHES.items()
-                if getattr(cfg, switch) and switch not in self.options]
+        mine = {f.name for f in fields(self.Options)}
+        return [f"backward.{switch}=true is ignored by backward={self.name}: it applies to backward="
+                + " or ".join(readers_of(switch))
+                for switch in sorted(readers_by_option())
+                if switch not in mine and getattr(backward_conf, switch, None) is True]
 
     def forward(self, model: nn.Module, inputs):
         """The forward pass as this strategy runs it (the gradient-flow table replays it)."""
@@ -110,6 +144,19 @@ def register(cls):
     return cls
 
 
+def readers_by_option() -> Dict[str, List[str]]:
+    """backward.* option -> the strategies that read it (from their declared Options)."""
+    readers: Dict[str, List[str]] = {}
+    for name, cls in STRATEGIES.items():
+        for f in fields(cls.Options):
+            readers.setdefault(f.name, []).append(name)
+    return readers
+
+
+def readers_of(option: str) -> List[str]:
+    return readers_by_option().get(option, [])
+
+
 @register
 class Full(Strategy):
     """One forward and one backward over the whole batch."""
@@ -127,16 +174,19 @@ class Full(Strategy):
 class MicroBatched(Strategy):
     """Shared by the strategies that split the batch into `backward.accumulation` micro-batches."""
 
+    @dataclass
+    class Options:
+        accumulation: int = 1  # micro-batches per optimizer step
+        scale: Scale = Scale.size
+
     @property
     def accumulation(self) -> int:
-        return self.cfg.accumulation
+        return self.options.accumulation
 
-    def check(self, model, loss_fn, cfg) -> None:
-        super().check(model, loss_fn, cfg)
-        batch_size = cfg.data.batch_size
-        if self.cfg.accumulation > batch_size:
+    def check(self, model, loss_fn, batch_size: int) -> None:
+        if self.accumulation > batch_size:
             raise StrategyMismatch(
-                f"backward.accumulation={self.cfg.accumulation} is not allowed with backward={self.name}: "
+                f"backward.accumulation={self.accumulation} is not allowed with backward={self.name}: "
                 f"expected at most data.batch_size ({batch_size})")
 
     def weighted(self, loss_fn, inputs, targets):
@@ -146,8 +196,7 @@ class MicroBatched(Strategy):
         the weighted sum is the full-batch mean exactly; a sum-reduced loss is already additive
         over examples and is added unweighted.
         """
-        scale = getattr(self.cfg.scale, "value", self.cfg.scale)
-        for mb in micro_batches(inputs, targets, self.cfg.accumulation, scale):
+        for mb in micro_batches(inputs, targets, self.accumulation, self.options.scale):
             yield mb, (1.0 if is_sum_reduced(loss_fn) else mb.weight)
 
 
@@ -210,34 +259,36 @@ class Separate(Strategy):
     """
 
     name = "separate"
-    options = ("step_per_task", "reforward")
     hint = ("optimizer.step() changed weights that the retained graph still needs: step once after "
             "all task backwards (backward.step_per_task=false), re-run the forward after each step "
             "(backward.reforward=true), or backward the summed loss")
 
-    def check(self, model, loss_fn, cfg) -> None:
-        super().check(model, loss_fn, cfg)
-        if not callable(getattr(loss_fn, "parts", None)):
-            raise StrategyMismatch(
-                f"backward=separate does not fit loss={cfg.loss.name} on model={cfg.model.name}: it needs "
-                "a loss made of parts (loss=multitask with model=multitask, or any loss on model=two_stage)")
+    @dataclass
+    class Options:
+        step_per_task: bool = False  # step the optimizer after each task's backward
+        reforward: bool = False  # run the forward again after each step (so also step per task)
+
+    def check(self, model, loss_fn, batch_size: int) -> None:
+        if not isinstance(loss_fn, MultiPartLoss):
+            raise StrategyMismatch("it needs a loss made of parts (loss=multitask with model=multitask, "
+                                   "or any loss on model=two_stage)", misfit="loss")
 
     @property
     def steps_per_task(self) -> bool:
-        return self.cfg.step_per_task or self.cfg.reforward
+        return self.options.step_per_task or self.options.reforward
 
     def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
-        shared = model.shared_parameters() if hasattr(model, "shared_parameters") else []
+        shared = model.shared_parameters() if isinstance(model, SharedTrunk) else []
         self.zero_grad(optimizers)
         parts = loss_fn.parts(model(inputs), targets)
         names = list(parts)
         values, task_grads, norms = {}, {}, []
         for i, name in enumerate(names):
-            if i > 0 and self.cfg.reforward:
+            if i > 0 and self.options.reforward:
                 parts = loss_fn.parts(model(inputs), targets)  # a fresh graph on the stepped weights
             before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in shared]
             last = i == len(names) - 1
-            parts[name].backward(retain_graph=not last and not self.cfg.reforward)
+            parts[name].backward(retain_graph=not last and not self.options.reforward)
             values[name] = parts[name].detach()
             task_grads[name] = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
                                 for p, b in zip(shared, before)]
@@ -260,19 +311,20 @@ class Chained(Strategy):
     stage-1 loss, step stage 1. Optimizer 1 owns stage 1; optimizer 2 owns stage 2, or both
     stages with backward.joint=true (the answer's itertools.chain caveat)."""
 
-    options = ("joint",)
     retain_graph = False
     detach = False
 
-    def check(self, model, loss_fn, cfg) -> None:
-        super().check(model, loss_fn, cfg)
-        if not (hasattr(model, "stage1") and hasattr(model, "stage2")):
-            raise StrategyMismatch(f"backward={self.name} does not fit model={cfg.model.name}: "
-                                   "it needs two chained models (model=two_stage)")
+    @dataclass
+    class Options:
+        joint: bool = False  # the stage-2 optimizer owns both stages' parameters
+
+    def check(self, model, loss_fn, batch_size: int) -> None:
+        if not isinstance(model, TwoStageModel):
+            raise StrategyMismatch("it needs two chained models (model=two_stage)", misfit="model")
 
     def param_groups(self, model: nn.Module) -> List[List[nn.Parameter]]:
         stage1, stage2 = list(model.stage1.parameters()), list(model.stage2.parameters())
-        return [stage1, stage1 + stage2 if self.cfg.joint else stage2]
+        return [stage1, stage1 + stage2 if self.options.joint else stage2]
 
     def forward(self, model, inputs):
         return model(inputs, detach=self.detach)
@@ -312,7 +364,9 @@ class Detach(Chained):
     detach = True
 
 
-def build_strategy(cfg) -> Strategy:
-    if cfg.name not in STRATEGIES:
-        raise ValueError(f"backward={cfg.name} is unknown: expected one of {sorted(STRATEGIES)}")
-    return STRATEGIES[cfg.name](cfg)
+def build_strategy(backward_conf) -> Strategy:
+    """The strategy `backward.name` picks, given the backward.* options it declares."""
+    cls = STRATEGIES.get(backward_conf.name)
+    if cls is None:
+        raise ValueError(f"backward={backward_conf.name} is unknown: expected one of {sorted(STRATEGIES)}")
+    return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}))

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from runner import record
-from runner.parts import build_parts
+from runner.build import build_training
 from runner.schema import Config
 from runner.train import run
 
@@ -38,10 +39,10 @@ def train(tmp_path: Path, loss_kwargs=None, **overrides):
     """Run in-process; returns (summary, final parameters by name, run_dir)."""
     run_dir = tmp_path / f"run{next(_counter)}"
     run_dir.mkdir(parents=True)
-    parts = build_parts(make_config(**overrides), loss_kwargs)
-    outcome = run(parts, run_dir)
-    params = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
-    return outcome.summary, params, run_dir
+    training = build_training(make_config(**overrides), loss_kwargs)
+    outcome = run(training, run_dir)
+    params = {n: p.detach().clone() for n, p in training.model.named_parameters()}
+    return asdict(outcome.summary), params, run_dir
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -62,6 +63,6 @@ def run_cli(*args, cwd=None, timeout=120, env_extra=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def read_summary():
-    return record.read_summary
+def read_summary(run_dir) -> dict:
+    """summary.json as a user reads it."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -16,8 +16,10 @@ def test_quick_bench_reports_every_ratio(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
     rows = list(csv.DictReader(open(tmp_path / "b.csv")))
     kinds = [r["benchmark"] for r in rows]
-    # mlp/cnn x full/accumulate, each against the bare and the recording hand-written loop
-    assert kinds.count("step") == 8 and kinds.count("cold start") == 1 and kinds.count("memory") == 8
+    # mlp/cnn x full/accumulate, each against the bare loop, the answer's loop as written and the
+    # loop recording what the runner records
+    assert kinds.count("step") == 12 and kinds.count("cold start") == 1 and kinds.count("memory") == 8
+    assert sum("as written" in r["case"] for r in rows) == 4
     for row in rows:
         assert float(row["runner"]) > 0 and float(row["baseline"]) > 0
     assert all(r["result"].startswith("ratio") for r in rows if r["benchmark"] == "step")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.losses import FocalLoss, softmax_focal_loss
-from runner.parts import build_parts
+from runner.build import build_training
 from tests.conftest import make_config, max_abs_diff, run_cli, train
 
 CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,
@@ -53,14 +53,14 @@ def test_runner_matches_the_chained_answers_loop(tmp_path, style):
     strategy = style.replace("_joint", "")
     expected = train(tmp_path, **CHAIN, trainer__steps=steps, backward__name=strategy,
                      backward__joint=joint)[1]
-    parts = build_parts(make_config(**CHAIN))
-    model1, model2 = parts.model.stage1, parts.model.stage2
+    training = build_training(make_config(**CHAIN))
+    model1, model2 = training.model.stage1, training.model.stage2
     optimizer1 = torch.optim.Adam(model1.parameters(), lr=0.001, betas=(0.5, 0.999))
     optimizer2 = torch.optim.Adam(itertools.chain(model1.parameters(), model2.parameters()) if joint
                                   else model2.parameters(), lr=0.001, betas=(0.5, 0.999))
     loss = torch.nn.CrossEntropyLoss()
     for i in range(steps):
-        data, label = parts.dataset.batch(i)
+        data, label = training.dataset.batch(i)
         a = model1(data)
         b = model2(a.detach() if strategy == "detach" else a)
         l1 = loss(a, label)
@@ -71,7 +71,7 @@ def test_runner_matches_the_chained_answers_loop(tmp_path, style):
         optimizer1.zero_grad()
         l1.backward()
         optimizer1.step()
-    for name, p in parts.model.named_parameters():
+    for name, p in training.model.named_parameters():
         torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=0)
 
 

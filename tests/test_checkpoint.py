@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from runner import checkpoint
-from runner.parts import build_parts
+from runner.build import build_training
 from runner.train import run
-from tests.conftest import make_config, run_cli
+from tests.conftest import make_config, read_summary, run_cli
 
 
 @pytest.mark.parametrize("overrides", [
@@ -20,19 +20,19 @@ from tests.conftest import make_config, run_cli
 ])
 def test_resume_is_exact_in_process(tmp_path, overrides):
     config = dict(trainer__steps=12, trainer__checkpoint_every=5, **overrides)
-    whole = run(build_parts(make_config(**config)), tmp_path / "whole")
+    whole = run(build_training(make_config(**config)), tmp_path / "whole")
     assert whole.status == "ok"
     # Stop after 7 steps, leaving the checkpoint of step 5 and two rows after it.
     (tmp_path / "part").mkdir()
-    first = run(build_parts(make_config(**{**config, "trainer__steps": 7})), tmp_path / "part")
+    first = run(build_training(make_config(**{**config, "trainer__steps": 7})), tmp_path / "part")
     assert first.status == "ok"
     state = checkpoint.load(tmp_path / "part")
     assert state["step"] == 5
     # A fresh process would seed differently before resuming: disturb the RNG on purpose.
     torch.manual_seed(12345)
-    resumed = run(build_parts(make_config(**config)), tmp_path / "part", resume=state)
-    assert resumed.status == "ok" and resumed.summary["resumed_from_step"] == 5
-    assert resumed.summary["param_sha256"] == whole.summary["param_sha256"]
+    resumed = run(build_training(make_config(**config)), tmp_path / "part", resume=state)
+    assert resumed.status == "ok" and resumed.summary.resumed_from_step == 5
+    assert resumed.summary.param_sha256 == whole.summary.param_sha256
     rows = (tmp_path / "part" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
     times = [float(r.split(",")[4]) for r in rows[1:]]
@@ -42,41 +42,41 @@ def test_resume_is_exact_in_process(tmp_path, overrides):
 def test_resuming_a_different_training_is_refused(tmp_path):
     config = dict(trainer__steps=4, trainer__checkpoint_every=2)
     (tmp_path / "a").mkdir()
-    run(build_parts(make_config(**config)), tmp_path / "a")
+    run(build_training(make_config(**config)), tmp_path / "a")
     state = checkpoint.load(tmp_path / "a")
-    other = build_parts(make_config(**config, backward__name="accumulate", backward__accumulation=2))
+    other = build_training(make_config(**config, backward__name="accumulate", backward__accumulation=2))
     with pytest.raises(checkpoint.CheckpointError, match="different backward"):
         run(other, tmp_path / "a", resume=state)
 
 
 def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
     tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=2)
-    run(build_parts(make_config(trainer__steps=5, **tiny)), tmp_path / "a")
+    run(build_training(make_config(trainer__steps=5, **tiny)), tmp_path / "a")
     state = checkpoint.load(tmp_path / "a")
     assert state["step"] == 4
     with pytest.raises(checkpoint.CheckpointError, match="already finished its 5 steps"):
-        run(build_parts(make_config(trainer__steps=5, **tiny)), tmp_path / "a", resume=state)
+        run(build_training(make_config(trainer__steps=5, **tiny)), tmp_path / "a", resume=state)
     with pytest.raises(checkpoint.CheckpointError, match="trainer.steps=3 is below the checkpoint's step 4"):
-        run(build_parts(make_config(trainer__steps=3, **tiny)), tmp_path / "a", resume=state)
+        run(build_training(make_config(trainer__steps=3, **tiny)), tmp_path / "a", resume=state)
     # A checkpoint copied into another run's folder belongs to another run.
-    run(build_parts(make_config(trainer__steps=5, seed=1, **tiny)), tmp_path / "b")
+    run(build_training(make_config(trainer__steps=5, seed=1, **tiny)), tmp_path / "b")
     with pytest.raises(checkpoint.CheckpointError, match="belongs to another run"):
-        run(build_parts(make_config(trainer__steps=9, **tiny)), tmp_path / "b", resume=state)
+        run(build_training(make_config(trainer__steps=9, **tiny)), tmp_path / "b", resume=state)
     # A metrics.csv cut shorter than at the checkpoint cannot be continued.
     metrics = tmp_path / "a" / "metrics.csv"
     metrics.write_bytes(metrics.read_bytes()[:state["metrics_bytes"] - 10])
     with pytest.raises(checkpoint.CheckpointError, match="metrics.csv is shorter"):
-        run(build_parts(make_config(trainer__steps=9, **tiny)), tmp_path / "a", resume=state)
+        run(build_training(make_config(trainer__steps=9, **tiny)), tmp_path / "a", resume=state)
 
 
 def test_a_finished_run_can_be_extended_exactly(tmp_path):
     tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=3)
-    run(build_parts(make_config(trainer__steps=7, **tiny)), tmp_path / "short")
-    longer = run(build_parts(make_config(trainer__steps=11, **tiny)), tmp_path / "short",
+    run(build_training(make_config(trainer__steps=7, **tiny)), tmp_path / "short")
+    longer = run(build_training(make_config(trainer__steps=11, **tiny)), tmp_path / "short",
                  resume=checkpoint.load(tmp_path / "short"))
-    whole = run(build_parts(make_config(trainer__steps=11, **tiny)), tmp_path / "whole")
-    assert longer.summary["resumed_from_step"] == 6
-    assert longer.summary["param_sha256"] == whole.summary["param_sha256"]
+    whole = run(build_training(make_config(trainer__steps=11, **tiny)), tmp_path / "whole")
+    assert longer.summary.resumed_from_step == 6
+    assert longer.summary.param_sha256 == whole.summary.param_sha256
 
 
 def _make_checkpointed_run(tmp_path):
@@ -121,3 +121,38 @@ class _Evil:
 def _mark_unpickled():
     _Evil.unpickled = True
     return None
+
+
+RESUMED = ["model=cnn", "backward=accumulate", "backward.accumulation=2", "data.train_size=256",
+           "data.eval_size=32", "trainer.checkpoint_every=4", "seed=3"]
+
+
+def test_resume_with_the_runs_own_overrides_repeated_is_exact(tmp_path):
+    """A user repeats the command and appends the resume (raising trainer.steps, which a resume
+    may change): the run continues bit for bit as if it had never stopped."""
+    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'run'}")
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli(*RESUMED, "trainer.steps=10", f"trainer.resume={tmp_path / 'run'}")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = run_cli(*RESUMED, "trainer.steps=10", f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    a, b = read_summary(tmp_path / "run"), read_summary(tmp_path / "whole")
+    assert a["resumed_from_step"] == 4 and a["steps_done"] == 10
+    assert a["param_sha256"] == b["param_sha256"]
+    assert a["overrides"] == [*RESUMED, "trainer.steps=6"]  # the run's own record stays
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("backward.accumulation=4", "backward.accumulation=2, this command backward.accumulation=4"),
+    ("model=mlp", "model=cnn, this command model=mlp"),
+    ("seed=4", "seed=3, this command seed=4"),
+])
+def test_resume_refuses_an_override_that_differs_naming_both_values(tmp_path, override, needle):
+    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'run'}")
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "run" / "summary.json").read_text()
+    result = run_cli(*RESUMED, override, "trainer.steps=10", f"trainer.resume={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "run" / "summary.json").read_text() == before

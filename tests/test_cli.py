@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runner import record
-from tests.conftest import run_cli
+from tests.conftest import read_summary, run_cli
 
 
 def only_run_dir(base):
@@ -53,7 +53,7 @@ def test_default_run_from_another_directory_writes_every_record(tmp_path):
 def test_focal_with_accumulate(tmp_path):
     result = run_cli("loss=focal", "backward=accumulate", "backward.accumulation=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    summary = record.read_summary(only_run_dir(tmp_path))
+    summary = read_summary(only_run_dir(tmp_path))
     assert summary["status"] == "ok" and summary["accumulation"] == 4
     assert summary["config"]["loss"]["gamma"] == 2.0
     assert summary["overrides"] == ["loss=focal", "backward=accumulate", "backward.accumulation=4"]
@@ -74,8 +74,9 @@ def test_focal_with_accumulate(tmp_path):
     (["loss=custom"], "loss._target_"),
 ])
 def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, args, needle):
+    """Our range checks and Hydra's own composition errors (unknown option, wrong type) alike."""
     result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "outputs").exists()
@@ -106,7 +107,7 @@ def test_non_differentiable_custom_loss_fails_before_training(tmp_path, cls, why
     assert "not differentiable" in result.stderr and why in result.stderr
     assert "Traceback" not in result.stderr
     run_dir = only_run_dir(tmp_path)
-    summary = record.read_summary(run_dir)
+    summary = read_summary(run_dir)
     assert summary["status"] == "error" and summary["steps_done"] == 0
     assert not (run_dir / "metrics.csv").exists() and not (run_dir / "params.pt").exists()
 
@@ -115,12 +116,12 @@ def test_custom_loss_arguments(tmp_path):
     result = run_cli("loss=custom", "loss._target_=tests.custom_losses.ScaledBCE", "+loss.scale=2.0",
                      "trainer.steps=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    scaled = record.read_summary(only_run_dir(tmp_path))
+    scaled = read_summary(only_run_dir(tmp_path))
     assert scaled["config"]["loss"]["scale"] == 2.0
     (tmp_path / "plain").mkdir()
     plain = run_cli("trainer.steps=5", cwd=tmp_path / "plain")
     assert plain.returncode == 0
-    first_loss = record.read_summary(only_run_dir(tmp_path / "plain"))
+    first_loss = read_summary(only_run_dir(tmp_path / "plain"))
     # Step 1's loss is the same BCE, doubled.
     import pandas as pd
 
@@ -136,3 +137,56 @@ def test_training_path_does_not_import_pandas_or_matplotlib(tmp_path):
                 if line.startswith("import time:")}
     assert "torch" in imported and "hydra" in imported
     assert not imported & {"pandas", "matplotlib"}
+
+
+@pytest.mark.parametrize("target,needle,hint", [
+    # a wrong call signature: Identity takes one input, a loss is called with two
+    ("torch.nn.Identity", "raised TypeError", None),
+    # the accumulation answer's own loss, on the logits our models output
+    ("torch.nn.BCELoss", "all elements of input should be between 0 and 1", "use loss=bce"),
+])
+def test_a_user_loss_that_raises_is_one_line_and_exit_2(tmp_path, target, needle, hint):
+    result = run_cli("loss=custom", f"loss._target_={target}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: loss._target_={target}") and needle in lines[0]
+    assert hint is None or hint in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "outputs").exists()  # nothing presented as a result
+
+
+def test_a_loss_without_backward_is_recorded_as_not_differentiable(tmp_path):
+    """The custom-loss answer's own example: a custom autograd.Function that defines no backward."""
+    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.NoBackwardF1Loss", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not differentiable: _DoubleWithoutBackward has no backward" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    summary = read_summary(only_run_dir(tmp_path))
+    assert summary["status"] == "error" and summary["steps_done"] == 0
+    assert "_DoubleWithoutBackward has no backward" in summary["error"]
+
+
+def test_an_unknown_loss_target_names_the_key(tmp_path):
+    result = run_cli("loss=custom", "loss._target_=nowhere.Loss", cwd=tmp_path)
+    assert result.returncode == 2 and "loss._target_=nowhere.Loss: cannot import it" in result.stderr
+    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.SoftF1Loss", "+loss.nope=1",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "cannot build it with {'nope': 1}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_make_run_prints_the_default_comparisons_verdicts(tmp_path):
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    sweep_dir = tmp_path / "default"
+    result = subprocess.run(["make", "-s", "run", f"ARGS=hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sum(line.startswith("holds") for line in result.stdout.splitlines()) == 3
+    assert "FAILS" not in result.stdout
+    for strategy in ("full", "sum", "accumulate"):
+        assert strategy in result.stdout
+    assert "equivalent" in result.stdout and (sweep_dir / "loss_curves.png").exists()

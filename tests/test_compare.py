@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from runner import claims as claim_checks, compare, record
+from runner.record import Summary
+from runner.runs import find_runs, pick_reference
 from tests.conftest import train
 
 
@@ -24,12 +26,12 @@ def runs(tmp_path_factory):
         # train() does not go through Hydra; give the summaries the choices the CLI records
         summary["choices"] = {"backward": overrides.get("backward__name", "full")}
         summary["config"] = {"backward": {"scale": str(overrides.get("backward__scale", "size"))}}
-        record.write_summary(run_dir, summary)
+        record.write_summary(run_dir, Summary(**summary))
         made[name] = run_dir
     error_dir = base / "error"
     error_dir.mkdir()
-    record.write_summary(error_dir, {"status": "error", "error": "RuntimeError: boom",
-                                     "choices": {"backward": "naive"}})
+    record.write_summary(error_dir, Summary(status="error", error="RuntimeError: boom",
+                                            choices={"backward": "naive"}))
     made["error"] = error_dir
     return base, made
 
@@ -40,9 +42,9 @@ def by_dir(table):
 
 def test_verdicts_against_the_full_batch_reference(runs):
     base, made = runs
-    found = compare.find_runs([base])
+    found = find_runs([base])
     assert len(found) == 4
-    reference = compare.pick_reference(found)
+    reference = pick_reference(found)
     assert reference.path == made["full"]
     rows = by_dir(compare.build_table(found, reference))
     assert rows[str(made["full"])]["verdict"] == "reference"
@@ -59,14 +61,14 @@ def test_max_abs_diff_is_computed_from_params_pt(runs):
     a = torch.load(made["accumulate"] / "params.pt", weights_only=True)
     b = torch.load(made["full"] / "params.pt", weights_only=True)
     expected = max(float((a[k] - b[k]).abs().max()) for k in a)
-    found = compare.find_runs([made["accumulate"], made["full"]])
+    found = find_runs([made["accumulate"], made["full"]])
     row = by_dir(compare.build_table(found, found[1]))[str(made["accumulate"])]
     assert row["max_abs_diff"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_claims_hold_and_fail(runs):
     base, _ = runs
-    found = compare.find_runs([base])
+    found = find_runs([base])
     claims = [
         {"kind": "equivalent", "runs": {"backward": "accumulate", "backward.scale": "size"},
          "reference": {"backward": "full"}},

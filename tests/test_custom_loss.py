@@ -1,28 +1,28 @@
 """The worked custom-loss example in experiments/, through the CLI and in-process."""
-from runner import record
-from tests.conftest import max_abs_diff, run_cli, train
+
+from tests.conftest import max_abs_diff, read_summary, run_cli, train
 
 
 def test_soft_f1_runs_from_any_directory_with_its_arguments(tmp_path):
-    result = run_cli("loss=custom", "loss._target_=experiments.custom_loss.SoftF1Loss", "+loss.smooth=0.5",
+    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.SoftF1Loss", "+loss.smooth=0.5",
                      "trainer.steps=20", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
-    summary = record.read_summary(run_dir)
+    summary = read_summary(run_dir)
     assert summary["status"] == "ok" and summary["config"]["loss"]["smooth"] == 0.5
 
 
 def test_hard_f1_is_refused_before_training(tmp_path):
-    result = run_cli("loss=custom", "loss._target_=experiments.custom_loss.HardF1Loss", cwd=tmp_path)
+    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.HardF1Loss", cwd=tmp_path)
     assert result.returncode == 1
-    assert "HardF1Loss) is not differentiable: its output has no grad_fn" in result.stderr
+    assert "HardF1Loss is not differentiable: its output has no grad_fn" in result.stderr
 
 
 def test_a_loss_that_is_not_a_per_example_mean_breaks_the_accumulation_identity(tmp_path):
     """Size weighting is exact for losses that average over examples; soft F1 is a ratio of
     batch-wide sums, so accumulating micro-batches changes the result."""
     kwargs = {"smooth": 1.0}
-    base = dict(loss__name="custom", loss___target_="experiments.custom_loss.SoftF1Loss", trainer__steps=30)
+    base = dict(loss__name="custom", loss___target_="runner.experiments.custom_loss.SoftF1Loss", trainer__steps=30)
     full = train(tmp_path, kwargs, **base)[1]
     acc = train(tmp_path, kwargs, **base, backward__name="accumulate", backward__accumulation=4)[1]
     assert max_abs_diff(acc, full) > 1e-3
@@ -34,24 +34,24 @@ def test_requires_grad_on_a_rewrapped_value_trains_nothing_and_is_refused(tmp_pa
     refuses the loss before training."""
     import torch
 
-    from experiments.custom_loss import RewrappedF1Loss
-    from runner.parts import build_parts
+    from runner.experiments.custom_loss import RewrappedF1Loss
+    from runner.build import build_training
     from tests.conftest import make_config
 
-    parts = build_parts(make_config(trainer__steps=3))
-    before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
-    optimizer = torch.optim.SGD(parts.model.parameters(), lr=0.5)
+    training = build_training(make_config(trainer__steps=3))
+    before = {n: p.detach().clone() for n, p in training.model.named_parameters()}
+    optimizer = torch.optim.SGD(training.model.parameters(), lr=0.5)
     loss_fn = RewrappedF1Loss()
     for step in range(3):
-        inputs, targets = parts.dataset.batch(step)
+        inputs, targets = training.dataset.batch(step)
         optimizer.zero_grad()
-        loss = loss_fn(parts.model(inputs), targets)
+        loss = loss_fn(training.model(inputs), targets)
         assert loss.requires_grad and loss.grad_fn is None
         loss.backward()
         optimizer.step()
-    assert all(p.grad is None for p in parts.model.parameters())
-    assert max_abs_diff(before, {n: p.detach() for n, p in parts.model.named_parameters()}) == 0
+    assert all(p.grad is None for p in training.model.parameters())
+    assert max_abs_diff(before, {n: p.detach() for n, p in training.model.named_parameters()}) == 0
 
-    summary = train(tmp_path, loss__name="custom", loss___target_="experiments.custom_loss.RewrappedF1Loss")[0]
+    summary = train(tmp_path, loss__name="custom", loss___target_="runner.experiments.custom_loss.RewrappedF1Loss")[0]
     assert summary["status"] == "error" and summary["steps_done"] == 0
-    assert "RewrappedF1Loss) is not differentiable: its output has no grad_fn" in summary["error"]
+    assert "RewrappedF1Loss is not differentiable: its output has no grad_fn" in summary["error"]

@@ -9,7 +9,8 @@ STEPS = {"focal": 40}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "batchnorm", "chained", "focal", "multitask", "uneven"]
+    assert EXPERIMENTS == ["accumulation", "batchnorm", "chained", "custom_loss", "default", "focal", "multitask",
+                           "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runner.gradflow import COLUMNS, gradient_flow
-from runner.parts import build_parts
+from runner.build import build_training
 from tests.conftest import make_config, run_cli, train
 
 MT = dict(model__name="multitask", loss__name="multitask")
@@ -49,12 +49,12 @@ def test_multitask_heads_receive_only_their_own_task_and_the_trunk_both(tmp_path
 
 
 def test_norms_match_an_independent_autograd_computation():
-    parts = build_parts(make_config(**MT))
-    inputs, targets = parts.dataset.batch(0)
-    rows = table(gradient_flow(parts.strategy, parts.model, parts.loss_fn, inputs, targets))
-    task_losses = parts.loss_fn.parts(parts.model(inputs), targets)
+    training = build_training(make_config(**MT))
+    inputs, targets = training.dataset.batch(0)
+    rows = table(gradient_flow(training.strategy, training.model, training.loss_fn, inputs, targets))
+    task_losses = training.loss_fn.parts(training.model(inputs), targets)
     for task in ("cls", "reg"):
-        grads = torch.autograd.grad(task_losses[task], list(parts.model.trunk.parameters()), retain_graph=True)
+        grads = torch.autograd.grad(task_losses[task], list(training.model.trunk.parameters()), retain_graph=True)
         expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
         assert rows[("trunk", task)]["grad_norm"] == pytest.approx(expected, rel=1e-5)
 
@@ -77,12 +77,12 @@ def test_learnable_loss_weights_appear_as_the_loss_module(tmp_path):
 
 def test_measuring_the_flow_leaves_no_trace():
     """Parameters, .grad, BatchNorm statistics and the RNG stream are as they were."""
-    parts = build_parts(make_config(model__batchnorm=True))
-    model = parts.model
-    inputs, targets = parts.dataset.batch(0)
+    training = build_training(make_config(model__batchnorm=True))
+    model = training.model
+    inputs, targets = training.dataset.batch(0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    rows = gradient_flow(parts.strategy, model, parts.loss_fn, inputs, targets)
+    rows = gradient_flow(training.strategy, model, training.loss_fn, inputs, targets)
     assert rows and all(r["receives_gradient"] for r in rows)
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training
@@ -100,9 +100,9 @@ def test_a_constant_component_is_a_row_without_gradient():
         def forward(self, outputs, targets):
             return sum(self.parts(outputs, targets).values())
 
-    parts = build_parts(make_config())
-    inputs, targets = parts.dataset.batch(0)
-    flow = table(gradient_flow(parts.strategy, parts.model, WithConstantPart(), inputs, targets))
+    training = build_training(make_config())
+    inputs, targets = training.dataset.batch(0)
+    flow = table(gradient_flow(training.strategy, training.model, WithConstantPart(), inputs, targets))
     assert flow[("out", "fit")]["receives_gradient"]
     assert flow[("out", "constant")] == {"module": "out", "component": "constant",
                                          "receives_gradient": False, "grad_norm": 0.0}

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.data import TaskSpec
 from runner.losses import FocalLoss, build_loss, sigmoid_focal_loss
 from tests.conftest import make_config
 
@@ -79,7 +80,10 @@ def test_focal_down_weights_easy_examples():
 
 
 def test_build_loss_from_config():
-    loss = build_loss(make_config(loss__name="focal", loss__alpha=0.5, loss__gamma=1.0).loss)
+    spec = TaskSpec((3, 10, 10), "multilabel", 5)
+    loss = build_loss(make_config(loss__name="focal", loss__alpha=0.5, loss__gamma=1.0).loss, spec, "mlp")
     assert isinstance(loss, FocalLoss) and (loss.alpha, loss.gamma, loss.reduction) == (0.5, 1.0, "mean")
     with pytest.raises(ValueError, match="loss=nope is unknown"):
-        build_loss(make_config(loss__name="nope").loss)
+        build_loss(make_config(loss__name="nope").loss, spec, "mlp")
+    with pytest.raises(ValueError, match="loss=ce does not fit model=mlp"):
+        build_loss(make_config(loss__name="ce").loss, spec, "mlp")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.losses import MultiTaskLoss
-from runner.parts import build_parts
+from runner.build import build_training
 from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)
@@ -63,12 +63,12 @@ def test_runner_matches_the_multitask_answers_loops(tmp_path):
     runner_sum = train(tmp_path, **MT, trainer__steps=steps)[1]
     runner_sep = train(tmp_path, **MT, trainer__steps=steps, backward__name="separate")[1]
     for style, expected in (("sum", runner_sum), ("separate", runner_sep)):
-        parts = build_parts(make_config(**MT))
-        model, alpha, beta = parts.model, 0.5, 0.5
+        training = build_training(make_config(**MT))
+        model, alpha, beta = training.model, 0.5, 0.5
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         for step in range(steps):
             inputs, (class_targets, regress_targets) = (lambda b: (b[0], (b[1]["cls"], b[1]["reg"])))(
-                parts.dataset.batch(step))
+                training.dataset.batch(step))
             outputs = model(inputs)
             class_outputs, regress_outputs = outputs["cls"], outputs["reg"]
             class_loss = alpha * F.binary_cross_entropy_with_logits(class_outputs, class_targets)
@@ -88,10 +88,10 @@ def test_gradient_cosine_matches_an_independent_computation(tmp_path):
     import pandas as pd
 
     _, _, run_dir = train(tmp_path, **MT, backward__name="separate", trainer__steps=1)
-    parts = build_parts(make_config(**MT))
-    inputs, targets = parts.dataset.batch(0)
-    task_losses = parts.loss_fn.parts(parts.model(inputs), targets)
-    trunk = list(parts.model.trunk.parameters())
+    training = build_training(make_config(**MT))
+    inputs, targets = training.dataset.batch(0)
+    task_losses = training.loss_fn.parts(training.model(inputs), targets)
+    trunk = list(training.model.trunk.parameters())
     g_cls = torch.cat([g.flatten() for g in torch.autograd.grad(task_losses["cls"], trunk, retain_graph=True)])
     g_reg = torch.cat([g.flatten() for g in torch.autograd.grad(task_losses["reg"], trunk)])
     expected = F.cosine_similarity(g_cls, g_reg, dim=0).item()
@@ -119,12 +119,12 @@ def test_fixed_weights_and_uncertainty_weighting_formulas():
 
 
 def test_uncertainty_weights_are_trained(tmp_path):
-    parts = build_parts(make_config(**MT, loss__weighting="uncertainty", optim__name="adam",
+    training = build_training(make_config(**MT, loss__weighting="uncertainty", optim__name="adam",
                                     optim__lr=0.01, trainer__steps=30))
     from runner.train import run
 
-    assert run(parts, tmp_path).status == "ok"
-    assert parts.loss_fn.log_vars.detach().abs().min() > 0.05  # moved away from their start at 0
+    assert run(training, tmp_path).status == "ok"
+    assert training.loss_fn.log_vars.detach().abs().min() > 0.05  # moved away from their start at 0
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -150,9 +150,9 @@ def test_uncertainty_weighting_separate_equals_summed(tmp_path):
     assert_params_close(p_sep, p_sum, **F32)
 
 
-def answer_batches(parts, steps):
+def answer_batches(training, steps):
     for step in range(steps):
-        inputs, targets = parts.dataset.batch(step)
+        inputs, targets = training.dataset.batch(step)
         yield inputs, targets["cls"], targets["reg"]
 
 
@@ -163,10 +163,10 @@ def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_tru
     summary, expected, _ = train(tmp_path, **mt, trainer__steps=steps, backward__name="separate",
                                  backward__step_per_task=True)
     assert summary["status"] == "ok"
-    parts = build_parts(make_config(**mt))
-    model = parts.model
+    training = build_training(make_config(**mt))
+    model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for inputs, class_targets, regress_targets in answer_batches(parts, steps):
+    for inputs, class_targets, regress_targets in answer_batches(training, steps):
         outputs = model(inputs)
         class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
         regress_loss = F.mse_loss(outputs["reg"], regress_targets)
@@ -182,10 +182,10 @@ def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_tru
 
 def test_the_answers_step_per_task_snippet_fails_by_hand_on_a_deep_trunk():
     """The runner's recorded error is PyTorch's own: the same snippet fails outside the runner."""
-    parts = build_parts(make_config(**MT))
-    model = parts.model
+    training = build_training(make_config(**MT))
+    model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    inputs, class_targets, regress_targets = next(answer_batches(parts, 1))
+    inputs, class_targets, regress_targets = next(answer_batches(training, 1))
     outputs = model(inputs)
     class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
     regress_loss = F.mse_loss(outputs["reg"], regress_targets)
@@ -201,10 +201,10 @@ def test_reforward_matches_a_dcgan_style_loop(tmp_path):
     """Step per task with a fresh forward each time, as PyTorch's DCGAN example updates D then G."""
     steps = 20
     expected = train(tmp_path, **MT, trainer__steps=steps, backward__name="separate", backward__reforward=True)[1]
-    parts = build_parts(make_config(**MT))
-    model = parts.model
+    training = build_training(make_config(**MT))
+    model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for inputs, class_targets, regress_targets in answer_batches(parts, steps):
+    for inputs, class_targets, regress_targets in answer_batches(training, steps):
         optimizer.zero_grad()
         class_loss = 0.5 * F.binary_cross_entropy_with_logits(model(inputs)["cls"], class_targets)
         class_loss.backward()
@@ -233,8 +233,8 @@ def test_step_per_task_single_run_exits_non_zero_with_the_hint(tmp_path):
     (dict(loss__weighting="learned"), "loss.weighting=learned is not allowed"),
 ])
 def test_more_misfits_are_refused_before_training(overrides, needle):
-    from runner.parts import preflight
+    from runner.build import build_training
     from runner.schema import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        preflight(make_config(**{**MT, **overrides}))
+        build_training(make_config(**{**MT, **overrides}))

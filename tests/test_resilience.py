@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from runner import train
-from runner.parts import build_parts
+from runner.cli import exit_code
+from runner.build import build_training
 from tests.conftest import ROOT, make_config, run_cli
 
 TINY = ["data.train_size=256", "data.eval_size=64", "model.hidden=8", "trainer.threads=1"]
@@ -131,10 +132,10 @@ def test_huge_learning_rate_ends_diverged_at_a_recorded_step(tmp_path):
 def test_rows_batched_after_the_diverged_step_are_not_written(tmp_path):
     # log_every > 1 (the CUDA default) buffers rows; the CSV still ends at the diverged step.
     cfg = make_config(optim__lr=1e6, trainer__log_every=50, data__train_size=256, model__hidden=8)
-    outcome = train.run(build_parts(cfg), tmp_path)
-    assert outcome.status == "diverged" and outcome.exit_code == 1
+    outcome = train.run(build_training(cfg), tmp_path)
+    assert outcome.status == "diverged" and exit_code(outcome.status, outcome.signum) == 1
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert metrics["step"].iloc[-1] == outcome.summary["diverged_at_step"] < 50
+    assert metrics["step"].iloc[-1] == outcome.summary.diverged_at_step < 50
 
 
 def test_divergence_in_a_sweep_does_not_stop_the_other_jobs(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runner.parts import build_parts
+from runner.build import build_training
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
@@ -90,8 +90,8 @@ def test_focal_gamma0_without_alpha_equals_bce(tmp_path):
 
 
 def test_loss_choice_does_not_change_initial_parameters_or_data():
-    a = build_parts(make_config(loss__name="focal", backward__name="sum", backward__accumulation=4))
-    b = build_parts(make_config())
+    a = build_training(make_config(loss__name="focal", backward__name="sum", backward__accumulation=4))
+    b = build_training(make_config())
     for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
     assert torch.equal(a.dataset.batch(3)[0], b.dataset.batch(3)[0])
@@ -104,14 +104,14 @@ def test_runner_matches_the_accumulation_answers_loop(tmp_path, k):
     steps = 30
     summary, runner_params, _ = train(tmp_path, model__name="cnn", trainer__steps=steps,
                                       backward__name="accumulate", backward__accumulation=k)
-    parts = build_parts(make_config(model__name="cnn"))  # same seed -> same initial model and data
-    model, objective = parts.model, torch.nn.BCEWithLogitsLoss()
+    training = build_training(make_config(model__name="cnn"))  # same seed -> same initial model and data
+    model, objective = training.model, torch.nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batch_size = 32
     sub_batch_size = batch_size // k
     num_sub_batches = batch_size // sub_batch_size
     for step in range(steps):
-        input_data, targets = parts.dataset.batch(step)
+        input_data, targets = training.dataset.batch(step)
         optimizer.zero_grad()
         loss_value = 0.0
         for sub_batch_idx in range(num_sub_batches):

@@ -2,28 +2,31 @@
 import pandas as pd
 import torch
 
-from runner.parts import build_parts
-from runner.train import probe_loss, run
+from runner.build import build_training, probe
+from runner.cli import exit_code
+from runner.train import run
 from tests.conftest import make_config, train
 
 
 def test_probe_reports_parameters_without_gradient_and_leaves_no_trace():
-    parts = build_parts(make_config(model__batchnorm=True))
-    parts.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
-    stats = parts.model.norm.running_mean.clone()
+    training = build_training(make_config(model__batchnorm=True))
+    training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
+    stats = training.model.norm.running_mean.clone()
     rng = torch.get_rng_state()
-    assert probe_loss(parts) == ["unused"]
-    assert torch.equal(parts.model.norm.running_mean, stats)
-    assert parts.model.norm.num_batches_tracked.item() == 0
+    probe(training)
+    assert training.params_without_grad == ["unused"]
+    assert torch.equal(training.model.norm.running_mean, stats)
+    assert training.model.norm.num_batches_tracked.item() == 0
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in parts.model.parameters())
+    assert all(p.grad is None for p in training.model.parameters())
 
 
 def test_unused_parameter_is_named_in_the_summary(tmp_path):
-    parts = build_parts(make_config(trainer__steps=2))
-    parts.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
-    outcome = run(parts, tmp_path)
-    assert outcome.status == "ok" and outcome.summary["params_without_grad"] == ["unused"]
+    training = build_training(make_config(trainer__steps=2))
+    training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
+    probe(training)
+    outcome = run(training, tmp_path)
+    assert outcome.status == "ok" and outcome.summary.params_without_grad == ["unused"]
 
 
 def test_buffered_logging_writes_every_step(tmp_path):
@@ -36,8 +39,8 @@ def test_buffered_logging_writes_every_step(tmp_path):
 
 
 def test_a_failing_step_is_recorded_not_raised(tmp_path):
-    parts = build_parts(make_config(trainer__steps=10))
-    original = parts.strategy.step
+    training = build_training(make_config(trainer__steps=10))
+    original = training.strategy.step
     calls = []
 
     def flaky(*args):
@@ -46,10 +49,10 @@ def test_a_failing_step_is_recorded_not_raised(tmp_path):
             raise RuntimeError("boom\nsecond line")
         return original(*args)
 
-    parts.strategy.step = flaky
-    outcome = run(parts, tmp_path)
-    assert outcome.status == "error" and outcome.exit_code == 1
-    assert outcome.summary["error"] == "RuntimeError: boom" and outcome.summary["steps_done"] == 3
+    training.strategy.step = flaky
+    outcome = run(training, tmp_path)
+    assert outcome.status == "error" and exit_code(outcome.status, outcome.signum) == 1
+    assert outcome.summary.error == "RuntimeError: boom" and outcome.summary.steps_done == 3
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 3
     assert not (tmp_path / "params.pt").exists()
 

@@ -1,0 +1,94 @@
+"""The shape of the package: one owner per concern, no import cycle, Hydra only at the edge."""
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+from runner import record, schema
+from runner.strategies import STRATEGIES, readers_by_option
+
+PACKAGE = Path(record.__file__).parent
+MODULES = {p.stem: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+
+
+def imported(tree: ast.Module):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            if node.module == "runner":
+                yield from (f"runner.{alias.name}" for alias in node.names)
+
+
+def test_runner_has_no_import_cycle():
+    graph = {name: {m.split(".")[1] for m in imported(tree) if m.startswith("runner.")} - {name}
+             for name, tree in MODULES.items()}
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, "import cycle: " + " -> ".join(path[path.index(name):] + [name])
+        if name in done:
+            return
+        path.append(name)
+        for dependency in sorted(graph.get(name, ())):
+            visit(dependency)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_only_cli_schema_and_callbacks_import_hydra_or_omegaconf():
+    edge = {name for name, tree in MODULES.items()
+            if any(m.split(".")[0] in ("hydra", "omegaconf") for m in imported(tree))}
+    assert edge <= {"cli", "schema", "callbacks"}, edge
+
+
+def string_constants(tree: ast.Module):
+    """String literals that are not docstrings."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_every_record_file_name_is_spelled_once_in_the_package():
+    names = [record.METRICS, record.SUMMARY, record.PARAMS, record.CHECKPOINT, record.GRADIENT_FLOW,
+             record.COMPARISON, record.LOSS_CURVES, record.SWEEP_MARKER]
+    for name in names:
+        spelled = {module: sum(name in text for text in string_constants(tree))
+                   for module, tree in MODULES.items()}
+        spelled = {module: count for module, count in spelled.items() if count}
+        assert spelled == {"record": 1}, (name, spelled)
+
+
+def test_the_summary_is_one_declared_type():
+    keys = [f.name for f in fields(record.Summary)]
+    for required in ("status", "error", "steps_done", "final_loss", "param_sum", "param_sha256",
+                     "peak_saved_bytes", "wall_s", "device", "torch_version", "seed", "choices", "overrides"):
+        assert required in keys
+    assert set(record.COMPARED_KEYS) <= set(keys)
+
+
+def test_backward_options_are_the_strategies_own():
+    declared = {f.name for f in fields(schema.BackwardConf)} - {"name"}
+    assert declared == set(readers_by_option())
+    assert readers_by_option()["joint"] == ["naive", "retain_graph", "detach"]
+    assert set(readers_by_option()["accumulation"]) == {"sum", "accumulate"}
+    full = STRATEGIES["full"](STRATEGIES["full"].Options())
+    conf = schema.BackwardConf(name="full", joint=True, step_per_task=True)
+    assert full.ignored_switches(conf) == [
+        "backward.joint=true is ignored by backward=full: it applies to backward=naive or retain_graph or detach",
+        "backward.step_per_task=true is ignored by backward=full: it applies to backward=separate"]
+
+
+def test_key_roles_are_declared_once_on_the_schema():
+    may_change = schema.resume_may_change()
+    assert {"trainer.steps", "trainer.device", "trainer.resume", "trainer.log_every"} <= set(may_change)
+    assert not {"backward.accumulation", "model.name", "seed", "trainer.dtype"} & set(may_change)
+    ignored = schema.ignored_by_comparison()
+    assert {"claims", "trainer.progress", "trainer.threads", "trainer.resume"} <= set(ignored)
+    assert not {"trainer.steps", "trainer.device", "trainer.dtype", "backward.scale"} & set(ignored)
