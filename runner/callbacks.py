@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 
-class ValidateConfig(Callback):
+class PrepareRun(Callback):
     """Prepares a single run (runner.cli.prepare: validate, build, probe the loss) before Hydra
     creates its output folder, and hands it to the task function, so bad input exits with one line
     on stderr, leaves no folder behind, and the run is built once. Sweep jobs prepare themselves

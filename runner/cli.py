@@ -2,7 +2,7 @@
 
 Single run: exit 0 when it finished ok; 1 for a failed or diverged run; 2 for bad input (Hydra's
 own composition errors included); 130/143 when interrupted by SIGINT/SIGTERM. A single run is
-prepared (validated, built, its loss probed) by the ValidateConfig callback before Hydra creates
+prepared (validated, built, its loss probed) by the PrepareRun callback before Hydra creates
 its folder, so bad input leaves nothing behind; the task function then runs what was prepared.
 In a sweep (-m) each job prepares itself and never raises: its outcome, bad input included, is
 recorded in its summary.json and the sweep's verdicts decide the exit code; only SIGINT/SIGTERM
@@ -174,7 +174,7 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
     return Prepared(build_training(config, loss_kwargs), summary, resume, run_dir)
 
 
-# The single run's preparation, handed from the ValidateConfig callback to the task function.
+# The single run's preparation, handed from the PrepareRun callback to the task function.
 _prepared: Optional[Prepared] = None
 
 

@@ -8,7 +8,7 @@ leaves the global RNG untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Union
+from typing import Dict, List, Union
 
 import torch
 
@@ -167,7 +167,3 @@ class Dataset:
         rows = order[index * self.batch_size:(index + 1) * self.batch_size]
         return self.train_inputs[rows], map_targets(self.train_targets, lambda t: t[rows])
 
-
-def positives_share(targets: Any) -> float:
-    t = targets["cls"] if isinstance(targets, dict) else targets
-    return float(t.float().mean())

@@ -9,7 +9,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import pytest
 import torch
 
 from runner.build import build_training
