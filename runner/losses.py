@@ -6,6 +6,7 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Dict, Protocol, runtime_checkable
 
 import torch
@@ -21,6 +22,17 @@ class MultiPartLoss(Protocol):
     backward=separate backwards them one by one)."""
 
     def parts(self, outputs, targets) -> Dict[str, torch.Tensor]: ...
+
+
+def offers(obj, protocol) -> bool:
+    """isinstance(obj, protocol) for a Protocol of methods, decided once per class: the step
+    asks on every micro-batch, and a runtime Protocol check costs microseconds each time."""
+    return _class_offers(type(obj), protocol)
+
+
+@lru_cache(maxsize=None)
+def _class_offers(cls: type, protocol) -> bool:
+    return issubclass(cls, protocol)
 
 
 def check_reduction(reduction: str) -> str:
@@ -197,7 +209,7 @@ def per_stage(loss, spec):
 
 def loss_parts(loss_fn, outputs, targets) -> Dict[str, torch.Tensor]:
     """The loss's named components (weighted, summing to the total), or {} for a one-part loss."""
-    return loss_fn.parts(outputs, targets) if isinstance(loss_fn, MultiPartLoss) else {}
+    return loss_fn.parts(outputs, targets) if offers(loss_fn, MultiPartLoss) else {}
 
 
 def is_sum_reduced(loss_fn) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from runner.data import micro_batches
-from runner.losses import MultiPartLoss, is_sum_reduced, loss_parts
+from runner.losses import MultiPartLoss, is_sum_reduced, loss_parts, offers
 
 
 class Scale(str, Enum):
@@ -269,7 +269,7 @@ class Separate(Strategy):
         reforward: bool = False  # run the forward again after each step (so also step per task)
 
     def check(self, model, loss_fn, batch_size: int) -> None:
-        if not isinstance(loss_fn, MultiPartLoss):
+        if not offers(loss_fn, MultiPartLoss):
             raise StrategyMismatch("it needs a loss made of parts (loss=multitask with model=multitask, "
                                    "or any loss on model=two_stage)", misfit="loss")
 
@@ -278,7 +278,7 @@ class Separate(Strategy):
         return self.options.step_per_task or self.options.reforward
 
     def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
-        shared = model.shared_parameters() if isinstance(model, SharedTrunk) else []
+        shared = model.shared_parameters() if offers(model, SharedTrunk) else []
         self.zero_grad(optimizers)
         parts = loss_fn.parts(model(inputs), targets)
         names = list(parts)
