@@ -21,9 +21,8 @@ from runner.claims import ClaimResult, SweepVerdicts, sweep_verdicts
 from runner.runs import Run, compare_to, find_runs, parse_selector, pick_reference, varying_keys
 
 # Columns that are not config keys (in the order shown); the varying config keys come first.
-DISPLAY = ["status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "verdict",
-           "peak_saved_bytes", "time_per_step_s", "error"]
-HIDDEN = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir")
+DISPLAY = list(record.SHOWN_COLUMNS)
+HIDDEN = record.HIDDEN_COLUMNS
 
 
 def build_table(runs: List[Run], reference: Optional[Run]):
@@ -121,15 +120,13 @@ def divergence(runs: List[Run], reference: Optional[Run]) -> Dict[Path, Any]:
     """Per step, |param_sum - the reference's param_sum| (a pandas Series indexed by step)."""
     if reference is None:
         return {}
-    ref = record.read_metrics(reference.path)
-    if ref is None or not len(ref):
+    ref = record.param_sum_curve(reference.path)
+    if ref is None:
         return {}
-    ref = ref.set_index("step")["param_sum"]
     curves = {}
     for run in runs:
-        metrics = record.read_metrics(run.path)
-        if run is not reference and metrics is not None and len(metrics):
-            mine = metrics.set_index("step")["param_sum"]
+        mine = record.param_sum_curve(run.path) if run is not reference else None
+        if mine is not None:
             curves[run.path] = (mine - ref).abs().dropna()
     return curves
 
@@ -147,9 +144,9 @@ def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], swe
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, layout="constrained")
     colours = {}
     for run in runs:
-        metrics = record.read_metrics(run.path)
-        if metrics is not None and len(metrics):
-            line, = top.plot(metrics["step"], metrics["loss"], linewidth=1,
+        loss = record.loss_curve(run.path)
+        if loss is not None:
+            line, = top.plot(loss.index, loss.values, linewidth=1,
                              label=labels.get(run.path, run.path.name) + (" (reference)" if run is reference else ""))
             colours[run.path] = line.get_color()
     top.set_ylabel("loss")
@@ -183,9 +180,6 @@ def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], swe
 
 # ---- a sweep, as it runs and when it ends --------------------------------------------------------
 
-JOB_COLUMNS = ["job", "overrides", *record.COMPARED_KEYS, "run_dir"]
-
-
 def append_job_row(sweep_dir: Path, run_dir: Path) -> None:
     """One finished job's row, added to comparison.csv while the sweep runs (cheap: no pandas,
     no params.pt). The end of the sweep rewrites the file as the full comparison."""
@@ -194,7 +188,7 @@ def append_job_row(sweep_dir: Path, run_dir: Path) -> None:
     row = {key: getattr(summary, key) for key in record.COMPARED_KEYS}
     row.update(job=run_dir.name, overrides=" ".join(summary.overrides), run_dir=str(run_dir),
                param_sha256=(summary.param_sha256 or "")[:12])
-    record.append_comparison_row(sweep_dir, JOB_COLUMNS, row)
+    record.append_comparison_row(sweep_dir, list(record.JOB_COLUMNS), row)
 
 
 def summarise_sweep(sweep_dir: Path) -> int:

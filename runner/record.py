@@ -33,6 +33,7 @@ SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
 
 # Columns every metrics.csv starts with; loss components and extras follow.
 BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
+MEMORY_COLUMN = "peak_saved_bytes"  # on the steps the saved-tensor meter measured
 
 
 @dataclass
@@ -77,9 +78,15 @@ class Summary:
 
 
 SUMMARY_KEYS = tuple(f.name for f in fields(Summary))
-# Summary keys a comparison row carries, in order (runner.compare adds its own columns around them).
+# Summary keys a comparison row carries, in order (runner.compare adds the verdict's columns).
 COMPARED_KEYS = ("status", "final_loss", "eval_metric", "eval_value", "param_sum", "param_sha256",
                  "peak_saved_bytes", "time_per_step_s", "steps_done", "error")
+# comparison.csv: the config keys that vary, then these columns; the terminal shows SHOWN, in order.
+SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "verdict",
+                 "peak_saved_bytes", "time_per_step_s", "error")
+HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir")
+# The rows appended while a sweep runs, before its verdicts exist.
+JOB_COLUMNS = ("job", "overrides", *COMPARED_KEYS, "run_dir")
 
 
 @contextmanager
@@ -246,6 +253,22 @@ def read_metrics(run_dir: Path):
 
     path = Path(run_dir) / METRICS
     return pd.read_csv(path) if path.exists() else None
+
+
+def read_curve(run_dir: Path, column: str):
+    """One metrics.csv column as a pandas Series indexed by step; None when there is none."""
+    metrics = read_metrics(run_dir)
+    if metrics is None or not len(metrics) or column not in metrics:
+        return None
+    return metrics.set_index(BASE_COLUMNS[0])[column]
+
+
+def loss_curve(run_dir: Path):
+    return read_curve(run_dir, BASE_COLUMNS[1])
+
+
+def param_sum_curve(run_dir: Path):
+    return read_curve(run_dir, BASE_COLUMNS[3])
 
 
 class MetricsWriter:

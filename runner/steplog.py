@@ -41,7 +41,7 @@ class StepLog:
             self.values.append(torch.stack([v.reshape(()).to(torch.float64) for v in values]))
         self.steps.append(step)
         self.times.append(elapsed)
-        self.extras.append({} if peak_saved is None else {"peak_saved_bytes": peak_saved})
+        self.extras.append({} if peak_saved is None else {record.MEMORY_COLUMN: peak_saved})
         self.last_loss = result.loss
         if peak_saved is not None:
             self.peak_saved = max(self.peak_saved or 0, peak_saved)

@@ -139,7 +139,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     trainer, start = t.config.trainer, summary.steps_done
     log_every = trainer.log_every or (50 if t.device.type == "cuda" else 1)
     memory = plain(trainer.memory)
-    log = StepLog(t.model, run_dir, append, extra_columns=[] if memory == "off" else ["peak_saved_bytes"])
+    log = StepLog(t.model, run_dir, append, extra_columns=[] if memory == "off" else [record.MEMORY_COLUMN])
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
