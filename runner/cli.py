@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import record, schema
 from runner.record import Summary
+from runner.runs import flatten
 from runner.schema import GROUPS, Config, ConfigError
 
 
@@ -65,23 +66,15 @@ def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
         raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
-    flat: Dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = str(value).lower() if isinstance(value, bool) else str(value)
-    return flat
-
-
 def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[str, Any],
                            composed: Dict[str, Any], overrides: List[str]) -> None:
     """A resume repeats the run's command: an override equal to the run's own value is fine; one
     that differs is refused, naming the key, the run's value and the new one. Keys the schema lets
     a resume change (trainer.steps, ...) are not compared."""
     may_change = schema.resume_may_change()
-    theirs_flat, mine_flat = _flat(saved), _flat(composed)
+    # A custom loss's arguments sit beside its keys in the command (+loss.KEY), apart in the checkpoint.
+    saved = {**saved, "loss": {**saved.get("loss", {}), **saved.get("loss_kwargs", {})}}
+    theirs_flat, mine_flat = flatten(saved), flatten(composed)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if key.startswith("hydra.") or key in may_change:
@@ -103,8 +96,11 @@ def config_for_resume(state: Dict[str, Any], current: Config, overrides: List[st
     typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
     for dotted in schema.resume_may_change():
         if dotted in typed:
-            group, name = dotted.split(".")
-            setattr(getattr(config, group), name, getattr(getattr(current, group), name))
+            *path, leaf = dotted.split(".")
+            source, target = current, config
+            for name in path:
+                source, target = getattr(source, name), getattr(target, name)
+            setattr(target, leaf, getattr(source, leaf))
     return config, loss_kwargs
 
 
@@ -160,9 +156,7 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
         run_dir = Path(config.trainer.resume)
         resume = checkpoint.load(run_dir)
         previous = record.read_summary(run_dir) if record.has_summary(run_dir) else Summary()
-        check_resume_overrides(run_dir, {**resume["config"], "loss": {**resume["config"]["loss"],
-                                                                      **resume["config"].get("loss_kwargs", {})}},
-                               previous.choices, summary.config, summary.overrides)
+        check_resume_overrides(run_dir, resume["config"], previous.choices, summary.config, summary.overrides)
         config, loss_kwargs = config_for_resume(resume, config, summary.overrides)
         # The run's own choices, overrides and config stay its record.
         summary = replace(summary, choices=previous.choices or choices,
