@@ -3,15 +3,18 @@
     python -m runner.bench [--quick] [--out bench.csv] [--device cpu|cuda] [--only SECTION ...]
 
 1. step: the runner's loop (train.run) against a hand-written PyTorch loop of the same model,
-   data, seed and strategy, interleaved repeats, medians (target: within 5%); and against the
-   same loop recording what the runner records per step (grad norm, param sum, a CSV row).
+   data, seed and strategy, interleaved repeats, medians (target: within 5%); against the
+   accumulation answer's loop as users write it, .item() and the checksum printed every step
+   (target: faster); and against the bare loop recording what the runner records per step.
 2. sweep: cost per job of `python -m runner -m` beyond a minimal Hydra app sweeping the same
    jobs, from the slope between a short and a long sweep (target: <= 50 ms per job).
 3. cold start: `python -m runner trainer.steps=1` against a process that imports torch and hydra
    and builds one optimizer (target: within 0.6 s).
-4. memory: peak_saved_bytes of sum and accumulate at accumulation 1, 2, 4, 8 (and
+4. probe: what the coupling probe (does an example's output depend on another's input? does the
+   forward draw random numbers?) costs at start-up, against one forward and backward of a batch.
+5. memory: peak_saved_bytes of sum and accumulate at accumulation 1, 2, 4, 8 (and
    torch.cuda.max_memory_allocated on a GPU).
-5. launchers (only with --only launchers: minutes): heavier jobs with the basic launcher and joblib.
+6. launchers (only with --only launchers: minutes): heavier jobs with the basic launcher and joblib.
 Figures are measurements, not test assertions.
 """
 from __future__ import annotations
@@ -214,6 +217,41 @@ def bench_cold_start(rows: List[Dict], repeats: int, workdir: Path) -> None:
                      unit="s", result=f"extra {r - b:.2f} s", target="extra <= 0.6 s", met=r - b <= 0.6))
 
 
+def bench_probe(rows: List[Dict], repeats: int, device: str) -> None:
+    """What the coupling probe (runner.checks.probe_coupling) adds to start-up, against one
+    forward and backward of the run's own batch; on the plain models and with BatchNorm."""
+    from runner.checks import probe_coupling
+
+    for model in ("mlp", "cnn"):
+        for batchnorm in (False, True):
+            cfg = config(model, "full", 1, device)
+            cfg.model.batchnorm = batchnorm
+            training = build_training(cfg)
+            inputs, targets = training.dataset.batch(0)
+
+            def step_once():
+                loss = training.loss_fn(training.model(inputs), targets)
+                torch.autograd.grad(loss, list(training.model.parameters()))
+
+            probe, step = [], []
+            for _ in range(repeats):
+                probe.append(_seconds(lambda: probe_coupling(training.model, inputs), device))
+                step.append(_seconds(step_once, device))
+            p, b = statistics.median(probe), statistics.median(step)
+            rows.append(dict(benchmark="probe", case=f"coupling probe, {model}{' + BatchNorm' if batchnorm else ''} "
+                             f"({device}) vs one forward+backward of batch 512", runner=p * 1e3, baseline=b * 1e3,
+                             unit="ms", result=f"ratio {p / b:.2f}", target="", met=""))
+
+
+def _seconds(work, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    work()
+    sync()
+    return time.perf_counter() - start
+
+
 def bench_memory(rows: List[Dict], device: str, workdir: Path) -> None:
     for model in ("mlp", "cnn"):
         full_cfg = config(model, "full", 1, device)
@@ -278,7 +316,7 @@ def print_table(rows: List[Dict]) -> None:
     Console(width=200).print(table)
 
 
-SECTIONS = ("step", "sweep", "cold", "memory", "launchers")
+SECTIONS = ("step", "sweep", "cold", "probe", "memory", "launchers")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -286,7 +324,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repeats and steps (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench.csv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=["step", "sweep", "cold", "memory"],
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=["step", "sweep", "cold", "probe", "memory"],
                         help="sections to run (default: all but launchers, which takes minutes)")
     args = parser.parse_args(argv)
     repeats, steps = (1, 5) if args.quick else (7, 150)
@@ -299,6 +337,7 @@ def main(argv: List[str] | None = None) -> int:
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
             "cold": lambda: bench_cold_start(rows, 2 * process_repeats - 1, workdir),
+            "probe": lambda: bench_probe(rows, repeats, args.device),
             "memory": lambda: bench_memory(rows, args.device, workdir),
             "launchers": lambda: bench_launchers(rows, workdir),
         }

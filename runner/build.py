@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner import checks
-from runner.data import Dataset, TaskSpec
+from runner import checks, user_data
+from runner.data import Dataset, TaskSpec, split, synthetic, train_rows
 from runner.losses import build_loss, per_stage
-from runner.models import build_model
-from runner.schema import Config, ConfigError, instantiate, plain
+from runner.models import IMAGE_SHAPE, build_model
+from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.strategies import Strategy, StrategyMismatch, build_strategy
 
 
@@ -38,13 +38,18 @@ class Training:
     device: torch.device
     dtype: torch.dtype
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
     # What the loss probe found: parameters the loss never reaches, or why it cannot train at all.
     params_without_grad: List[str] = field(default_factory=list)
     not_differentiable: Optional[str] = None
+    # What the coupling probe found (runner.checks.Coupling): can micro-batches equal the batch?
+    coupling: Optional[checks.Coupling] = None
 
     def config_record(self) -> Dict[str, Any]:
-        """The config as plain JSON-able data, with a custom loss's arguments (checkpoints keep it)."""
-        return {**json.loads(json.dumps(asdict(self.config), default=plain)), "loss_kwargs": self.loss_kwargs}
+        """The config as plain JSON-able data, with a custom loss's and model's arguments
+        (checkpoints keep it)."""
+        return {**json.loads(json.dumps(asdict(self.config), default=plain)),
+                "loss_kwargs": self.loss_kwargs, "model_kwargs": self.model_kwargs}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +93,41 @@ def loss_label(cfg: Config) -> str:
     return f"loss._target_={cfg.loss._target_}" if cfg.loss.name == "custom" else f"loss={cfg.loss.name}"
 
 
+def model_label(cfg: Config) -> str:
+    return f"model._target_={cfg.model._target_}" if cfg.model.name == "custom" else f"model={cfg.model.name}"
+
+
+def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
+    """The model, and what it predicts: a built-in model says; the user's own predicts what the
+    data holds (the synthetic default: `model.outputs` labels of 3x10x10 inputs)."""
+    if cfg.model.name != "custom":
+        return build_model(cfg.model)
+    model = instantiate("model._target_", cfg.model._target_, model_kwargs,
+                        optional=set_keys(cfg.model, ModelConf))
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model._target_={cfg.model._target_} built a {type(model).__name__}: "
+                          "expected a torch.nn.Module class")
+    return model, TaskSpec(IMAGE_SHAPE, "multilabel", cfg.model.outputs)
+
+
+def build_dataset(cfg: Config, spec: TaskSpec):
+    """The data set, and the TaskSpec it describes (the user's files describe themselves)."""
+    data = cfg.data
+    if data.name in user_data.READERS:
+        inputs, targets, found = user_data.READERS[data.name](data)
+        if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
+            raise ConfigError(f"model={cfg.model.name} takes inputs of shape {spec.input_shape}, and "
+                              f"data={data.name} ({data.path}) has {found.input_shape}: use model=custom "
+                              "model._target_=... (your model)")
+        rows = train_rows(len(inputs), data.eval_fraction)
+        if data.batch_size > rows:
+            raise ConfigError(f"data.batch_size={data.batch_size} is not allowed with data.path={data.path}: "
+                              f"expected at most its {rows} training rows")
+        return split(inputs, targets, cfg.seed, data.eval_fraction, data.batch_size), found
+    return synthetic(spec, cfg.seed, data.train_size, data.eval_size, data.batch_size, data.positive_rate,
+                     data.noise), spec
+
+
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
     if cfg.loss.name == "custom":
         loss = instantiate("loss._target_", cfg.loss._target_, loss_kwargs)
@@ -107,15 +147,18 @@ def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
     return str(exc)
 
 
-def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None) -> Training:
+def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
+                   model_kwargs: Optional[Dict[str, Any]] = None) -> Training:
     """Build and check one training; ConfigError (bad input) before anything runs."""
-    loss_kwargs = dict(loss_kwargs or {})
+    loss_kwargs, model_kwargs = dict(loss_kwargs or {}), dict(model_kwargs or {})
     device = resolve_device(cfg.trainer.device)
     dtype = getattr(torch, plain(cfg.trainer.dtype))
     set_determinism(cfg.trainer.deterministic, device)
     seed_everything(cfg.seed)
     try:
-        model, spec = build_model(cfg.model)
+        model, spec = build_model_and_spec(cfg, model_kwargs)
+        # Data comes from its own generators: the model's initial parameters depend on the seed alone.
+        dataset, spec = build_dataset(cfg, spec)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
         strategy = build_strategy(cfg.backward)
         strategy.check(model, loss_fn, cfg.data.batch_size)
@@ -131,20 +174,25 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None) ->
     if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
         groups[-1] = groups[-1] + extra_loss_params
     optimizers = [build_optimizer(cfg.optim, group) for group in groups]
-    dataset = Dataset(spec, cfg.seed, cfg.data.train_size, cfg.data.eval_size, cfg.data.batch_size,
-                      cfg.data.positive_rate, cfg.data.noise).to(device, dtype)
-    training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, device, dtype, loss_kwargs)
+    training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset.to(device, dtype), device, dtype,
+                        loss_kwargs, model_kwargs)
     probe(training)
     return training
 
 
 def probe(training: Training) -> None:
-    """Probe the loss on the first batch (runner.checks) and keep what it found."""
+    """The checks before training, on the first batch (runner.checks), and what they found: does
+    the model's output fit the targets, can the loss train it, does the model couple examples?"""
+    cfg = training.config
     inputs, targets = training.dataset.batch(0)
+    if cfg.loss.name != "custom":  # a loss of the user's decides for itself what fits
+        checks.check_outputs_fit(training.model, inputs, targets, training.spec, model_label(cfg),
+                                 f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else ""),
+                                 loss_label(cfg))
     training.params_without_grad, training.not_differentiable = [], None
     try:
         training.params_without_grad = checks.probe_loss(
-            training.model, training.loss_fn, inputs, targets, loss_label(training.config),
-            f"model={training.config.model.name}")
+            training.model, training.loss_fn, inputs, targets, loss_label(cfg), model_label(cfg))
     except checks.NotDifferentiable as exc:
         training.not_differentiable = str(exc)
+    training.coupling = checks.probe_coupling(training.model, inputs)

@@ -39,6 +39,7 @@ def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     plain = json.loads(json.dumps(config, default=str))
     ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(Role.training)}
     ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
+    ident["model_kwargs"] = plain.get("model_kwargs") or {}
     return ident
 
 

@@ -51,7 +51,7 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
         verdicts = [compare_to(r, reference, cache) for r in chosen]
         wanted = {"equivalent": {"equivalent", "identical", "reference"}, "identical": {"identical", "reference"},
                   "differs": {"differs"}}[kind]
-        holds = all(v.verdict in wanted for v in verdicts)
+        holds = all(v.verdict.split(" (")[0] in wanted for v in verdicts)
         worst = max((v.max_abs_diff for v in verdicts), default=math.nan) if kind != "differs" \
             else min((v.max_abs_diff for v in verdicts), default=math.nan)
         label = "max" if kind != "differs" else "min"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from runner import record, schema
 from runner.record import Summary
 from runner.runs import flatten
-from runner.schema import GROUPS, Config, ConfigError
+from runner.schema import GROUPS, Config, ConfigError, LossConf, ModelConf
 
 
 def _conf_dir() -> Path:
@@ -46,23 +46,28 @@ EXIT_CODE = 0
 schema.register()
 
 
-def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Any]]:
-    """Composed config -> (typed plain dataclasses, the custom loss's extra keyword arguments)."""
+def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
+    """Composed config -> (typed plain dataclasses, the extra keyword arguments of a custom loss
+    and model by group: {"loss": {...}, "model": {...}})."""
     try:
         if "hydra" in cfg:  # callbacks see Hydra's own node; its sweep keys only resolve in a job
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        if OmegaConf.get_type(cfg) is Config and not schema.loss_kwargs(cfg.loss):
-            return OmegaConf.to_object(cfg), {}  # already typed by Hydra: the fast, common path
+        declared = {"loss": LossConf, "model": ModelConf}
+        if OmegaConf.get_type(cfg) is Config and not any(
+                set(cfg[group].keys()) - {f.name for f in fields(kind)} for group, kind in declared.items()):
+            return OmegaConf.to_object(cfg), {group: {} for group in declared}  # the fast, common path
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        kwargs = schema.loss_kwargs(container["loss"])
-        container["loss"] = {k: v for k, v in container["loss"].items() if k not in kwargs}
+        extras = {group: schema.extra_keys(container[group], kind) for group, kind in declared.items()}
+        for group in declared:
+            container[group] = {k: v for k, v in container[group].items() if k not in extras[group]}
         typed = OmegaConf.merge(OmegaConf.structured(Config), container)
-        return OmegaConf.to_object(typed), kwargs
+        return OmegaConf.to_object(typed), extras
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
-        if key == "loss._target_" or "_target_" in str(exc):
-            raise ConfigError("loss._target_ is missing: loss=custom needs "
-                              "loss._target_=package.module.Class") from None
+        if "Missing mandatory value" in str(exc):
+            missing = key or "a key"
+            example = "package.module.Class" if missing.endswith("_target_") else "..."
+            raise ConfigError(f"{missing} is missing: expected {missing}={example}") from None
         raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
@@ -72,8 +77,10 @@ def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[s
     that differs is refused, naming the key, the run's value and the new one. Keys the schema lets
     a resume change (trainer.steps, ...) are not compared."""
     may_change = schema.resume_may_change()
-    # A custom loss's arguments sit beside its keys in the command (+loss.KEY), apart in the checkpoint.
-    saved = {**saved, "loss": {**saved.get("loss", {}), **saved.get("loss_kwargs", {})}}
+    # A custom loss's or model's arguments sit beside its keys in the command (+loss.KEY), apart in
+    # the checkpoint.
+    saved = {**saved, **{group: {**saved.get(group, {}), **saved.get(f"{group}_kwargs", {})}
+                         for group in ("loss", "model")}}
     theirs_flat, mine_flat = flatten(saved), flatten(composed)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
@@ -88,10 +95,11 @@ def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[s
                               f"has {key}={theirs}, this command {key}={mine}; repeat the run's value or drop {key}")
 
 
-def config_for_resume(state: Dict[str, Any], current: Config, overrides: List[str]) -> Tuple[Config, Dict[str, Any]]:
+def config_for_resume(state: Dict[str, Any], current: Config,
+                      overrides: List[str]) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
     """The checkpoint's own config, with the keys a resume may change taken from this command."""
     saved = dict(state["config"])
-    loss_kwargs = saved.pop("loss_kwargs", {}) or {}
+    extras = {group: saved.pop(f"{group}_kwargs", {}) or {} for group in ("loss", "model")}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
     for dotted in schema.resume_may_change():
@@ -101,7 +109,7 @@ def config_for_resume(state: Dict[str, Any], current: Config, overrides: List[st
             for name in path:
                 source, target = getattr(source, name), getattr(target, name)
             setattr(target, leaf, getattr(source, leaf))
-    return config, loss_kwargs
+    return config, extras
 
 
 def report_bad_input(exc: Exception) -> None:
@@ -150,14 +158,14 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
 
     summary = origin(cfg, hydra_node)
     choices = summary.choices
-    config, loss_kwargs = config_from_omegaconf(cfg)
+    config, extras = config_from_omegaconf(cfg)
     resume, run_dir = None, None
     if config.trainer.resume:
         run_dir = Path(config.trainer.resume)
         resume = checkpoint.load(run_dir)
         previous = record.read_summary(run_dir) if record.has_summary(run_dir) else Summary()
         check_resume_overrides(run_dir, resume["config"], previous.choices, summary.config, summary.overrides)
-        config, loss_kwargs = config_for_resume(resume, config, summary.overrides)
+        config, extras = config_for_resume(resume, config, summary.overrides)
         # The run's own choices, overrides and config stay its record.
         summary = replace(summary, choices=previous.choices or choices,
                           overrides=previous.overrides or summary.overrides, config=previous.config or summary.config)
@@ -165,7 +173,7 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
     threads = config.trainer.threads or parallel_job_threads(hydra_node)
     if threads:
         torch.set_num_threads(threads)
-    return Prepared(build_training(config, loss_kwargs), summary, resume, run_dir)
+    return Prepared(build_training(config, extras["loss"], model_kwargs=extras["model"]), summary, resume, run_dir)
 
 
 # The single run's preparation, handed from the PrepareRun callback to the task function.
@@ -241,10 +249,16 @@ def main(cfg: DictConfig) -> None:
                                                   run_dir=str(run_dir.resolve())))
             EXIT_CODE = 2 if not multirun else EXIT_CODE
             return
-    for warning in prepared.training.strategy.ignored_switches(prepared.training.config.backward):
+    training = prepared.training
+    for warning in training.strategy.ignored_switches(training.config.backward):
         print(f"warning: {warning}", file=sys.stderr)
+    coupling = training.coupling
+    reason = coupling and record.expected_difference(coupling.batch_coupled, coupling.stochastic, coupling.modules)
+    if reason and training.strategy.accumulation > 1 and not multirun:
+        print(f"note: micro-batches cannot give the full batch's gradient with this model ({reason}): "
+              f"backward={training.strategy.name} is a different training here", file=sys.stderr)
     try:
-        outcome = run(prepared.training, prepared.run_dir or run_dir, prepared.summary, resume=prepared.resume)
+        outcome = run(training, prepared.run_dir or run_dir, prepared.summary, resume=prepared.resume)
     except ConfigError as exc:  # a checkpoint that does not fit the folder it is resumed in
         report_bad_input(exc)
         EXIT_CODE = 2

@@ -95,15 +95,42 @@ def print_rich(table, verdicts: SweepVerdicts, title: str = "comparison") -> Non
         cells = []
         for c in columns:
             text = _fmt(row[c], 4)
-            colour = colours.get(text) if c in ("status", "verdict") else None
+            colour = colours.get(text.split(" (")[0]) if c in ("status", "verdict") else None
             cells.append(f"[{colour}]{text}[/]" if colour else text)
         view.add_row(*cells)
     console.print(view)
+    for line in verdict_lines(table, verdicts.reference):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
     for c in verdicts.claims:
         mark = "[green]holds[/]" if c.holds else "[red]FAILS[/]"
         console.print(f"{mark}  {c.name}  [dim]{c.detail}[/]", soft_wrap=True)
     for run in verdicts.failed:
         print(f"job failed: {run.path.name}: {run.summary.error}", file=sys.stderr)
+
+
+def verdict_lines(table, reference: Optional[Run]) -> List[str]:
+    """A verdict per run against the reference, with the reason and the memory it held."""
+    if reference is None or not len(table):
+        return []
+    labels = run_labels(table)
+    rows = {Path(row["run_dir"]): row for _, row in table.iterrows()}
+    ref_bytes = rows[reference.path][record.MEMORY_COLUMN] if reference.path in rows else None
+    lines = [f"against {labels.get(reference.path, reference.path.name)}:"]
+    for path, row in rows.items():
+        if path == reference.path:
+            continue
+        if row["verdict"] == "error":
+            lines.append(f"  {labels[path]}: error, {row['error']}")
+            continue
+        memory = ""
+        if _number(row[record.MEMORY_COLUMN]) and _number(ref_bytes):
+            memory = f"; held {int(row[record.MEMORY_COLUMN]):,} B, {row[record.MEMORY_COLUMN] / ref_bytes:.2f}x"
+        lines.append(f"  {labels[path]}: {row['verdict']}, max |Δθ| {row['max_abs_diff']:.3g}{memory}")
+    return lines
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) and value > 0
 
 
 def run_labels(table) -> Dict[Path, str]:

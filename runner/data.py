@@ -17,6 +17,7 @@ Targets = Union[torch.Tensor, Dict[str, torch.Tensor]]
 # Offsets keep the generators of different concerns independent of each other.
 _TEACHER_STREAM = 1_000_003
 _ORDER_STREAM = 2_000_003
+_SPLIT_STREAM = 3_000_017
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,25 @@ def make_examples(spec: TaskSpec, n: int, seed: int, positive_rate: float = 0.5,
     return inputs, targets
 
 
+def synthetic(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
+              positive_rate: float = 0.5, noise: float = 0.0) -> "Dataset":
+    """The teacher's examples for `spec`: train_size to train on, eval_size held out."""
+    inputs, targets = make_examples(spec, train_size + eval_size, seed, positive_rate, noise)
+    return Dataset(inputs, targets, seed, train_size, batch_size)
+
+
+def train_rows(n: int, eval_fraction: float) -> int:
+    return n - int(round(eval_fraction * n))
+
+
+def split(inputs: torch.Tensor, targets: Targets, seed: int, eval_fraction: float, batch_size: int) -> "Dataset":
+    """A data set of the user's (runner.user_data), split into train and held-out parts by `seed`."""
+    n = inputs.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + _SPLIT_STREAM))
+    return Dataset(inputs[order], map_targets(targets, lambda t: t[order]), seed, train_rows(n, eval_fraction),
+                   batch_size)
+
+
 class Dataset:
     """A training set drawn in seeded epochs plus a held-out split.
 
@@ -124,12 +144,10 @@ class Dataset:
     seen, and two strategies see the same batches.
     """
 
-    def __init__(self, spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
-                 positive_rate: float = 0.5, noise: float = 0.0):
+    def __init__(self, inputs: torch.Tensor, targets: Targets, seed: int, train_size: int, batch_size: int):
+        """The first `train_size` examples train, the rest are held out."""
         if batch_size > train_size:
             raise ValueError(f"batch_size {batch_size} exceeds train_size {train_size}")
-        inputs, targets = make_examples(spec, train_size + eval_size, seed, positive_rate, noise)
-        self.spec = spec
         self.seed = seed
         self.batch_size = batch_size
         self.train_inputs = inputs[:train_size]

@@ -61,6 +61,11 @@ class Summary:
     seed: Optional[int] = None
     accumulation: Optional[int] = None
     params_without_grad: List[str] = field(default_factory=list)
+    # The coupling probe (runner.checks): does an example's output depend on another example's
+    # input (None: not tested), does the forward draw random numbers, and which modules do it.
+    batch_coupled: Optional[bool] = None
+    stochastic: Optional[bool] = None
+    coupling_modules: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     run_dir: Optional[str] = None
     resumed_from_step: Optional[int] = None
@@ -71,10 +76,21 @@ class Summary:
     overrides: List[str] = field(default_factory=list)  # as typed on the command line
     config: Dict[str, Any] = field(default_factory=dict)  # the full composed config
 
+    def expected_difference(self) -> Optional[str]:
+        """Why this run's micro-batches cannot give the full batch's result, or None."""
+        return expected_difference(self.batch_coupled, self.stochastic, self.coupling_modules)
+
     def metric(self, name: str) -> Optional[float]:
         """A numeric summary key by name (claims select one, e.g. peak_saved_bytes)."""
         value = getattr(self, name, None) if name in SUMMARY_KEYS else None
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def expected_difference(batch_coupled: Optional[bool], stochastic: Optional[bool], modules: List[str]) -> Optional[str]:
+    """"batch-coupled: bn1", "stochastic: drop", both, or None: the coupling probe's findings as a reason."""
+    causes = [cause for cause, present in (("batch-coupled", batch_coupled), ("stochastic", stochastic)) if present]
+    named = ", ".join(module.split(":")[0] for module in modules) or "unnamed modules"
+    return f"{' and '.join(causes)}: {named}" if causes else None
 
 
 SUMMARY_KEYS = tuple(f.name for f in fields(Summary))

@@ -75,16 +75,20 @@ class ModelConf:
     prior_bias: bool = False
     prior: float = 0.01
     depth: int = 2  # layers in a shared trunk (multi-task models)
+    _target_: Optional[str] = None  # custom: import path of your nn.Module class
 
 
 @dataclass
 class DataConf:
     name: str = "default"
     batch_size: int = 32  # the effective batch of one optimizer step
-    train_size: int = 4096
-    eval_size: int = 1024
+    train_size: int = 4096  # synthetic data: examples to train on
+    eval_size: int = 1024  # synthetic data: held-out examples
     positive_rate: float = 0.5  # share of positive labels the hidden teacher produces
     noise: float = 0.0  # label noise: share of flipped binary labels
+    path: Optional[str] = None  # csv, tensors: the file
+    target: Any = None  # csv: the target column, or several (A,B or [A, B]) for multi-label targets
+    eval_fraction: float = 0.2  # csv, tensors: the share held out, chosen by `seed`
 
 
 @dataclass
@@ -183,10 +187,17 @@ class ConfigError(ValueError):
     """Bad input: the message names the key and what is allowed."""
 
 
-def loss_kwargs(loss_conf: Any) -> dict:
-    """Extra keys of a custom loss (`+loss.KEY=VALUE`), i.e. everything LossConf does not declare."""
-    declared = {f.name for f in fields(LossConf)}
-    return {k: v for k, v in dict(loss_conf).items() if k not in declared}
+def extra_keys(conf: Any, declared: type) -> dict:
+    """Keys given with `+group.KEY=VALUE` that the group's dataclass does not declare: the
+    constructor arguments of a custom loss or model."""
+    names = {f.name for f in fields(declared)}
+    return {k: v for k, v in dict(conf).items() if k not in names}
+
+
+def set_keys(conf: Any, declared: type, skip: Tuple[str, ...] = ("name", "_target_")) -> dict:
+    """Declared keys whose value differs from the dataclass default (what the user set)."""
+    return {f.name: getattr(conf, f.name) for f in fields(declared)
+            if f.name not in skip and f.default is not MISSING and getattr(conf, f.name) != f.default}
 
 
 def validate(cfg: Config) -> None:
@@ -212,6 +223,7 @@ def validate(cfg: Config) -> None:
         (cfg.trainer.log_every >= 0, "trainer.log_every", cfg.trainer.log_every, ">= 0"),
         (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
          cfg.trainer.checkpoint_every, ">= 0 (0 = no checkpoints)"),
+        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in [0, 1)"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:
@@ -220,23 +232,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.reduction=none is not allowed for training: expected mean or sum")
 
 
-def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any]) -> Any:
-    """Build a `_target_` (loss._target_, and later model._target_) with hydra.utils.instantiate.
+def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
+                optional: Optional[Dict[str, Any]] = None) -> Any:
+    """Build a `_target_` (loss._target_, model._target_) with hydra.utils.instantiate.
 
-    Import errors and constructor errors become one ConfigError naming the key. The target is
-    imported as Python imports anything: a module of the working directory works under
-    `python -m`, installed packages from anywhere (nothing edits sys.path).
+    `optional` arguments are passed only where the constructor's signature names them (a custom
+    model's `hidden`, say, which the schema declares for the built-in models too). Import errors
+    and constructor errors become one ConfigError naming the key. The target is imported as
+    Python imports anything: a module of the working directory works under `python -m`,
+    installed packages from anywhere (nothing edits sys.path).
     """
+    import inspect
+
     from hydra.errors import InstantiationException
     from hydra.utils import get_object, instantiate as hydra_instantiate
 
     if not target or target == "???":
         raise ConfigError(f"{dotted} is missing: expected {dotted}=package.module.Class")
     try:
-        get_object(target)
+        built = get_object(target)
     except Exception as exc:  # ImportError, or Hydra's wrapper of it
         cause = exc.__cause__ or exc
         raise ConfigError(f"{dotted}={target}: cannot import it ({_first_line(cause)})") from None
+    if optional:
+        try:
+            accepted = inspect.signature(built).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        kwargs = {**{k: v for k, v in optional.items() if takes_any or k in accepted}, **kwargs}
     try:
         return hydra_instantiate({"_target_": target, **kwargs}, _convert_="all")
     except InstantiationException as exc:

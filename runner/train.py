@@ -124,6 +124,9 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         params_without_grad=t.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
         training_id=checkpoint.training_id(t.config_record()))
+    if t.coupling is not None:
+        summary.batch_coupled, summary.stochastic = t.coupling.batch_coupled, t.coupling.stochastic
+        summary.coupling_modules = t.coupling.modules
     if t.not_differentiable:  # the loss probe's finding is this run's result
         summary.status, summary.error = "error", t.not_differentiable
     else:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runner.data import Dataset, TaskSpec, micro_batches
+from runner.data import TaskSpec, micro_batches, synthetic
 from runner.models import IMAGE_SHAPE
 
 SPEC = TaskSpec(IMAGE_SHAPE, "multilabel", 5)
@@ -48,10 +48,10 @@ def test_dict_targets_split_together():
 def test_data_is_a_function_of_the_seed_alone_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = Dataset(SPEC, seed=7, train_size=256, eval_size=64, batch_size=32)
+    a = synthetic(SPEC, seed=7, train_size=256, eval_size=64, batch_size=32)
     assert torch.equal(torch.get_rng_state(), before)
-    b = Dataset(SPEC, seed=7, train_size=256, eval_size=64, batch_size=32)
-    c = Dataset(SPEC, seed=8, train_size=256, eval_size=64, batch_size=32)
+    b = synthetic(SPEC, seed=7, train_size=256, eval_size=64, batch_size=32)
+    c = synthetic(SPEC, seed=8, train_size=256, eval_size=64, batch_size=32)
     for step in (0, 5, 8, 17):  # steps 8+ come from later epochs
         xa, ya = a.batch(step)
         xb, yb = b.batch(step)
@@ -62,8 +62,8 @@ def test_data_is_a_function_of_the_seed_alone_and_leaves_global_rng_alone():
 
 
 def test_batch_of_a_step_does_not_depend_on_history():
-    a = Dataset(SPEC, seed=1, train_size=256, eval_size=0, batch_size=32)
-    b = Dataset(SPEC, seed=1, train_size=256, eval_size=0, batch_size=32)
+    a = synthetic(SPEC, seed=1, train_size=256, eval_size=0, batch_size=32)
+    b = synthetic(SPEC, seed=1, train_size=256, eval_size=0, batch_size=32)
     for step in range(20):
         a.batch(step)
     assert torch.equal(a.batch(19)[0], b.batch(19)[0])  # b jumps straight there (resume)
@@ -71,7 +71,7 @@ def test_batch_of_a_step_does_not_depend_on_history():
 
 @pytest.mark.parametrize("rate", [0.5, 0.01])
 def test_positive_rate(rate):
-    d = Dataset(SPEC, seed=0, train_size=4096, eval_size=1024, batch_size=32, positive_rate=rate)
+    d = synthetic(SPEC, seed=0, train_size=4096, eval_size=1024, batch_size=32, positive_rate=rate)
     share = d.train_targets.mean().item()
     assert share == pytest.approx(rate, rel=0.1, abs=0.002)
     assert set(d.train_targets.unique().tolist()) <= {0.0, 1.0}

@@ -1,6 +1,7 @@
 """Every ready-made experiment's claims hold (on fewer steps), and a false claim fails the sweep."""
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import ROOT, run_cli
 
@@ -9,8 +10,8 @@ STEPS = {"focal": 40}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "batchnorm", "chained", "custom_loss", "default", "focal", "multitask",
-                           "uneven"]
+    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "default", "focal",
+                           "multitask", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 
@@ -21,7 +22,9 @@ def test_claims_hold(tmp_path, name):
     result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}",
                      f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "FAILS" not in result.stdout and result.stdout.count("holds") >= 2
+    claims = len(yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"])
+    assert "FAILS" not in result.stdout
+    assert sum(line.startswith("holds") for line in result.stdout.splitlines()) == claims
     table = pd.read_csv(sweep_dir / "comparison.csv")
     assert len(table) == len([p for p in sweep_dir.iterdir() if (p / "summary.json").exists()]) > 1
 
