@@ -167,6 +167,7 @@ def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
     was_training = model.training
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     coupled: Optional[bool] = None
+    stochastic = False
     with torch.random.fork_rng(devices=devices):
         model.train()
         try:
@@ -184,6 +185,8 @@ def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
                     if grad is not None:
                         others = torch.cat([grad[:i], grad[i + 1:]])
                         coupled = coupled or bool(others.abs().sum() > 0)
+        except Exception:  # a forward that fails in train mode on a few examples: not decided here
+            coupled, stochastic = None, False  # (training on the real batch reports its own error)
         finally:
             model.train(was_training)
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Held-out evaluation at the end of a run: average precision for binary labels."""
+"""Held-out evaluation at the end of a run: average precision for binary labels, accuracy for
+classes, mean squared error for a regression target."""
 from __future__ import annotations
 
 from typing import Dict
@@ -37,6 +38,8 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
     if kind == "multiclass":
         logits = outputs["stage2"] if isinstance(outputs, dict) else outputs
         return {"accuracy": float((logits.argmax(1) == targets).double().mean())}
+    if kind == "regression":
+        return {"mse": float(torch.mean((outputs - targets).double() ** 2))}
     if kind == "multitask":
         return {
             "average_precision": average_precision(outputs["cls"].cpu(), targets["cls"].cpu()),

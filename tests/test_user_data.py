@@ -145,3 +145,21 @@ def test_a_built_in_model_on_a_table_is_told_what_fits(tmp_path):
     path = write_table(tmp_path / "t.csv")
     with pytest.raises(ConfigError, match=r"model=mlp takes inputs of shape \(3, 10, 10\), and data=csv"):
         build_training(make_config(data__name="csv", data__path=str(path), data__target="y"))
+
+
+def test_a_regression_target_trains_with_your_loss_and_is_scored_by_mse(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g)
+    torch.save({"inputs": x, "targets": x.sum(1, keepdim=True)}, tmp_path / "r.pt")
+    config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+                         data__path=str(tmp_path / "r.pt"), loss__name="custom",
+                         loss___target_="torch.nn.MSELoss", trainer__steps=30, optim__lr=0.05)
+    from runner.train import run
+
+    training = build_training(config, model_kwargs={"in_features": 3})
+    assert training.spec.kind == "regression"
+    outcome = run(training, tmp_path / "run")
+    assert outcome.status == "ok" and outcome.summary.eval_metric == "mse" and outcome.summary.eval_value < 3.0
+    with pytest.raises(ConfigError, match="loss=bce does not fit model=custom \\(regression targets\\)"):
+        build_training(make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+                                   data__path=str(tmp_path / "r.pt")), model_kwargs={"in_features": 3})
