@@ -185,14 +185,14 @@ def probe(training: Training) -> None:
     the model's output fit the targets, can the loss train it, does the model couple examples?"""
     cfg = training.config
     inputs, targets = training.dataset.batch(0)
-    if cfg.loss.name != "custom":  # a loss of the user's decides for itself what fits
-        checks.check_outputs_fit(training.model, inputs, targets, training.spec, model_label(cfg),
-                                 f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else ""),
-                                 loss_label(cfg))
+    data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
+    check_outputs = None if cfg.loss.name == "custom" else (  # a loss of the user's decides what fits
+        lambda outputs: checks.check_outputs_fit(outputs, targets, training.spec, model_label(cfg), data_label,
+                                                 loss_label(cfg)))
     training.params_without_grad, training.not_differentiable = [], None
     try:
         training.params_without_grad = checks.probe_loss(
-            training.model, training.loss_fn, inputs, targets, loss_label(cfg), model_label(cfg))
+            training.model, training.loss_fn, inputs, targets, loss_label(cfg), model_label(cfg), check_outputs)
     except checks.NotDifferentiable as exc:
         training.not_differentiable = str(exc)
     training.coupling = checks.probe_coupling(training.model, inputs)

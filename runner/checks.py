@@ -16,7 +16,7 @@ which leaves .grad untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -66,10 +66,11 @@ def function_without_backward(loss: torch.Tensor) -> Optional[str]:
     return None
 
 
-def probe_loss(model: torch.nn.Module, loss_fn, inputs, targets, label: str,
-               model_label: str) -> List[str]:
+def probe_loss(model: torch.nn.Module, loss_fn, inputs, targets, label: str, model_label: str,
+               check_outputs: Optional[Callable[[Any], None]] = None) -> List[str]:
     """Raise NotDifferentiable or UserCodeError, else return the names of the parameters that
-    receive no gradient from the loss."""
+    receive no gradient from the loss. `check_outputs` sees the model's output first (its shape
+    against the targets), so that a misfit is named as such, not as the loss's error."""
     was_training = model.training
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -79,6 +80,8 @@ def probe_loss(model: torch.nn.Module, loss_fn, inputs, targets, label: str,
                 outputs = model(inputs)
             except Exception as exc:
                 raise raised(model_label, exc) from None
+            if check_outputs is not None:
+                check_outputs(outputs)
             try:
                 loss = loss_fn(outputs, targets)
             except Exception as exc:
@@ -110,22 +113,11 @@ def probe_loss(model: torch.nn.Module, loss_fn, inputs, targets, label: str,
     return [n for (n, _), g in zip(named, grads) if g is None]
 
 
-def check_outputs_fit(model: torch.nn.Module, inputs, targets, spec, model_label: str, data_label: str,
-                      loss_label: str) -> None:
-    """The model's output must have the targets' shape for a built-in loss (a class index per
-    example: a logit per class). UserCodeError naming both shapes otherwise."""
+def check_outputs_fit(outputs, targets, spec, model_label: str, data_label: str, loss_label: str) -> None:
+    """The model's output must have the targets' shape for a built-in loss (a logit per class for
+    class-index targets). UserCodeError naming both shapes otherwise."""
     if spec.kind not in ("multilabel", "regression", "multiclass") or spec.stages:
         return  # the built-in multi-part models and their losses fit by construction
-    was_training = model.training
-    devices = [inputs.device] if inputs.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
-        try:
-            outputs = model(inputs)
-        except Exception as exc:
-            raise raised(model_label, exc) from None
-        finally:
-            model.train(was_training)
     shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
     if spec.kind == "multiclass":
         fits = isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and outputs.shape[0] == len(targets) \
@@ -135,8 +127,8 @@ def check_outputs_fit(model: torch.nn.Module, inputs, targets, spec, model_label
         fits = isinstance(outputs, torch.Tensor) and tuple(outputs.shape) == tuple(targets.shape)
         wanted = f"{tuple(targets.shape)}, the targets' shape"
     if not fits:
-        raise UserCodeError(f"{model_label} outputs shape {shape} on a batch of {len(inputs)}, and the targets of "
-                            f"{data_label} have shape {tuple(targets.shape)}: {loss_label} expects {wanted}")
+        raise UserCodeError(f"{model_label} outputs shape {shape} on a batch of {len(targets)}, and the targets "
+                            f"of {data_label} have shape {tuple(targets.shape)}: {loss_label} expects {wanted}")
 
 
 # Module types that mix the examples of a batch in train mode, and those that draw random numbers.
