@@ -328,7 +328,7 @@ def read_comparison_rows(sweep_dir: Path) -> List[Dict[str, str]]:
 
 def append_comparison_row(sweep_dir: Path, columns: List[str], row: Mapping[str, Any]) -> None:
     """Add one job's row to comparison.csv, rewriting the file atomically (a sweep has few rows)."""
-    rows = [r for r in read_comparison_rows(sweep_dir)] + [dict(row)]
+    rows = read_comparison_rows(sweep_dir) + [dict(row)]
     atomic_write_bytes(Path(sweep_dir) / COMPARISON, csv_text(rows, columns).encode())
 
 

@@ -156,6 +156,19 @@ def answer_batches(training, steps):
         yield inputs, targets["cls"], targets["reg"]
 
 
+def answer_step_per_task(model, optimizer, inputs, class_targets, regress_targets):
+    """The multi-task answer's second snippet: a backward and a step per task on one forward."""
+    outputs = model(inputs)
+    class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
+    regress_loss = F.mse_loss(outputs["reg"], regress_targets)
+    optimizer.zero_grad()
+    class_loss.backward(retain_graph=True)
+    optimizer.step()
+    optimizer.zero_grad()
+    regress_loss.backward()  # on a deep trunk: the in-place error, the step changed saved weights
+    optimizer.step()
+
+
 def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_trunk(tmp_path):
     """The multi-task answer's second snippet (unweighted task losses: weights 1/1 here), by hand."""
     # lr 0.1: unweighted, the sum of the two task losses diverges at the default lr of 0.5.
@@ -167,15 +180,7 @@ def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_tru
     model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for inputs, class_targets, regress_targets in answer_batches(training, steps):
-        outputs = model(inputs)
-        class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
-        regress_loss = F.mse_loss(outputs["reg"], regress_targets)
-        optimizer.zero_grad()
-        class_loss.backward(retain_graph=True)
-        optimizer.step()
-        optimizer.zero_grad()
-        regress_loss.backward()
-        optimizer.step()
+        answer_step_per_task(model, optimizer, inputs, class_targets, regress_targets)
     for name, p in model.named_parameters():
         torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=0)
 
@@ -186,15 +191,8 @@ def test_the_answers_step_per_task_snippet_fails_by_hand_on_a_deep_trunk():
     model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     inputs, class_targets, regress_targets = next(answer_batches(training, 1))
-    outputs = model(inputs)
-    class_loss = F.binary_cross_entropy_with_logits(outputs["cls"], class_targets)
-    regress_loss = F.mse_loss(outputs["reg"], regress_targets)
-    optimizer.zero_grad()
-    class_loss.backward(retain_graph=True)
-    optimizer.step()
-    optimizer.zero_grad()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        regress_loss.backward()
+        answer_step_per_task(model, optimizer, inputs, class_targets, regress_targets)
 
 
 def test_reforward_matches_a_dcgan_style_loop(tmp_path):
