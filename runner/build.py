@@ -9,6 +9,7 @@ are built afterwards and draw nothing; the probe leaves no trace.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -17,11 +18,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from runner import checks, user_data
-from runner.data import Dataset, TaskSpec, split, synthetic, train_rows
+from runner.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
+from runner.loader import Batches, LoaderWindows
 from runner.losses import build_loss, per_stage
 from runner.models import IMAGE_SHAPE, build_model
 from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
-from runner.strategies import Strategy, StrategyMismatch, build_strategy
+from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy
 
 
 @dataclass
@@ -35,8 +37,10 @@ class Training:
     strategy: Strategy
     optimizers: List[torch.optim.Optimizer]
     dataset: Dataset
+    batches: Any  # step -> its examples (runner.loader: Batches, or LoaderWindows in loader mode)
     device: torch.device
     dtype: torch.dtype
+    schedulers: List[Any] = field(default_factory=list)  # one LR scheduler per optimizer (optim.scheduler)
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
     # What the loss probe found: parameters the loss never reaches, or why it cannot train at all.
@@ -80,6 +84,25 @@ def set_determinism(on: bool, device: torch.device) -> None:
         torch.use_deterministic_algorithms(on)
 
 
+def schedule(name: str, warmup_steps: int, total_steps: int):
+    """The LR factor of optimizer step s: a linear warmup from 0 over warmup_steps, then a linear
+    or half-cosine decay to 0 at total_steps (transformers' get_linear/cosine_schedule_with_warmup)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_schedulers(cfg: Config, optimizers: List[torch.optim.Optimizer]) -> List[Any]:
+    name = plain(cfg.optim.scheduler)
+    if name == "none":
+        return []
+    return [torch.optim.lr_scheduler.LambdaLR(opt, schedule(name, cfg.optim.warmup_steps, cfg.trainer.steps))
+            for opt in optimizers]
+
+
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -113,6 +136,15 @@ def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
 def build_dataset(cfg: Config, spec: TaskSpec):
     """The data set, and the TaskSpec it describes (the user's files describe themselves)."""
     data = cfg.data
+    # In loader mode the data set's own batches are not drawn: micro-batches are (runner.loader).
+    batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
+    if data.name == "seq" or spec.kind == "sequence":
+        if data.name != "seq" or cfg.model.name not in ("seq", "custom"):
+            raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
+                              "model=seq with data=seq and loss=lm (or model=custom on data=seq)")
+        spec = TaskSpec((), "sequence", cfg.model.vocab)
+        return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
+                         data.min_length, data.max_length), spec
     if data.name in user_data.READERS:
         inputs, targets, found = user_data.READERS[data.name](data)
         if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
@@ -120,12 +152,23 @@ def build_dataset(cfg: Config, spec: TaskSpec):
                               f"data={data.name} ({data.path}) has {found.input_shape}: use model=custom "
                               "model._target_=... (your model)")
         rows = train_rows(len(inputs), data.eval_fraction)
-        if data.batch_size > rows:
-            raise ConfigError(f"data.batch_size={data.batch_size} is not allowed with data.path={data.path}: "
+        if batch_size > rows:
+            key = "data.batch_size" if data.micro_batch_size is None else "data.micro_batch_size"
+            raise ConfigError(f"{key}={batch_size} is not allowed with data.path={data.path}: "
                               f"expected at most its {rows} training rows")
-        return split(inputs, targets, cfg.seed, data.eval_fraction, data.batch_size), found
-    return synthetic(spec, cfg.seed, data.train_size, data.eval_size, data.batch_size, data.positive_rate,
+        return split(inputs, targets, cfg.seed, data.eval_fraction, batch_size), found
+    return synthetic(spec, cfg.seed, data.train_size, data.eval_size, batch_size, data.positive_rate,
                      data.noise), spec
+
+
+def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
+    """Batch mode, or loader mode's windows of backward.accumulation micro-batches. The window is
+    the data's, so backward=full (which records accumulation 1) trains on the same windows, each
+    as one batch: the reference at every step, partial windows included."""
+    if cfg.data.micro_batch_size is None:
+        return Batches(dataset)
+    drop = getattr(strategy.options, "partial_window", None) == PartialWindow.drop
+    return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, drop)
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
@@ -159,9 +202,15 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         model, spec = build_model_and_spec(cfg, model_kwargs)
         # Data comes from its own generators: the model's initial parameters depend on the seed alone.
         dataset, spec = build_dataset(cfg, spec)
+        dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
-        strategy = build_strategy(cfg.backward)
-        strategy.check(model, loss_fn, cfg.data.batch_size)
+        strategy = build_strategy(cfg.backward, Updates(clip_norm=cfg.optim.clip_norm,
+                                                        clip_every=plain(cfg.optim.clip_every),
+                                                        scheduler_every=plain(cfg.optim.scheduler_every)))
+        loader = cfg.data.micro_batch_size is not None  # a window of k micro-batches is the step's batch
+        strategy.check(model, loss_fn, cfg.backward.accumulation * cfg.data.micro_batch_size if loader
+                       else cfg.data.batch_size)
+        batches = build_batches(cfg, dataset, strategy)
     except StrategyMismatch as exc:
         raise ConfigError(_misfit(strategy, cfg, exc)) from None
     except ValueError as exc:
@@ -174,8 +223,10 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
         groups[-1] = groups[-1] + extra_loss_params
     optimizers = [build_optimizer(cfg.optim, group) for group in groups]
-    training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset.to(device, dtype), device, dtype,
-                        loss_kwargs, model_kwargs)
+    schedulers = build_schedulers(cfg, optimizers)
+    strategy.updates.schedulers = {id(opt): s for opt, s in zip(optimizers, schedulers)}
+    training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
+                        schedulers, loss_kwargs, model_kwargs)
     probe(training)
     return training
 
@@ -184,7 +235,8 @@ def probe(training: Training) -> None:
     """The checks before training, on the first batch (runner.checks), and what they found: does
     the model's output fit the targets, can the loss train it, does the model couple examples?"""
     cfg = training.config
-    inputs, targets = training.dataset.batch(0)
+    window = training.batches.window(0)
+    inputs, targets = window.inputs, window.targets
     data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
     check_outputs = None if cfg.loss.name == "custom" else (  # a loss of the user's decides what fits
         lambda outputs: checks.check_outputs_fit(outputs, targets, training.spec, model_label(cfg), data_label,

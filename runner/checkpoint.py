@@ -1,9 +1,9 @@
 """Checkpoints that resume a run bit for bit.
 
-checkpoint.pt holds the model, the optimizers, a learnable loss's parameters, torch's RNG states,
+checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnable loss's parameters, torch's RNG states,
 the step, and how many bytes of metrics.csv were written up to it (a resumed run cuts the CSV
-back there and rewrites the rows after it). The data position needs no state: the batch of a step
-is a pure function of (seed, step). The run's config is stored as JSON, so loading never
+back there and rewrites the rows after it). The data position needs no state: the batch (or the
+loader's window) of a step is a pure function of (seed, step). The run's config is stored as JSON, so loading never
 unpickles arbitrary objects: `torch.load(weights_only=True)` accepts it.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: floa
         "config_json": json.dumps(training.config_record(), sort_keys=True, default=str),
         "model": training.model.state_dict(),
         "optimizers": [opt.state_dict() for opt in training.optimizers],
+        "schedulers": [scheduler.state_dict() for scheduler in training.schedulers],
         "loss": training.loss_fn.state_dict() if isinstance(training.loss_fn, torch.nn.Module) else {},
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if training.device.type == "cuda" else [],
@@ -113,6 +114,8 @@ def restore(state: Dict[str, Any], training) -> int:
         training.model.load_state_dict(state["model"])
         for optimizer, saved in zip(training.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(training.schedulers, state.get("schedulers", []), strict=True):
+            scheduler.load_state_dict(saved)
         if isinstance(training.loss_fn, torch.nn.Module):
             training.loss_fn.load_state_dict(state["loss"])
     except (RuntimeError, ValueError, KeyError) as exc:

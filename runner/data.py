@@ -8,7 +8,7 @@ leaves the global RNG untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -19,13 +19,16 @@ _TEACHER_STREAM = 1_000_003
 _ORDER_STREAM = 2_000_003
 _SPLIT_STREAM = 3_000_017
 
+# The label of a position that is not scored (padding): torch's cross_entropy ignore_index default.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class TaskSpec:
     """What a model consumes and predicts; the data set is built to match it."""
 
     input_shape: tuple  # one example, e.g. (3, 10, 10)
-    kind: str  # multilabel | multiclass | multitask
+    kind: str  # multilabel | multiclass | multitask | regression | sequence (next-token labels)
     outputs: int  # labels (multilabel), classes (multiclass)
     stages: tuple = ()  # names of a chained model's outputs, each scored against the targets
 
@@ -34,7 +37,8 @@ class TaskSpec:
 class MicroBatch:
     inputs: torch.Tensor
     targets: Targets
-    weight: float  # its share of the batch: len(micro-batch) / len(batch)
+    weight: float  # the factor the strategy's scale gives it (scale=size: its share of the batch's rows)
+    share: float  # its share of the batch's rows, whatever the scale
 
 
 def map_targets(targets: Targets, fn) -> Targets:
@@ -43,15 +47,19 @@ def map_targets(targets: Targets, fn) -> Targets:
     return fn(targets)
 
 
-def split_targets(targets: Targets, k: int) -> List[Targets]:
+def split_targets(targets: Targets, k: Union[int, List[int]]) -> List[Targets]:
+    """tensor_split into k pieces, or split into pieces of the given sizes."""
+    cut = (lambda t: torch.tensor_split(t, k)) if isinstance(k, int) else (lambda t: torch.split(t, k))
     if isinstance(targets, dict):
-        pieces = {name: torch.tensor_split(t, k) for name, t in targets.items()}
-        return [{name: pieces[name][i] for name in targets} for i in range(k)]
-    return list(torch.tensor_split(targets, k))
+        pieces = {name: cut(t) for name, t in targets.items()}
+        return [{name: pieces[name][i] for name in targets} for i in range(len(next(iter(pieces.values()))))]
+    return list(cut(targets))
 
 
-def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "size") -> List[MicroBatch]:
-    """`torch.tensor_split` into k micro-batches (sizes differ by at most one).
+def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "size",
+                  sizes: Optional[List[int]] = None) -> List[MicroBatch]:
+    """`torch.tensor_split` into k micro-batches (sizes differ by at most one), or into the given
+    `sizes` (loader mode: the micro-batches the DataLoader drew, however many there are).
 
     scale="size" weights each micro-batch by its share of the batch, which makes the weighted sum
     of mean losses equal the full-batch mean loss exactly (the identity of the accumulation answer,
@@ -59,17 +67,21 @@ def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "
     same only when k divides the batch; it is kept to show that error on uneven splits.
     """
     batch = inputs.shape[0]
-    if not 1 <= k <= batch:
-        raise ValueError(f"cannot split a batch of {batch} into {k} micro-batches")
-    xs = torch.tensor_split(inputs, k)
-    ys = split_targets(targets, k)
+    if sizes is None:
+        if not 1 <= k <= batch:
+            raise ValueError(f"cannot split a batch of {batch} into {k} micro-batches")
+        xs, ys = torch.tensor_split(inputs, k), split_targets(targets, k)
+    else:
+        xs, k = torch.split(inputs, sizes), len(sizes)
+        ys = split_targets(targets, sizes)
+    shares = [x.shape[0] / batch for x in xs]
     if scale == "size":
-        weights = [x.shape[0] / batch for x in xs]
+        weights = shares
     elif scale == "mean":
         weights = [1.0 / k] * k
     else:
         raise ValueError(f"scale must be 'size' or 'mean', got {scale!r}")
-    return [MicroBatch(x, y, w) for x, y, w in zip(xs, ys, weights)]
+    return [MicroBatch(x, y, w, share) for x, y, w, share in zip(xs, ys, weights, shares)]
 
 
 class Teacher(torch.nn.Module):
@@ -122,6 +134,35 @@ def synthetic(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_
     """The teacher's examples for `spec`: train_size to train on, eval_size held out."""
     inputs, targets = make_examples(spec, train_size + eval_size, seed, positive_rate, noise)
     return Dataset(inputs, targets, seed, train_size, batch_size)
+
+
+def markov_sequences(vocab: int, n: int, seed: int, min_length: int, max_length: int):
+    """n token sequences from a hidden random Markov chain, as (inputs, next-token labels).
+
+    Lengths are drawn uniformly from min_length..max_length; a sequence of length L gives L - 1
+    scored positions. Rows are right-padded to max_length - 1: padded inputs are token 0 and
+    padded labels IGNORE_INDEX, so a token loss must count the scored positions, not the rows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    chain = torch.Generator().manual_seed(seed + _TEACHER_STREAM)
+    # Peaked transitions: each token has a few likely successors, so the loss can fall well below log(vocab).
+    transitions = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=chain), dim=1)
+    lengths = torch.randint(min_length, max_length + 1, (n,), generator=g)
+    tokens = torch.zeros(n, max_length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(1, max_length):
+        tokens[:, t] = torch.multinomial(transitions[tokens[:, t - 1]], 1, generator=g).squeeze(1)
+    position = torch.arange(max_length)[None, :]
+    tokens = tokens.masked_fill(position >= lengths[:, None], 0)
+    labels = tokens[:, 1:].masked_fill(position[:, 1:] >= lengths[:, None], IGNORE_INDEX)
+    return tokens[:, :-1].contiguous(), labels.contiguous()
+
+
+def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
+              min_length: int, max_length: int) -> "Dataset":
+    """Markov-chain token sequences over spec.outputs tokens: train_size to train on, eval_size held out."""
+    inputs, labels = markov_sequences(spec.outputs, train_size + eval_size, seed, min_length, max_length)
+    return Dataset(inputs, labels, seed, train_size, batch_size)
 
 
 def train_rows(n: int, eval_fraction: float) -> int:

@@ -1,10 +1,13 @@
 """Held-out evaluation at the end of a run: average precision for binary labels, accuracy for
-classes, mean squared error for a regression target."""
+classes, mean squared error for a regression target, next-token accuracy (and the mean loss per
+token) for sequences."""
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
+
+from runner.data import IGNORE_INDEX
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -40,6 +43,11 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
         return {"accuracy": float((logits.argmax(1) == targets).double().mean())}
     if kind == "regression":
         return {"mse": float(torch.mean((outputs - targets).double() ** 2))}
+    if kind == "sequence":  # next-token labels; padding (-100) is not scored
+        scored = targets != IGNORE_INDEX
+        logits = outputs[scored]
+        return {"token_accuracy": float((logits.argmax(-1) == targets[scored]).double().mean()),
+                "token_loss": float(torch.nn.functional.cross_entropy(logits.double(), targets[scored]))}
     if kind == "multitask":
         return {
             "average_precision": average_precision(outputs["cls"].cpu(), targets["cls"].cpu()),

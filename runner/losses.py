@@ -7,7 +7,7 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Dict, Protocol, runtime_checkable
+from typing import Callable, Dict, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +22,20 @@ class MultiPartLoss(Protocol):
     backward=separate backwards them one by one)."""
 
     def parts(self, outputs, targets) -> Dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class TokenLoss(Protocol):
+    """A loss over the tokens of sequences (loss=lm), whose labels mark padding with an ignore
+    index. Its mean divides by a count of `units` (tokens, or sequences) that the targets alone
+    give, so a strategy can count the effective batch's before any forward; `batch_count`
+    says whether the loss divides by the count it is handed (num_items_in_batch) or by its own."""
+
+    def count_tokens(self, targets) -> torch.Tensor: ...
+
+    def units(self, targets) -> torch.Tensor: ...
+
+    def batch_count(self) -> bool: ...
 
 
 def offers(obj, protocol) -> bool:
@@ -108,6 +122,55 @@ class FocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
+class TokenCrossEntropy(nn.Module):
+    """Next-token cross-entropy over scored positions (labels != ignore_index), normalised by:
+
+    - "tokens": the summed loss / the number of scored tokens. A micro-batch's call is handed
+      the effective batch's count (num_items_in_batch, counted from the targets first), so
+      micro-batch losses add up to the full batch's exactly: the Hugging Face Trainer's fix of
+      2024 (transformers PRs #34191, #34198) and torchtune's (PR #1875).
+    - "micro_batch": each call's own token mean, whatever it is handed. Weighted per example by
+      the strategy, (x1/n1) + (x2/n2) is not (x1 + x2)/(n1 + n2) when n1 != n2: the old bug.
+    - "sequence": each sequence's token mean, then the mean over sequences: a mean over examples,
+      so the usual per-example weighting is exact (a different objective from "tokens").
+    """
+
+    NORMALIZE = ("tokens", "micro_batch", "sequence")
+
+    def __init__(self, normalize: str = "tokens", ignore_index: int = -100):
+        super().__init__()
+        if normalize not in self.NORMALIZE:
+            raise ValueError(f"loss.normalize={normalize} is not allowed: expected one of {list(self.NORMALIZE)}")
+        self.normalize, self.ignore_index = normalize, ignore_index
+        self.reduction = "mean"
+
+    def count_tokens(self, targets: torch.Tensor) -> torch.Tensor:
+        return (targets != self.ignore_index).sum()
+
+    def units(self, targets: torch.Tensor) -> torch.Tensor:
+        """What one call's mean divides by: scored tokens, or sequences for normalize=sequence."""
+        if self.normalize == "sequence":
+            return torch.tensor(targets.shape[0], device=targets.device)
+        return self.count_tokens(targets)
+
+    def batch_count(self) -> bool:
+        return self.normalize == "tokens"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=self.ignore_index,
+                                    reduction="none").view(targets.shape)
+        if self.normalize == "sequence":
+            scored = (targets != self.ignore_index).sum(dim=1).clamp(min=1)
+            return (per_token.sum(dim=1) / scored).mean()
+        count = num_items_in_batch if num_items_in_batch is not None and self.normalize == "tokens" \
+            else self.count_tokens(targets)
+        return per_token.sum() / count
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}"
+
+
 class PerStage(nn.Module):
     """One loss applied to each stage's output of a chained model: the answer's l1 and l2.
 
@@ -180,15 +243,19 @@ def _ce(cfg):
     return nn.CrossEntropyLoss(reduction=cfg.reduction)
 
 
+def _lm(cfg):
+    return TokenCrossEntropy(normalize=getattr(cfg.normalize, "value", cfg.normalize))
+
+
 def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
 # name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.build)
-BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask}
+BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask, "lm": _lm}
 # The task kinds (runner.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
-        "multitask": {"multitask"}}
+        "multitask": {"multitask"}, "lm": {"sequence"}}
 
 
 def build_loss(cfg, spec, model_name: str) -> nn.Module:

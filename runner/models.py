@@ -81,6 +81,51 @@ class TwoStage(nn.Module):
         return {"stage1": a, "stage2": self.stage2(a.detach() if detach else a)}
 
 
+class CausalLM(nn.Module):
+    """A small causal language model: token embedding -> `layers` GRU layers, or Transformer
+    layers with a causal mask -> a logit per vocabulary token at every position.
+
+    Position t sees tokens 0..t only, so right-padding never changes the logits of real tokens.
+    No dropout: a stochastic forward could not give the same gradient from micro-batches.
+    """
+
+    CELLS = ("gru", "transformer")
+
+    def __init__(self, vocab: int = 16, hidden: int = 32, layers: int = 1, cell: str = "gru"):
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ValueError(f"model.cell={cell} is not allowed: expected one of {list(self.CELLS)}")
+        self.cell = cell
+        self.embed = nn.Embedding(vocab, hidden)
+        if cell == "gru":
+            self.body = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
+        else:
+            layer = nn.TransformerEncoderLayer(hidden, nhead=max(1, hidden // 16), dim_feedforward=2 * hidden,
+                                               dropout=0.0, batch_first=True)
+            self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.cell == "gru":
+            x, _ = self.body(x)
+        else:
+            length = tokens.shape[1]
+            mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
+            x = self.body(x + sinusoid_positions(length, x.shape[-1], x), mask=mask, is_causal=True)
+        return self.out(x)
+
+
+def sinusoid_positions(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The Transformer paper's fixed position encodings, (length, width)."""
+    position = torch.arange(length, device=like.device, dtype=like.dtype)[:, None]
+    frequency = torch.exp(torch.arange(0, width, 2, device=like.device, dtype=like.dtype) * (-math.log(1e4) / width))
+    table = torch.zeros(length, width, device=like.device, dtype=like.dtype)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, :width // 2]
+    return table
+
+
 def output_layer(model: nn.Module) -> nn.Module:
     """The last Linear layer, whose bias a prior initialisation sets."""
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -118,9 +163,15 @@ def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
 
 TWO_STAGE_FEATURES = 10
 
+
+def _seq(cfg) -> Tuple[nn.Module, TaskSpec]:
+    if cfg.depth < 1:
+        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
+    return CausalLM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell), TaskSpec((), "sequence", cfg.vocab)
+
 # name -> builder(model_cfg) -> (model, TaskSpec). Add a model by adding a builder here.
 BUILDERS: Dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn, "multitask": _multitask,
-                                 "two_stage": _two_stage}
+                                 "two_stage": _two_stage, "seq": _seq}
 
 
 def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:

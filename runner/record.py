@@ -34,6 +34,8 @@ SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
 # Columns every metrics.csv starts with; loss components and extras follow.
 BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
 MEMORY_COLUMN = "peak_saved_bytes"  # on the steps the saved-tensor meter measured
+LOADER_COLUMNS = ("epoch", "window_size")  # loader mode (data.micro_batch_size): epoch, examples in the window
+LR_COLUMN = "lr"  # with optim.scheduler: the learning rate of the step
 
 
 @dataclass

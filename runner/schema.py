@@ -54,6 +54,23 @@ class Reduction(str, Enum):
     sum = "sum"
 
 
+class Normalize(str, Enum):
+    tokens = "tokens"  # the summed loss / the effective batch's non-ignored tokens: exact under any split
+    micro_batch = "micro_batch"  # the mean over each micro-batch's tokens (the pre-2024 Trainer)
+    sequence = "sequence"  # the mean over each sequence's tokens, then over sequences
+
+
+class Scheduler(str, Enum):
+    none = "none"
+    linear = "linear"  # linear warmup, then linear decay to 0 at trainer.steps
+    cosine = "cosine"  # linear warmup, then half a cosine down to 0 at trainer.steps
+
+
+class Every(str, Enum):
+    step = "step"  # once per optimizer step
+    micro_batch = "micro_batch"  # once per micro-batch (the accumulation bugs)
+
+
 class MemoryMeter(str, Enum):
     first = "first"  # measure the first optimizer step only (shapes do not change)
     every = "every"
@@ -74,7 +91,9 @@ class ModelConf:
     # Initialise the output bias to -log((1-prior)/prior), as RetinaNet does for rare positives.
     prior_bias: bool = False
     prior: float = 0.01
-    depth: int = 2  # layers in a shared trunk (multi-task models)
+    depth: int = 2  # layers in a shared trunk (multi-task models), or the recurrent/attention layers (seq)
+    vocab: int = 16  # seq: the vocabulary (tokens 0..vocab-1)
+    cell: str = "gru"  # seq: gru | transformer (causal self-attention)
     _target_: Optional[str] = None  # custom: import path of your nn.Module class
 
 
@@ -89,6 +108,11 @@ class DataConf:
     path: Optional[str] = None  # csv, tensors: the file
     target: Any = None  # csv: the target column, or several (A,B or [A, B]) for multi-label targets
     eval_fraction: float = 0.2  # csv, tensors: the share held out, chosen by `seed`
+    min_length: int = 2  # seq: the shortest sequence (tokens, so min_length - 1 predicted tokens)
+    max_length: int = 32  # seq: the longest; shorter sequences are right-padded, their labels -100
+    # Loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of
+    # them per optimizer step, in epochs over the training rows; null = batches of data.batch_size.
+    micro_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -99,6 +123,7 @@ class LossConf:
     gamma: float = 2.0  # focal: focusing parameter, >= 0
     weights: Dict[str, float] = field(default_factory=dict)  # multitask: weight per task
     weighting: str = "fixed"  # multitask: fixed | uncertainty
+    normalize: Normalize = Normalize.tokens  # lm: what the token loss is divided by
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
@@ -126,6 +151,11 @@ class OptimConf:
     momentum: float = 0.0
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: Scheduler = Scheduler.none  # the learning-rate schedule over trainer.steps
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to optim.lr
+    scheduler_every: Every = Every.step  # micro_batch: advance the schedule per micro-batch (the bug)
+    clip_norm: float = 0.0  # clip the gradient's L2 norm to this (0 = off)
+    clip_every: Every = Every.step  # micro_batch: clip the running gradient after each micro-batch (the bug)
 
 
 @dataclass
@@ -157,6 +187,8 @@ class Config:
     seed: int = 0
     # Declared expectations of a sweep (see runner.claims); ignored by single runs.
     claims: List[Any] = key(role=Role.operational, default_factory=list)
+    # What an experiment shows, in a sentence or two with its public reference (the report prints it).
+    about: Optional[str] = key(None, Role.operational)
 
 
 # Which group a choice (model=cnn) picks for; the option's `name` repeats the choice.
@@ -202,6 +234,7 @@ def set_keys(conf: Any, declared: type, skip: Tuple[str, ...] = ("name", "_targe
 
 def validate(cfg: Config) -> None:
     """Range checks Hydra's types cannot make. Raises ConfigError naming the key."""
+    loader = cfg.data.micro_batch_size is not None
     checks = [
         (cfg.trainer.steps >= 1, "trainer.steps", cfg.trainer.steps, "an integer >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "an integer >= 1"),
@@ -210,8 +243,19 @@ def validate(cfg: Config) -> None:
         (cfg.loss.alpha <= 1, "loss.alpha", cfg.loss.alpha, "<= 1 (or < 0 to disable)"),
         (cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, ">= 0"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
-        (cfg.data.train_size >= cfg.data.batch_size, "data.train_size", cfg.data.train_size,
-         f">= data.batch_size ({cfg.data.batch_size})"),
+        (loader or cfg.data.train_size >= cfg.data.batch_size, "data.train_size",
+         cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),
+        (not loader or cfg.data.micro_batch_size >= 1, "data.micro_batch_size", cfg.data.micro_batch_size,
+         "an integer >= 1 (or null for batches of data.batch_size)"),
+        (not loader or cfg.data.micro_batch_size <= cfg.data.train_size or cfg.data.name in ("csv", "tensors"),
+         "data.micro_batch_size", cfg.data.micro_batch_size,
+         f"at most the data set's data.train_size ({cfg.data.train_size})"),
+        (cfg.data.min_length >= 2, "data.min_length", cfg.data.min_length, "an integer >= 2 (a token to predict)"),
+        (cfg.data.max_length >= cfg.data.min_length, "data.max_length", cfg.data.max_length,
+         f">= data.min_length ({cfg.data.min_length})"),
+        (cfg.model.vocab >= 2, "model.vocab", cfg.model.vocab, "an integer >= 2"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, ">= 0"),
+        (cfg.optim.clip_norm >= 0, "optim.clip_norm", cfg.optim.clip_norm, ">= 0 (0 = off)"),
         (cfg.data.eval_size >= 0, "data.eval_size", cfg.data.eval_size, ">= 0"),
         (0 < cfg.data.positive_rate < 1, "data.positive_rate", cfg.data.positive_rate,
          "strictly between 0 and 1"),

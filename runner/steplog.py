@@ -28,7 +28,8 @@ class StepLog:
         self.last_loss: Optional[torch.Tensor] = None
         self.peak_saved: Optional[int] = None  # the largest peak_saved_bytes measured
 
-    def add(self, step: int, result, elapsed: float, peak_saved: Optional[int]) -> None:
+    def add(self, step: int, result, elapsed: float, host: Dict[str, float]) -> None:
+        """`host`: the row's values known on the host (epoch, lr, the memory meter's peak)."""
         named = {"loss": result.loss, "grad_norm": result.grad_norm}
         named.update({f"loss_{k}": v for k, v in result.parts.items()})
         named.update(result.extras)
@@ -41,10 +42,10 @@ class StepLog:
             self.values.append(torch.stack([v.reshape(()).to(torch.float64) for v in values]))
         self.steps.append(step)
         self.times.append(elapsed)
-        self.extras.append({} if peak_saved is None else {record.MEMORY_COLUMN: peak_saved})
+        self.extras.append(host)
         self.last_loss = result.loss
-        if peak_saved is not None:
-            self.peak_saved = max(self.peak_saved or 0, peak_saved)
+        if host.get(record.MEMORY_COLUMN) is not None:
+            self.peak_saved = max(self.peak_saved or 0, host[record.MEMORY_COLUMN])
 
     def flush(self) -> Optional[int]:
         """Write buffered rows. Returns the first step whose loss or gradient is not finite."""

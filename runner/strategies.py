@@ -18,12 +18,31 @@ import torch
 from torch import nn
 
 from runner.data import micro_batches
-from runner.losses import MultiPartLoss, is_sum_reduced, loss_parts, offers
+from runner.losses import MultiPartLoss, TokenLoss, is_sum_reduced, loss_parts, offers
 
 
 class Scale(str, Enum):
     size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
     mean = "mean"  # divide by the number of micro-batches, as common frameworks do
+
+
+class PartialWindow(str, Enum):
+    """Loader mode: an epoch's last window may hold fewer than backward.accumulation micro-batches."""
+
+    exact = "exact"  # weight by what the window holds (examples, or tokens for loss=lm)
+    k = "k"  # divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)
+    drop = "drop"  # skip it: the next epoch starts
+
+
+@dataclass
+class Updates:
+    """How accumulated gradients become an update: clipping and the learning-rate schedule, each
+    once per optimizer step, or (the accumulation bugs) once per micro-batch."""
+
+    schedulers: Dict[int, object] = field(default_factory=dict)  # id(optimizer) -> its LR scheduler
+    scheduler_every: str = "step"
+    clip_norm: float = 0.0  # 0 = no clipping
+    clip_every: str = "step"
 
 
 @runtime_checkable
@@ -45,7 +64,7 @@ class TwoStageModel(Protocol):
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # the step's loss, as the strategy weighted it (0-dim, detached)
+    loss: torch.Tensor  # the batch's loss as the full batch computes it, however split (0-dim, detached)
     grad_norm: torch.Tensor  # L2 norm of all gradients before the step (0-dim)
     parts: Dict[str, torch.Tensor] = field(default_factory=dict)  # loss_<name> columns
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)  # other per-step columns
@@ -68,14 +87,12 @@ def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def loss_with_parts(loss_fn, outputs, targets, weight: float = 1.0):
-    """(weight * loss, its weighted parts detached). A loss made of parts is computed once: its
-    total is the sum of its parts, as its forward() is."""
+def loss_with_parts(loss_fn, outputs, targets, **kwargs):
+    """(loss, its parts detached). A loss made of parts is computed once: its total is the sum
+    of its parts, as its forward() is. `kwargs` go to the loss (a token count)."""
     parts = loss_parts(loss_fn, outputs, targets)
-    loss = sum(parts.values()) if parts else loss_fn(outputs, targets)
-    if weight != 1.0:
-        loss = weight * loss
-    return loss, {name: weight * value.detach() for name, value in parts.items()}
+    loss = sum(parts.values()) if parts else loss_fn(outputs, targets, **kwargs)
+    return loss, {name: value.detach() for name, value in parts.items()}
 
 
 def add_parts(total: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -91,8 +108,12 @@ class Strategy:
     class Options:
         """The backward.* keys this strategy reads (besides backward.name)."""
 
-    def __init__(self, options: "Strategy.Options"):
+    # True where a strategy backwards each micro-batch by itself (clip_every=micro_batch clips between them).
+    backward_per_micro_batch = False
+
+    def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None):
         self.options = options
+        self.updates = updates or Updates()
 
     @property
     def accumulation(self) -> int:
@@ -119,16 +140,35 @@ class Strategy:
         """The forward pass as this strategy runs it (the gradient-flow table replays it)."""
         return model(inputs)
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
+        """One optimizer step on (inputs, targets). `sizes`: the loader's micro-batches (loader
+        mode), which a micro-batched strategy backwards as drawn; the others ignore it."""
         raise NotImplementedError
 
-    @staticmethod
-    def apply(model: nn.Module, optimizers) -> torch.Tensor:
-        """Measure the gradient, then step every optimizer. Returns the gradient norm."""
-        norm = grad_norm([p for opt in optimizers for g in opt.param_groups for p in g["params"]])
+    def apply(self, model: nn.Module, optimizers, micro_batches: int = 1) -> torch.Tensor:
+        """Clip (once per step unless clipped per micro-batch), step every optimizer, advance their
+        schedules (once, or once per micro-batch). Returns the gradient norm before clipping."""
+        updates = self.updates
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        if updates.clip_norm and not (updates.clip_every == "micro_batch" and self.backward_per_micro_batch):
+            norm = torch.nn.utils.clip_grad_norm_(params, updates.clip_norm)
+        else:
+            norm = grad_norm(params)
         for opt in optimizers:
             opt.step()
+            scheduler = updates.schedulers.get(id(opt))
+            # Per micro-batch, the schedule runs k times too fast (Accelerate's adjust_scheduler fixes it).
+            for _ in range(micro_batches if scheduler is not None and updates.scheduler_every == "micro_batch"
+                           else 1 if scheduler is not None else 0):
+                scheduler.step()
         return norm
+
+    def clip_after_backward(self, optimizers) -> None:
+        """clip_every=micro_batch: clip the running gradient after each micro-batch's backward, as
+        a loop that calls clip_grad_norm_ inside its accumulation loop does (the bug)."""
+        if self.updates.clip_norm and self.updates.clip_every == "micro_batch":
+            torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                           self.updates.clip_norm)
 
     @staticmethod
     def zero_grad(optimizers) -> None:
@@ -163,12 +203,26 @@ class Full(Strategy):
 
     name = "full"
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
         loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
         loss.backward()
         norm = self.apply(model, optimizers)
-        return StepResult(loss.detach(), norm, parts)
+        return StepResult(loss.detach(), norm, parts, token_count(loss_fn, targets))
+
+
+def token_count(loss_fn, targets) -> Dict[str, torch.Tensor]:
+    """The `tokens` column (scored tokens of the step) for a token loss, else nothing."""
+    return {"tokens": loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
+
+
+@dataclass
+class Scored:
+    """One micro-batch's loss: what is backwarded, and its exact share of the batch's loss (logged)."""
+
+    loss: torch.Tensor
+    logged: torch.Tensor
+    parts: Dict[str, torch.Tensor]
 
 
 class MicroBatched(Strategy):
@@ -178,6 +232,7 @@ class MicroBatched(Strategy):
     class Options:
         accumulation: int = 1  # micro-batches per optimizer step
         scale: Scale = Scale.size
+        partial_window: PartialWindow = PartialWindow.exact  # loader mode: an epoch's short last window
 
     @property
     def accumulation(self) -> int:
@@ -189,15 +244,40 @@ class MicroBatched(Strategy):
                 f"backward.accumulation={self.accumulation} is not allowed with backward={self.name}: "
                 f"expected at most data.batch_size ({batch_size})")
 
-    def weighted(self, loss_fn, inputs, targets):
-        """Micro-batches with the factor each one's loss is multiplied by.
+    def scored(self, model, loss_fn, inputs, targets, sizes=None):
+        """Each micro-batch's forward and loss, weighted so that the losses add up to the batch's.
 
         Mean-reduced losses are weighted by the micro-batch's share of the batch (scale=size), so
         the weighted sum is the full-batch mean exactly; a sum-reduced loss is already additive
-        over examples and is added unweighted.
+        over examples and is added unweighted. A token loss normalised by tokens is handed the
+        batch's token count, counted from the targets before any forward, and is added unweighted
+        (nanoGPT's `loss / gradient_accumulation_steps` is this weighting for equal-size batches).
+        In loader mode with partial_window=k, a window of k' < k micro-batches is scaled by k'/k.
+
+        The logged value is always the micro-batch's exact share of the batch's loss as the full
+        batch computes it, whatever the weighting: the `loss` column never changes with the split.
         """
-        for mb in micro_batches(inputs, targets, self.accumulation, self.options.scale):
-            yield mb, (1.0 if is_sum_reduced(loss_fn) else mb.weight)
+        mbs = micro_batches(inputs, targets, self.accumulation, self.options.scale, sizes)
+        window = len(mbs) / self.accumulation if sizes is not None and \
+            self.options.partial_window == PartialWindow.k else 1.0
+        tokens = offers(loss_fn, TokenLoss)
+        total_units = loss_fn.units(targets) if tokens else None
+        for mb in mbs:
+            outputs = model(mb.inputs)
+            if tokens and loss_fn.batch_count():
+                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=total_units)
+                weight, share = 1.0, 1.0
+            else:
+                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
+                weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
+                share = loss_fn.units(mb.targets) / total_units if tokens else \
+                    1.0 if is_sum_reduced(loss_fn) else mb.share
+            factor = weight * window
+            yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
+                         {name: value * share for name, value in parts.items()})
+
+    def extras(self, loss_fn, targets) -> Dict[str, torch.Tensor]:
+        return token_count(loss_fn, targets)
 
 
 @register
@@ -206,16 +286,15 @@ class Sum(MicroBatched):
 
     name = "sum"
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
-        total, parts = 0, {}
-        for mb, weight in self.weighted(loss_fn, inputs, targets):
-            loss, mb_parts = loss_with_parts(loss_fn, model(mb.inputs), mb.targets, weight)
-            total = total + loss
-            parts = add_parts(parts, mb_parts)
+        total, logged, parts, count = 0, 0, {}, 0
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes):
+            total, logged = total + scored.loss, logged + scored.logged
+            parts, count = add_parts(parts, scored.parts), count + 1
         total.backward()
-        norm = self.apply(model, optimizers)
-        return StepResult(total.detach(), norm, parts)
+        norm = self.apply(model, optimizers, count)
+        return StepResult(logged, norm, parts, self.extras(loss_fn, targets))
 
 
 @register
@@ -223,17 +302,18 @@ class Accumulate(MicroBatched):
     """Backward per micro-batch; .grad accumulates; one optimizer step. One graph held at a time."""
 
     name = "accumulate"
+    backward_per_micro_batch = True
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
-        losses, parts = [], {}
-        for mb, weight in self.weighted(loss_fn, inputs, targets):
-            loss, mb_parts = loss_with_parts(loss_fn, model(mb.inputs), mb.targets, weight)
-            loss.backward()
-            losses.append(loss.detach())
-            parts = add_parts(parts, mb_parts)
-        norm = self.apply(model, optimizers)
-        return StepResult(torch.stack(losses).sum(), norm, parts)
+        logged, parts = [], {}
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes):
+            scored.loss.backward()  # the graph of this micro-batch is freed here
+            self.clip_after_backward(optimizers)
+            logged.append(scored.logged)
+            parts = add_parts(parts, scored.parts)
+        norm = self.apply(model, optimizers, len(logged))
+        return StepResult(torch.stack(logged).sum(), norm, parts, self.extras(loss_fn, targets))
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
@@ -277,7 +357,7 @@ class Separate(Strategy):
     def steps_per_task(self) -> bool:
         return self.options.step_per_task or self.options.reforward
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         shared = model.shared_parameters() if offers(model, SharedTrunk) else []
         self.zero_grad(optimizers)
         parts = loss_fn.parts(model(inputs), targets)
@@ -329,7 +409,7 @@ class Chained(Strategy):
     def forward(self, model, inputs):
         return model(inputs, detach=self.detach)
 
-    def step(self, model, loss_fn, optimizers, inputs, targets) -> StepResult:
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         optimizer1, optimizer2 = optimizers
         parts = loss_fn.parts(self.forward(model, inputs), targets)
         l1, l2 = parts["stage1"], parts["stage2"]
@@ -364,9 +444,9 @@ class Detach(Chained):
     detach = True
 
 
-def build_strategy(backward_conf) -> Strategy:
+def build_strategy(backward_conf, updates: Optional[Updates] = None) -> Strategy:
     """The strategy `backward.name` picks, given the backward.* options it declares."""
     cls = STRATEGIES.get(backward_conf.name)
     if cls is None:
         raise ValueError(f"backward={backward_conf.name} is unknown: expected one of {sorted(STRATEGIES)}")
-    return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}))
+    return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}), updates)

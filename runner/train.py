@@ -1,8 +1,8 @@
 """run(training) -> Outcome: prepare, the one visible training loop, finish.
 
     for step in steps:
-        inputs, targets = dataset.batch(step)         # a pure function of (seed, step)
-        result = strategy.step(model, loss, optimizers, inputs, targets)   # backward + step
+        window = batches.window(step)                 # a pure function of (seed, step)
+        result = strategy.step(model, loss, optimizers, window.inputs, window.targets, window.sizes)
         log the result on the device; every log_every steps write the rows to metrics.csv
 
 Everything that can go wrong is recorded, never lost: a strategy's exception (the deliberate
@@ -130,8 +130,8 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
     if t.not_differentiable:  # the loss probe's finding is this run's result
         summary.status, summary.error = "error", t.not_differentiable
     else:
-        inputs, targets = t.dataset.batch(start_step)
-        summary.gradient_flow = gradient_flow(t.strategy, t.model, t.loss_fn, inputs, targets)
+        window = t.batches.window(start_step)
+        summary.gradient_flow = gradient_flow(t.strategy, t.model, t.loss_fn, window.inputs, window.targets)
         record.write_gradient_flow(run_dir, summary.gradient_flow)
     record.write_summary(run_dir, summary)
     return summary, started
@@ -142,18 +142,26 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     trainer, start = t.config.trainer, summary.steps_done
     log_every = trainer.log_every or (50 if t.device.type == "cuda" else 1)
     memory = plain(trainer.memory)
-    log = StepLog(t.model, run_dir, append, extra_columns=[] if memory == "off" else [record.MEMORY_COLUMN])
+    host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
+        + ([record.LR_COLUMN] if t.schedulers else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
+    log = StepLog(t.model, run_dir, append, extra_columns=host_columns)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
     with StopOnSignal() as stop, ProgressBar(trainer.progress, trainer.steps, start) as bar:
         try:
             for step in range(start, trainer.steps):
-                inputs, targets = t.dataset.batch(step)
+                window = t.batches.window(step)
                 measure = memory == "every" or (memory == "first" and step == start)
+                host = window.columns()  # loader mode's epoch and window_size
+                if t.schedulers:  # the learning rate this step uses
+                    host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
-                    result = t.strategy.step(t.model, t.loss_fn, t.optimizers, inputs, targets)
-                log.add(step, result, time.perf_counter() - started, meter.peak if measure else None)
+                    result = t.strategy.step(t.model, t.loss_fn, t.optimizers, window.inputs, window.targets,
+                                             window.sizes)
+                if measure:
+                    host[record.MEMORY_COLUMN] = meter.peak
+                log.add(step, result, time.perf_counter() - started, host)
                 done = step + 1
                 bar.update(done)
                 checkpoint_due = trainer.checkpoint_every and done % trainer.checkpoint_every == 0 \
