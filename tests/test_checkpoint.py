@@ -17,6 +17,10 @@ from tests.conftest import make_config, read_summary, run_cli
          optim__name="adam", optim__lr=0.01, backward__name="separate"),
     dict(model__name="two_stage", model__outputs=2, loss__name="ce", backward__name="detach",
          optim__name="adam"),
+    # Loader mode across epochs (the resume jumps into epoch 1), a token loss, clipping.
+    dict(model__name="seq", data__name="seq", loss__name="lm", model__hidden=16, model__depth=1, data__max_length=8,
+         data__micro_batch_size=4, data__train_size=40, data__eval_size=8, backward__name="accumulate",
+         backward__accumulation=4, optim__clip_norm=0.5),
 ])
 def test_resume_is_exact_in_process(tmp_path, overrides):
     config = dict(trainer__steps=12, trainer__checkpoint_every=5, **overrides)
@@ -37,6 +41,21 @@ def test_resume_is_exact_in_process(tmp_path, overrides):
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
     times = [float(r.split(",")[4]) for r in rows[1:]]
     assert times == sorted(times)  # the clock goes on from the checkpoint
+
+
+def test_a_checkpoint_restores_the_lr_schedule(tmp_path):
+    """The schedule's length is trainer.steps, so a shorter first part cannot stand in for an
+    interruption here: save after 5 steps, restore into a fresh training, compare the schedulers."""
+    config = make_config(trainer__steps=20, optim__scheduler="cosine", optim__warmup_steps=3)
+    trained = build_training(config)
+    for step in range(5):
+        trained.strategy.step(trained.model, trained.loss_fn, trained.optimizers, *trained.dataset.batch(step))
+    (tmp_path / "run").mkdir()
+    checkpoint.save(tmp_path / "run", trained, 5, 0)
+    fresh = build_training(config)
+    assert checkpoint.restore(checkpoint.load(tmp_path / "run"), fresh) == 5
+    assert fresh.schedulers[0].state_dict() == trained.schedulers[0].state_dict()
+    assert fresh.optimizers[0].param_groups[0]["lr"] == trained.optimizers[0].param_groups[0]["lr"] > 0
 
 
 def test_resuming_a_different_training_is_refused(tmp_path):

@@ -72,6 +72,8 @@ def test_focal_with_accumulate(tmp_path):
     (["loss=nope"], "loss"),
     (["loss.reduction=none"], "loss.reduction"),
     (["loss=custom"], "loss._target_"),
+    (["model=seq", "data=seq", "loss=lm", "loss.normalize=avg"], "loss.normalize"),
+    (["data.micro_batch_size=0"], "data.micro_batch_size=0 is not allowed"),
 ])
 def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, args, needle):
     """Our range checks and Hydra's own composition errors (unknown option, wrong type) alike."""
