@@ -44,7 +44,11 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
         detail = f"{len(chosen) - len(wrong)}/{len(chosen)} runs {kind[:-1]}" + (f" with '{message}'" if message else "")
         return ClaimResult(name, kind, not wrong, detail)
     ref_selector = dict(claim.get("reference") or {})
-    reference = pick_reference([r for r in runs if r not in chosen] or runs, ref_selector or None)
+    # The reference is another run where one matches; else it may be among the chosen (it then
+    # counts as holding an equivalent or identical claim and never a differs claim).
+    reference = pick_reference([r for r in runs if r not in chosen], ref_selector or None)
+    if reference is None or (ref_selector and not reference.matches(ref_selector)):
+        reference = pick_reference(runs, ref_selector or None)
     if reference is None or (ref_selector and not reference.matches(ref_selector)):
         return ClaimResult(name, kind, False, f"no reference run matches {describe(ref_selector)}")
     if kind in ("equivalent", "identical", "differs"):

@@ -1,4 +1,5 @@
-"""A markdown report of a folder of sweeps: every table and claim verdict, with the machine.
+"""A markdown report of a folder of sweeps: what each experiment shows (its `about`), every table
+and claim verdict, with the machine.
 
     python -m runner.report outputs/experiments/<time> [--out report.md]
 
@@ -41,7 +42,9 @@ def build_report(base: Path) -> tuple[str, bool]:
         verdicts = sweep_verdicts(runs)
         all_hold = all_hold and verdicts.exit_code == 0
         held = sum(c.holds for c in verdicts.claims)
-        lines += [f"## {sweep.name}", "", f"{len(runs)} runs; {held}/{len(verdicts.claims)} claims hold"
+        about = next((r.summary.config.get("about") for r in runs if r.summary.config.get("about")), None)
+        lines += [f"## {sweep.name}", ""] + ([about, ""] if about else [])
+        lines += [f"{len(runs)} runs; {held}/{len(verdicts.claims)} claims hold"
                   + (f"; {len(verdicts.failed)} unexpected failures" if verdicts.failed else "") + ".", ""]
         table = compare.build_table(runs, verdicts.reference)
         lines.append(compare.to_markdown(table, verdicts.claims))

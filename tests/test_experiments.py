@@ -3,15 +3,19 @@ import pandas as pd
 import pytest
 import yaml
 
+from runner.report import build_report
+
 from tests.conftest import ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 STEPS = {"focal": 40}
+# Shorter sequences and a smaller data set keep the 18 token runs to seconds.
+EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64"]}
 
 
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "default", "focal",
-                           "multitask", "uneven"]
+                           "multitask", "partial_window", "schedule", "tokens", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 
@@ -19,7 +23,7 @@ def test_the_experiment_group_lists_every_experiment():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_claims_hold(tmp_path, name):
     sweep_dir = tmp_path / name
-    result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}",
+    result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
                      f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     claims = len(yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"])
@@ -27,6 +31,10 @@ def test_claims_hold(tmp_path, name):
     assert sum(line.startswith("holds") for line in result.stdout.splitlines()) == claims
     table = pd.read_csv(sweep_dir / "comparison.csv")
     assert len(table) == len([p for p in sweep_dir.iterdir() if (p / "summary.json").exists()]) > 1
+    # The report's section says what the experiment shows, then that every claim holds.
+    report, all_hold = build_report(tmp_path)
+    about = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["about"]
+    assert all_hold and f"## {name}\n\n{about}\n\n" in report and f"{claims}/{claims} claims hold" in report
 
 
 def test_glob_over_experiments_launches_every_job(tmp_path):
