@@ -6,6 +6,8 @@
    data, seed and strategy, interleaved repeats, medians (target: within 5%); against the
    accumulation answer's loop as users write it, .item() and the checksum printed every step
    (target: faster); and against the bare loop recording what the runner records per step.
+   sequence: a causal LM with loss=lm (normalize=tokens) against the hand-written token-count
+   loop (target: within 5%).
 2. sweep: cost per job of `python -m runner -m` beyond a minimal Hydra app sweeping the same
    jobs, from the slope between a short and a long sweep (target: <= 50 ms per job).
 3. cold start: `python -m runner trainer.steps=1` against a process that imports torch and hydra
@@ -29,7 +31,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -111,6 +113,70 @@ def runner_loop(cfg: Config, workdir: Path) -> float:
     return (times.iloc[-1] - times.iloc[0]) / (len(times) - 1)
 
 
+def interleaved(loops: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+    """Seconds per step of each loop, `repeats` times after a warm-up, in ABC CBA ... order so
+    that drifts in machine load hit all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in loops}
+    for loop in loops.values():
+        loop()  # warm-up: allocator, kernels, lazy imports
+    for i in range(repeats):
+        for name in (list(loops) if i % 2 == 0 else list(loops)[::-1]):
+            times[name].append(loops[name]())
+    return times
+
+
+def sequence_config(strategy: str, steps: int, device: str) -> Config:
+    cfg = config("seq", strategy, steps, device)
+    cfg.data.name, cfg.loss.name = "seq", "lm"
+    cfg.model.hidden, cfg.model.vocab, cfg.model.depth = 128, 64, 1
+    cfg.data.batch_size, cfg.data.train_size, cfg.data.max_length = 64, 2048, 64
+    return cfg
+
+
+def hand_written_token_loop(training, steps: int) -> float:
+    """The token-count loop a user writes since the 2024 fix (transformers #34191): count the
+    batch's scored tokens first, divide each micro-batch's summed loss by that count."""
+    model, optimizer = training.model, training.optimizers[0]
+    k = training.strategy.accumulation
+    sync = torch.cuda.synchronize if training.device.type == "cuda" else (lambda: None)
+    sync()
+    start = first_done = time.perf_counter()
+    for step in range(steps):
+        if step == 1:
+            first_done = time.perf_counter()
+        inputs, labels = training.dataset.batch(step)
+        optimizer.zero_grad()
+        count = (labels != -100).sum()
+        loss_value = 0.0
+        for x, y in zip(torch.tensor_split(inputs, k), torch.tensor_split(labels, k)):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                     reduction="sum") / count
+            loss.backward()
+            loss_value += loss.item()
+        optimizer.step()
+    sync()
+    if training.device.type == "cuda":
+        return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - first_done) / (steps - 1)
+
+
+def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
+    """A causal LM on variable-length sequences, loss=lm normalised by tokens: the runner against
+    the hand-written token-count loop (target: within 5%)."""
+    for strategy in ("full", "accumulate"):
+        cfg = sequence_config(strategy, steps, device)
+        times = interleaved({"runner": lambda: runner_loop(cfg, workdir),
+                             "hand": lambda: hand_written_token_loop(build_training(cfg), steps)}, repeats)
+        r, h = statistics.median(times["runner"]), statistics.median(times["hand"])
+        spread = max(map(_spread, times.values()))
+        rows.append(dict(benchmark="sequence step",
+                         case=f"seq (GRU 128, vocab 64, lengths 2..64) {strategy}, batch 64, loss=lm tokens ({device}) "
+                              "vs hand-written token-count loop",
+                         runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
+                         result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
+
+
 def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
     for model in ("mlp", "cnn"):
         for strategy in ("full", "accumulate"):
@@ -119,12 +185,7 @@ def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir
                      "bare": lambda: hand_written_loop(build_training(cfg), steps),
                      "as written": lambda: hand_written_loop(build_training(cfg), steps, as_written=True),
                      "records": lambda: hand_written_loop(build_training(cfg), steps, records=True)}
-            times: Dict[str, List[float]] = {name: [] for name in loops}
-            for loop in loops.values():
-                loop()  # warm-up: allocator, kernels, lazy imports
-            for i in range(repeats):  # ABC CBA ... order, so that drifts in machine load hit all alike
-                for name in (list(loops) if i % 2 == 0 else list(loops)[::-1]):
-                    times[name].append(loops[name]())
+            times = interleaved(loops, repeats)
             r = statistics.median(times["runner"])
             spread = max(map(_spread, times.values()))
             for baseline, case, limit in (
@@ -316,7 +377,7 @@ def print_table(rows: List[Dict]) -> None:
     Console(width=200).print(table)
 
 
-SECTIONS = ("step", "sweep", "cold", "probe", "memory", "launchers")
+SECTIONS = ("step", "sequence", "sweep", "cold", "probe", "memory", "launchers")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -324,7 +385,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repeats and steps (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench.csv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=["step", "sweep", "cold", "probe", "memory"],
+    parser.add_argument("--only", nargs="*", choices=SECTIONS,
+                        default=["step", "sequence", "sweep", "cold", "probe", "memory"],
                         help="sections to run (default: all but launchers, which takes minutes)")
     args = parser.parse_args(argv)
     repeats, steps = (1, 5) if args.quick else (7, 150)
@@ -335,6 +397,7 @@ def main(argv: List[str] | None = None) -> int:
         workdir = Path(tmp)
         sections = {
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
+            "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
             "cold": lambda: bench_cold_start(rows, 2 * process_repeats - 1, workdir),
             "probe": lambda: bench_probe(rows, repeats, args.device),

@@ -113,3 +113,13 @@ def test_the_loss_column_is_the_full_batchs_whatever_the_weighting(tmp_path, sha
 def test_what_fits_is_named(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         build_training(make_config(**overrides))
+
+
+def test_the_token_count_comes_from_the_targets_with_no_extra_forward():
+    training = build_training(make_config(backward__name="accumulate", backward__accumulation=4, **SEQ))
+    forwards = []
+    training.model.register_forward_hook(lambda *args: forwards.append(1))
+    inputs, labels = training.dataset.batch(0)
+    result = training.strategy.step(training.model, training.loss_fn, training.optimizers, inputs, labels)
+    assert len(forwards) == 4  # one per micro-batch
+    assert int(result.extras["tokens"]) == int((labels != -100).sum())
