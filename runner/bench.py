@@ -53,6 +53,23 @@ def config(model: str, strategy: str, steps: int, device: str) -> Config:
     return cfg
 
 
+def seconds_per_step(training, steps: int, one_step: Callable[[int, float], None]) -> float:
+    """Time `one_step(step, start)` over `steps` steps. On CPU, steady state: steps 2..n, as
+    runner_loop measures (the first step carries one-time costs); on CUDA the whole loop, whose
+    end waits for the device."""
+    sync = torch.cuda.synchronize if training.device.type == "cuda" else (lambda: None)
+    sync()
+    start = first_done = time.perf_counter()
+    for step in range(steps):
+        if step == 1:
+            first_done = time.perf_counter()
+        one_step(step, start)
+    sync()
+    if training.device.type == "cuda":
+        return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - first_done) / (steps - 1)
+
+
 def hand_written_loop(training, steps: int, records: bool = False, as_written: bool = False) -> float:
     """The loop a user writes: the accumulation answer's, with the loss read once per micro-batch.
 
@@ -69,12 +86,8 @@ def hand_written_loop(training, steps: int, records: bool = False, as_written: b
     k = training.strategy.accumulation
     log = csv.writer(metrics := io.TextIOWrapper(open(os.devnull, "wb"), newline=""), lineterminator="\n")
     printed = open(os.devnull, "w")
-    sync = torch.cuda.synchronize if training.device.type == "cuda" else (lambda: None)
-    sync()
-    start = first_done = time.perf_counter()
-    for step in range(steps):
-        if step == 1:
-            first_done = time.perf_counter()
+
+    def one_step(step: int, start: float) -> None:
         inputs, targets = training.dataset.batch(step)
         optimizer.zero_grad()
         loss_value = 0.0
@@ -91,12 +104,12 @@ def hand_written_loop(training, steps: int, records: bool = False, as_written: b
             metrics.flush()
         if as_written:
             print(step, loss_value, sum(p.sum().item() for p in model.parameters()), file=printed, flush=True)
-    sync()
-    metrics.close()
-    printed.close()
-    if training.device.type == "cuda":
-        return (time.perf_counter() - start) / steps
-    return (time.perf_counter() - first_done) / (steps - 1)  # steps 2..n, as runner_loop
+
+    try:
+        return seconds_per_step(training, steps, one_step)
+    finally:
+        metrics.close()
+        printed.close()
 
 
 def runner_loop(cfg: Config, workdir: Path) -> float:
@@ -138,12 +151,8 @@ def hand_written_token_loop(training, steps: int) -> float:
     batch's scored tokens first, divide each micro-batch's summed loss by that count."""
     model, optimizer = training.model, training.optimizers[0]
     k = training.strategy.accumulation
-    sync = torch.cuda.synchronize if training.device.type == "cuda" else (lambda: None)
-    sync()
-    start = first_done = time.perf_counter()
-    for step in range(steps):
-        if step == 1:
-            first_done = time.perf_counter()
+
+    def one_step(step: int, start: float) -> None:
         inputs, labels = training.dataset.batch(step)
         optimizer.zero_grad()
         count = (labels != -100).sum()
@@ -155,10 +164,8 @@ def hand_written_token_loop(training, steps: int) -> float:
             loss.backward()
             loss_value += loss.item()
         optimizer.step()
-    sync()
-    if training.device.type == "cuda":
-        return (time.perf_counter() - start) / steps
-    return (time.perf_counter() - first_done) / (steps - 1)
+
+    return seconds_per_step(training, steps, one_step)
 
 
 def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
