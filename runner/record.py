@@ -36,6 +36,7 @@ BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
 MEMORY_COLUMN = "peak_saved_bytes"  # on the steps the saved-tensor meter measured
 LOADER_COLUMNS = ("epoch", "window_size")  # loader mode (data.micro_batch_size): epoch, examples in the window
 LR_COLUMN = "lr"  # with optim.scheduler: the learning rate of the step
+TOKENS_COLUMN = "tokens"  # loss=lm: the scored (non-ignored) tokens of the step, an integer
 
 
 @dataclass

@@ -62,6 +62,8 @@ class StepLog:
             row = dict(zip(self.columns, values[:width]))
             # param_sum as the accumulation answer prints it: a Python sum of per-tensor sums
             row.update(step=step + 1, param_sum=sum(values[width:]), time_s=elapsed, **extra)
+            if record.TOKENS_COLUMN in row:  # a count, stacked with the floats for the one transfer
+                row[record.TOKENS_COLUMN] = int(row[record.TOKENS_COLUMN])
             rows.append(row)
             if not all(map(_finite, (row["loss"], row["grad_norm"]))):
                 diverged_at = step + 1

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from runner.data import micro_batches
+from runner.record import TOKENS_COLUMN
 from runner.losses import MultiPartLoss, TokenLoss, is_sum_reduced, loss_parts, offers
 
 
@@ -213,7 +214,7 @@ class Full(Strategy):
 
 def token_count(loss_fn, targets) -> Dict[str, torch.Tensor]:
     """The `tokens` column (scored tokens of the step) for a token loss, else nothing."""
-    return {"tokens": loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
+    return {TOKENS_COLUMN: loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
 
 
 @dataclass
