@@ -138,11 +138,11 @@ def interleaved(loops: Dict[str, Callable[[], float]], repeats: int) -> Dict[str
     return times
 
 
-def sequence_config(strategy: str, steps: int, device: str) -> Config:
+def sequence_config(strategy: str, steps: int, device: str, quick: bool = False) -> Config:
     cfg = config("seq", strategy, steps, device)
     cfg.data.name, cfg.loss.name = "seq", "lm"
-    cfg.model.hidden, cfg.model.vocab, cfg.model.depth = 128, 64, 1
-    cfg.data.batch_size, cfg.data.train_size, cfg.data.max_length = 64, 2048, 64
+    cfg.model.hidden, cfg.model.vocab, cfg.model.depth = (32, 16, 1) if quick else (128, 64, 1)
+    cfg.data.batch_size, cfg.data.train_size, cfg.data.max_length = (64, 256, 16) if quick else (64, 2048, 64)
     return cfg
 
 
@@ -168,17 +168,19 @@ def hand_written_token_loop(training, steps: int) -> float:
     return seconds_per_step(training, steps, one_step)
 
 
-def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
+def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path,
+                         quick: bool = False) -> None:
     """A causal LM on variable-length sequences, loss=lm normalised by tokens: the runner against
     the hand-written token-count loop (target: within 5%)."""
     for strategy in ("full", "accumulate"):
-        cfg = sequence_config(strategy, steps, device)
+        cfg = sequence_config(strategy, steps, device, quick)
         times = interleaved({"runner": lambda: runner_loop(cfg, workdir),
                              "hand": lambda: hand_written_token_loop(build_training(cfg), steps)}, repeats)
         r, h = statistics.median(times["runner"]), statistics.median(times["hand"])
         spread = max(map(_spread, times.values()))
         rows.append(dict(benchmark="sequence step",
-                         case=f"seq (GRU 128, vocab 64, lengths 2..64) {strategy}, batch 64, loss=lm tokens ({device}) "
+                         case=f"seq (GRU {cfg.model.hidden}, vocab {cfg.model.vocab}, lengths 2..{cfg.data.max_length}) "
+                              f"{strategy}, batch 64, loss=lm tokens ({device}) "
                               "vs hand-written token-count loop",
                          runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
                          result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
@@ -404,7 +406,7 @@ def main(argv: List[str] | None = None) -> int:
         workdir = Path(tmp)
         sections = {
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
-            "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir),
+            "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir, args.quick),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
             "cold": lambda: bench_cold_start(rows, 2 * process_repeats - 1, workdir),
             "probe": lambda: bench_probe(rows, repeats, args.device),

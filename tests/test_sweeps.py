@@ -50,11 +50,19 @@ def run_cli_compare(*args):
     return compare.main([str(a) for a in args])
 
 
+LAUNCHED = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def basic_sweep(tmp_path_factory):
+    """The basic launcher's sweep, run once for every launcher compared with it."""
+    return sweep(tmp_path_factory.mktemp("launchers"), "basic", *LAUNCHED)
+
+
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_parallel_launchers_give_the_basic_launchers_comparison(tmp_path, launcher):
-    args = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
-    basic, basic_dir = sweep(tmp_path, "basic", *args)
-    other, other_dir = sweep(tmp_path, launcher, f"hydra/launcher={launcher}", *args)
+def test_parallel_launchers_give_the_basic_launchers_comparison(tmp_path, launcher, basic_sweep):
+    basic, basic_dir = basic_sweep
+    other, other_dir = sweep(tmp_path, launcher, f"hydra/launcher={launcher}", *LAUNCHED)
     assert basic.returncode == 0 and other.returncode == 0, other.stderr[-2000:]
     a, b = pd.read_csv(basic_dir / "comparison.csv"), pd.read_csv(other_dir / "comparison.csv")
     columns = ["backward", "status", "final_loss", "param_sum", "param_sha256", "verdict", "peak_saved_bytes"]
