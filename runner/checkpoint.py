@@ -1,10 +1,11 @@
 """Checkpoints that resume a run bit for bit.
 
-checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnable loss's parameters, torch's RNG states,
-the step, and how many bytes of metrics.csv were written up to it (a resumed run cuts the CSV
-back there and rewrites the rows after it). The data position needs no state: the batch (or the
-loader's window) of a step is a pure function of (seed, step). The run's config is stored as JSON, so loading never
-unpickles arbitrary objects: `torch.load(weights_only=True)` accepts it.
+checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnable loss's
+parameters, torch's RNG states, the step, and how many bytes of metrics.csv were written up to it
+(a resumed run cuts the CSV back there and rewrites the rows after it). The data position needs
+no state: the batch (or loader mode's window) of a step is a pure function of (seed, step). The
+run's config is stored as JSON, so loading never unpickles arbitrary objects:
+`torch.load(weights_only=True)` accepts it.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from runner.data import micro_batches
-from runner.record import TOKENS_COLUMN
 from runner.losses import MultiPartLoss, TokenLoss, is_sum_reduced, loss_parts, offers
+from runner.record import TOKENS_COLUMN
 
 
 class Scale(str, Enum):
@@ -88,6 +88,10 @@ def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def parameters_of(optimizers) -> List[nn.Parameter]:
+    return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+
 def loss_with_parts(loss_fn, outputs, targets, **kwargs):
     """(loss, its parts detached). A loss made of parts is computed once: its total is the sum
     of its parts, as its forward() is. `kwargs` go to the loss (a token count)."""
@@ -150,7 +154,7 @@ class Strategy:
         """Clip (once per step unless clipped per micro-batch), step every optimizer, advance their
         schedules (once, or once per micro-batch). Returns the gradient norm before clipping."""
         updates = self.updates
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        params = parameters_of(optimizers)
         if updates.clip_norm and not (updates.clip_every == "micro_batch" and self.backward_per_micro_batch):
             norm = torch.nn.utils.clip_grad_norm_(params, updates.clip_norm)
         else:
@@ -158,18 +162,17 @@ class Strategy:
         for opt in optimizers:
             opt.step()
             scheduler = updates.schedulers.get(id(opt))
-            # Per micro-batch, the schedule runs k times too fast (Accelerate's adjust_scheduler fixes it).
-            for _ in range(micro_batches if scheduler is not None and updates.scheduler_every == "micro_batch"
-                           else 1 if scheduler is not None else 0):
-                scheduler.step()
+            if scheduler is not None:
+                # Per micro-batch, the schedule runs k times too fast (what Accelerate's adjust_scheduler avoids).
+                for _ in range(micro_batches if updates.scheduler_every == "micro_batch" else 1):
+                    scheduler.step()
         return norm
 
     def clip_after_backward(self, optimizers) -> None:
         """clip_every=micro_batch: clip the running gradient after each micro-batch's backward, as
         a loop that calls clip_grad_norm_ inside its accumulation loop does (the bug)."""
         if self.updates.clip_norm and self.updates.clip_every == "micro_batch":
-            torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
-                                           self.updates.clip_norm)
+            torch.nn.utils.clip_grad_norm_(parameters_of(optimizers), self.updates.clip_norm)
 
     @staticmethod
     def zero_grad(optimizers) -> None:
