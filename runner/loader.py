@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from runner import record
 from runner.data import Dataset, Targets, map_targets
 
 _LOADER_STREAM = 4_000_037  # keeps the loader's shuffles independent of the data's other generators
@@ -37,7 +38,7 @@ class Window:
 
     def columns(self) -> Dict[str, int]:
         """metrics.csv's loader columns: the epoch and the examples the window holds."""
-        return {} if self.sizes is None else {"epoch": self.epoch, "window_size": sum(self.sizes)}
+        return {} if self.sizes is None else dict(zip(record.LOADER_COLUMNS, (self.epoch, sum(self.sizes))))
 
 
 class Batches:
