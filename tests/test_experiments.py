@@ -8,8 +8,9 @@ from runner.report import build_report
 from tests.conftest import ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-# Smaller data sets keep the 15 focal and 18 token runs to seconds (the claims do not depend on size).
-EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64"],
+# Smaller data sets (and two accumulation factors for tokens) keep the focal and token sweeps to
+# seconds; the claims do not depend on either.
+EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward.accumulation=2,8"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"]}
 
 
