@@ -40,7 +40,6 @@ class Training:
     batches: Any  # step -> its examples (runner.loader: Batches, or LoaderWindows in loader mode)
     device: torch.device
     dtype: torch.dtype
-    schedulers: List[Any] = field(default_factory=list)  # one LR scheduler per optimizer (optim.scheduler)
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
     # What the loss probe found: parameters the loss never reaches, or why it cannot train at all.
@@ -48,6 +47,11 @@ class Training:
     not_differentiable: Optional[str] = None
     # What the coupling probe found (runner.checks.Coupling): can micro-batches equal the batch?
     coupling: Optional[checks.Coupling] = None
+
+    @property
+    def schedulers(self) -> List[Any]:
+        """The LR schedulers (optim.scheduler), in optimizer order; the strategy steps them."""
+        return list(self.strategy.updates.schedulers.values())
 
     def config_record(self) -> Dict[str, Any]:
         """The config as plain JSON-able data, with a custom loss's and model's arguments
@@ -223,10 +227,9 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
         groups[-1] = groups[-1] + extra_loss_params
     optimizers = [build_optimizer(cfg.optim, group) for group in groups]
-    schedulers = build_schedulers(cfg, optimizers)
-    strategy.updates.schedulers = {id(opt): s for opt, s in zip(optimizers, schedulers)}
+    strategy.updates.schedulers = {id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))}
     training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
-                        schedulers, loss_kwargs, model_kwargs)
+                        loss_kwargs, model_kwargs)
     probe(training)
     return training
 

@@ -46,10 +46,12 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
     ref_selector = dict(claim.get("reference") or {})
     # The reference is another run where one matches; else it may be among the chosen (it then
     # counts as holding an equivalent or identical claim and never a differs claim).
-    reference = pick_reference([r for r in runs if r not in chosen], ref_selector or None)
-    if reference is None or (ref_selector and not reference.matches(ref_selector)):
-        reference = pick_reference(runs, ref_selector or None)
-    if reference is None or (ref_selector and not reference.matches(ref_selector)):
+    def fits(run) -> bool:
+        return run is not None and (not ref_selector or run.matches(ref_selector))
+
+    reference = next(filter(fits, (pick_reference(pool, ref_selector or None)
+                                   for pool in ([r for r in runs if r not in chosen], runs))), None)
+    if reference is None:
         return ClaimResult(name, kind, False, f"no reference run matches {describe(ref_selector)}")
     if kind in ("equivalent", "identical", "differs"):
         verdicts = [compare_to(r, reference, cache) for r in chosen]

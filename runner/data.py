@@ -52,7 +52,7 @@ def split_targets(targets: Targets, k: Union[int, List[int]]) -> List[Targets]:
     cut = (lambda t: torch.tensor_split(t, k)) if isinstance(k, int) else (lambda t: torch.split(t, k))
     if isinstance(targets, dict):
         pieces = {name: cut(t) for name, t in targets.items()}
-        return [{name: pieces[name][i] for name in targets} for i in range(len(next(iter(pieces.values()))))]
+        return [{name: pieces[name][i] for name in targets} for i in range(k if isinstance(k, int) else len(k))]
     return list(cut(targets))
 
 

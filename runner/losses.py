@@ -27,15 +27,14 @@ class MultiPartLoss(Protocol):
 @runtime_checkable
 class TokenLoss(Protocol):
     """A loss over the tokens of sequences (loss=lm), whose labels mark padding with an ignore
-    index. Its mean divides by a count of `units` (tokens, or sequences) that the targets alone
-    give, so a strategy can count the effective batch's before any forward; `batch_count`
-    says whether the loss divides by the count it is handed (num_items_in_batch) or by its own."""
+    index. The targets alone give the scored tokens, so a strategy counts the effective batch's
+    before any forward. `normalization()` says what the loss divides by: "tokens" (the count it
+    is handed as num_items_in_batch), "micro_batch" (its own tokens) or "sequence" (a mean per
+    sequence, then over sequences)."""
 
     def count_tokens(self, targets) -> torch.Tensor: ...
 
-    def units(self, targets) -> torch.Tensor: ...
-
-    def batch_count(self) -> bool: ...
+    def normalization(self) -> str: ...
 
 
 def offers(obj, protocol) -> bool:
@@ -147,14 +146,8 @@ class TokenCrossEntropy(nn.Module):
     def count_tokens(self, targets: torch.Tensor) -> torch.Tensor:
         return (targets != self.ignore_index).sum()
 
-    def units(self, targets: torch.Tensor) -> torch.Tensor:
-        """What one call's mean divides by: scored tokens, or sequences for normalize=sequence."""
-        if self.normalize == "sequence":
-            return torch.tensor(targets.shape[0], device=targets.device)
-        return self.count_tokens(targets)
-
-    def batch_count(self) -> bool:
-        return self.normalize == "tokens"
+    def normalization(self) -> str:
+        return self.normalize
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:

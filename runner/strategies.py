@@ -248,7 +248,7 @@ class MicroBatched(Strategy):
                 f"backward.accumulation={self.accumulation} is not allowed with backward={self.name}: "
                 f"expected at most data.batch_size ({batch_size})")
 
-    def scored(self, model, loss_fn, inputs, targets, sizes=None):
+    def scored(self, model, loss_fn, inputs, targets, sizes=None, batch_tokens=None):
         """Each micro-batch's forward and loss, weighted so that the losses add up to the batch's.
 
         Mean-reduced losses are weighted by the micro-batch's share of the batch (scale=size), so
@@ -257,6 +257,7 @@ class MicroBatched(Strategy):
         batch's token count, counted from the targets before any forward, and is added unweighted
         (nanoGPT's `loss / gradient_accumulation_steps` is this weighting for equal-size batches).
         In loader mode with partial_window=k, a window of k' < k micro-batches is scaled by k'/k.
+        `batch_tokens`: a token loss's count of the batch's scored tokens, counted once per step.
 
         The logged value is always the micro-batch's exact share of the batch's loss as the full
         batch computes it, whatever the weighting: the `loss` column never changes with the split.
@@ -264,24 +265,21 @@ class MicroBatched(Strategy):
         mbs = micro_batches(inputs, targets, self.accumulation, self.options.scale, sizes)
         window = len(mbs) / self.accumulation if sizes is not None and \
             self.options.partial_window == PartialWindow.k else 1.0
-        tokens = offers(loss_fn, TokenLoss)
-        total_units = loss_fn.units(targets) if tokens else None
+        normalization = loss_fn.normalization() if batch_tokens is not None else None
         for mb in mbs:
             outputs = model(mb.inputs)
-            if tokens and loss_fn.batch_count():
-                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=total_units)
+            if normalization == "tokens":
+                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
                 weight, share = 1.0, 1.0
             else:
                 loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
                 weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
-                share = loss_fn.units(mb.targets) / total_units if tokens else \
+                # The exact share: of the batch's tokens for a token mean; else of its rows (sequences).
+                share = loss_fn.count_tokens(mb.targets) / batch_tokens if normalization == "micro_batch" else \
                     1.0 if is_sum_reduced(loss_fn) else mb.share
             factor = weight * window
             yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
                          {name: value * share for name, value in parts.items()})
-
-    def extras(self, loss_fn, targets) -> Dict[str, torch.Tensor]:
-        return token_count(loss_fn, targets)
 
 
 @register
@@ -293,12 +291,13 @@ class Sum(MicroBatched):
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
         total, logged, parts, count = 0, 0, {}, 0
-        for scored in self.scored(model, loss_fn, inputs, targets, sizes):
+        extras = token_count(loss_fn, targets)
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
             total, logged = total + scored.loss, logged + scored.logged
             parts, count = add_parts(parts, scored.parts), count + 1
         total.backward()
         norm = self.apply(model, optimizers, count)
-        return StepResult(logged, norm, parts, self.extras(loss_fn, targets))
+        return StepResult(logged, norm, parts, extras)
 
 
 @register
@@ -311,13 +310,14 @@ class Accumulate(MicroBatched):
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
         logged, parts = [], {}
-        for scored in self.scored(model, loss_fn, inputs, targets, sizes):
+        extras = token_count(loss_fn, targets)
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
             scored.loss.backward()  # the graph of this micro-batch is freed here
             self.clip_after_backward(optimizers)
             logged.append(scored.logged)
             parts = add_parts(parts, scored.parts)
         norm = self.apply(model, optimizers, len(logged))
-        return StepResult(torch.stack(logged).sum(), norm, parts, self.extras(loss_fn, targets))
+        return StepResult(torch.stack(logged).sum(), norm, parts, extras)
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:

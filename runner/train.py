@@ -142,8 +142,9 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     trainer, start = t.config.trainer, summary.steps_done
     log_every = trainer.log_every or (50 if t.device.type == "cuda" else 1)
     memory = plain(trainer.memory)
+    scheduled = bool(t.schedulers)
     host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
-        + ([record.LR_COLUMN] if t.schedulers else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
+        + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
     log = StepLog(t.model, run_dir, append, extra_columns=host_columns)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
@@ -154,7 +155,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 window = t.batches.window(step)
                 measure = memory == "every" or (memory == "first" and step == start)
                 host = window.columns()  # loader mode's epoch and window_size
-                if t.schedulers:  # the learning rate this step uses
+                if scheduled:  # the learning rate this step uses
                     host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
                     result = t.strategy.step(t.model, t.loss_fn, t.optimizers, window.inputs, window.targets,
