@@ -23,7 +23,8 @@ from runner.loader import Batches, LoaderWindows
 from runner.losses import build_loss, per_stage
 from runner.models import IMAGE_SHAPE, build_model
 from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
-from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy
+from runner.passes import Passes
+from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of
 
 
 @dataclass
@@ -175,6 +176,11 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
     return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, drop)
 
 
+def build_passes(cfg: Config, device: torch.device) -> Passes:
+    return Passes(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
+                  cfg.trainer.init_scale, plain(getattr(cfg.backward, "sync", "last")), cfg.trainer.first_grad)
+
+
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
     if cfg.loss.name == "custom":
         loss = instantiate("loss._target_", cfg.loss._target_, loss_kwargs)
@@ -210,7 +216,8 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
         strategy = build_strategy(cfg.backward, Updates(clip_norm=cfg.optim.clip_norm,
                                                         clip_every=plain(cfg.optim.clip_every),
-                                                        scheduler_every=plain(cfg.optim.scheduler_every)))
+                                                        scheduler_every=plain(cfg.optim.scheduler_every)),
+                                  build_passes(cfg, device))
         loader = cfg.data.micro_batch_size is not None  # a window of k micro-batches is the step's batch
         strategy.check(model, loss_fn, cfg.backward.accumulation * cfg.data.micro_batch_size if loader
                        else cfg.data.batch_size)
@@ -227,6 +234,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
         groups[-1] = groups[-1] + extra_loss_params
     optimizers = [build_optimizer(cfg.optim, group) for group in groups]
+    strategy.passes.params = parameters_of(optimizers)
     strategy.updates.schedulers = {id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))}
     training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
                         loss_kwargs, model_kwargs)

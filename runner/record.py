@@ -24,6 +24,7 @@ import torch
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 PARAMS = "params.pt"
+FIRST_GRAD = "first_grad.pt"  # parameter name -> the first optimizer step's gradient (trainer.first_grad)
 CHECKPOINT = "checkpoint.pt"
 GRADIENT_FLOW = "gradient_flow.csv"
 # Per sweep
@@ -37,6 +38,9 @@ MEMORY_COLUMN = "peak_saved_bytes"  # on the steps the saved-tensor meter measur
 LOADER_COLUMNS = ("epoch", "window_size")  # loader mode (data.micro_batch_size): epoch, examples in the window
 LR_COLUMN = "lr"  # with optim.scheduler: the learning rate of the step
 TOKENS_COLUMN = "tokens"  # loss=lm: the scored (non-ignored) tokens of the step, an integer
+GRAD_SCALE_COLUMN = "grad_scale"  # trainer.autocast=fp16: the loss scale this step's backwards used
+STEP_SKIPPED_COLUMN = "step_skipped"  # trainer.autocast=fp16: 1 where GradScaler skipped the step (overflow)
+INTEGER_COLUMNS = (TOKENS_COLUMN, STEP_SKIPPED_COLUMN)  # counts, written as integers
 
 
 @dataclass
@@ -241,6 +245,17 @@ def write_params(run_dir: Path, model: torch.nn.Module) -> None:
 
 def load_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / PARAMS, map_location="cpu", weights_only=True)
+
+
+def write_first_grad(run_dir: Path, grads: Dict[str, torch.Tensor]) -> None:
+    with atomic_path(Path(run_dir) / FIRST_GRAD) as tmp:
+        torch.save({name: g.detach().cpu() for name, g in grads.items()}, tmp)
+
+
+def load_first_grad(run_dir: Path) -> Optional[Dict[str, torch.Tensor]]:
+    """first_grad.pt, or None where the run wrote none (trainer.first_grad=false, an early error)."""
+    path = Path(run_dir) / FIRST_GRAD
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 # ---- checkpoints (their content is runner.checkpoint's; the file is this module's) ---------------

@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.strategies import STRATEGIES
+from runner.strategies import STRATEGIES, PassOptions
 
 
 class Role(str, Enum):
@@ -45,7 +45,14 @@ class Device(str, Enum):
 
 class DType(str, Enum):
     float32 = "float32"
-    float64 = "float64"
+    float64 = "float64"  # the oracle a float32 run is measured against (within_drift)
+    bfloat16 = "bfloat16"  # "pure" bf16: parameters, gradients and arithmetic in bf16
+
+
+class Autocast(str, Enum):
+    off = "off"
+    bf16 = "bf16"  # torch.autocast to bfloat16: float32 parameters and gradients
+    fp16 = "fp16"  # torch.autocast to float16, with GradScaler's loss scaling
 
 
 class Reduction(str, Enum):
@@ -128,15 +135,16 @@ class LossConf:
 
 
 def _backward_conf() -> type:
-    """backward.*: `name` and the union of the options every registered strategy declares
-    (two strategies that read one key must declare it alike)."""
+    """backward.*: `name`, the union of the options every registered strategy declares (two
+    strategies that read one key must declare it alike), and the options of every strategy's
+    passes (runner.strategies.PassOptions)."""
     declared: Dict[str, Tuple[str, Any, Any]] = {}
-    for strategy in STRATEGIES.values():
-        hints = typing.get_type_hints(strategy.Options)
-        for f in fields(strategy.Options):
+    for name, options in [(s.name, s.Options) for s in STRATEGIES.values()] + [("*", PassOptions)]:
+        hints = typing.get_type_hints(options)
+        for f in fields(options):
             spec = (f.name, hints[f.name], f.default)
             if declared.setdefault(f.name, spec) != spec:
-                raise TypeError(f"backward.{f.name} is declared differently by backward={strategy.name}")
+                raise TypeError(f"backward.{f.name} is declared differently by backward={name}")
     return make_dataclass("BackwardConf", [("name", str, field(default="full"))] +
                           [(name, kind, field(default=default)) for name, kind, default in declared.values()])
 
@@ -163,6 +171,12 @@ class TrainerConf:
     steps: int = key(100, Role.extent)
     device: Device = key(Device.auto, Role.extent)
     dtype: DType = DType.float32
+    # Forward and loss under torch.autocast (parameters and gradients stay in trainer.dtype=float32).
+    autocast: Autocast = Autocast.off
+    init_scale: float = 2.0 ** 16  # autocast=fp16: GradScaler's first loss scale
+    # Processes, each training on its share of every batch with DistributedDataParallel (gloo on
+    # CPU, nccl on CUDA), launched through torch.distributed.run; torchrun sets it from WORLD_SIZE.
+    processes: int = key(1, Role.extent)
     deterministic: bool = False
     # Rows are buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on CUDA)
     # so that logging never forces a host-device sync per step on a GPU.
@@ -174,6 +188,8 @@ class TrainerConf:
     threads: int = key(0, Role.operational)
     checkpoint_every: int = key(0, Role.operational)
     resume: Optional[str] = key(None, Role.operational)
+    # first_grad.pt: the first optimizer step's gradient (false for models too large to keep it twice)
+    first_grad: bool = key(True, Role.operational)
 
 
 @dataclass
@@ -263,6 +279,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.model.prior < 1, "model.prior", cfg.model.prior, "strictly between 0 and 1"),
         (cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "an integer >= 1"),
         (cfg.model.outputs >= 1, "model.outputs", cfg.model.outputs, "an integer >= 1"),
+        (cfg.trainer.init_scale > 0, "trainer.init_scale", cfg.trainer.init_scale, "> 0"),
         (cfg.trainer.threads >= 0, "trainer.threads", cfg.trainer.threads, ">= 0 (0 = torch's default)"),
         (cfg.trainer.log_every >= 0, "trainer.log_every", cfg.trainer.log_every, ">= 0"),
         (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
@@ -274,6 +291,38 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}={value} is not allowed: expected {allowed}")
     if cfg.loss.reduction == Reduction.none:
         raise ConfigError("loss.reduction=none is not allowed for training: expected mean or sum")
+    if plain(cfg.trainer.autocast) != "off" and plain(cfg.trainer.dtype) != "float32":
+        raise ConfigError(f"trainer.autocast={plain(cfg.trainer.autocast)} is not allowed with trainer.dtype="
+                          f"{plain(cfg.trainer.dtype)}: expected trainer.dtype=float32 (autocast keeps float32 "
+                          "parameters; trainer.dtype=bfloat16 is pure bf16)")
+    validate_processes(cfg)
+
+
+# The strategies DDP can wrap: one forward per micro-batch and one backward per forward.
+DDP_STRATEGIES = ("full", "sum", "accumulate")
+
+
+def validate_processes(cfg: Config) -> None:
+    processes = cfg.trainer.processes
+    if processes < 1:
+        raise ConfigError(f"trainer.processes={processes} is not allowed: expected an integer >= 1")
+    if processes == 1:
+        return
+    name = cfg.backward.name
+    if name not in DDP_STRATEGIES:
+        raise ConfigError(f"trainer.processes={processes} is not allowed with backward={name}: expected "
+                          f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.processes=1)")
+    if cfg.data.micro_batch_size is not None:
+        raise ConfigError(f"trainer.processes={processes} is not allowed in loader mode (data.micro_batch_size="
+                          f"{cfg.data.micro_batch_size}): expected data.micro_batch_size=null")
+    if plain(cfg.backward.grad_accum_dtype) == "float32":
+        raise ConfigError(f"backward.grad_accum_dtype=float32 is not allowed with trainer.processes={processes}: "
+                          "expected backward.grad_accum_dtype=param (DDP all-reduces .grad itself)")
+    accumulation = cfg.backward.accumulation if name != "full" else 1
+    if cfg.data.batch_size < processes * accumulation:
+        raise ConfigError(f"trainer.processes={processes} is not allowed with data.batch_size={cfg.data.batch_size} "
+                          f"and backward.accumulation={accumulation}: expected data.batch_size >= processes x "
+                          f"accumulation ({processes * accumulation}), a micro-batch for every rank")
 
 
 def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],

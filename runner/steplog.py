@@ -62,10 +62,12 @@ class StepLog:
             row = dict(zip(self.columns, values[:width]))
             # param_sum as the accumulation answer prints it: a Python sum of per-tensor sums
             row.update(step=step + 1, param_sum=sum(values[width:]), time_s=elapsed, **extra)
-            if record.TOKENS_COLUMN in row:  # a count, stacked with the floats for the one transfer
-                row[record.TOKENS_COLUMN] = int(row[record.TOKENS_COLUMN])
+            for column in record.INTEGER_COLUMNS:  # counts, stacked with the floats for the one transfer
+                if column in row:
+                    row[column] = int(row[column])
             rows.append(row)
-            if not all(map(_finite, (row["loss"], row["grad_norm"]))):
+            # GradScaler skips a step whose gradient overflowed: fp16's routine, not a divergence.
+            if not _finite(row["loss"]) or not (_finite(row["grad_norm"]) or row.get(record.STEP_SKIPPED_COLUMN)):
                 diverged_at = step + 1
                 break  # the run ends at this step: rows batched after it are not its record
         self.writer.write_rows(rows)

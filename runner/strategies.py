@@ -19,6 +19,7 @@ from torch import nn
 
 from runner.data import micro_batches
 from runner.losses import MultiPartLoss, TokenLoss, is_sum_reduced, loss_parts, offers
+from runner.passes import Passes
 from runner.record import TOKENS_COLUMN
 
 
@@ -33,6 +34,29 @@ class PartialWindow(str, Enum):
     exact = "exact"  # weight by what the window holds (examples, or tokens for loss=lm)
     k = "k"  # divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)
     drop = "drop"  # skip it: the next epoch starts
+
+
+class GradAccumDType(str, Enum):
+    """Where micro-batch gradients add up when parameters are bf16 (trainer.dtype=bfloat16)."""
+
+    param = "param"  # in .grad, in the parameters' dtype (bf16 rounding at every addition)
+    float32 = "float32"  # in a float32 buffer, copied back into .grad before the step
+
+
+class Sync(str, Enum):
+    """Under DDP (trainer.processes > 1): which micro-batch's backward all-reduces the gradients."""
+
+    last = "last"  # the last: the others run under no_sync and add up locally (one round per step)
+    every = "every"  # each one: the same gradient, k rounds of traffic per step
+    first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
+
+
+@dataclass
+class PassOptions:
+    """backward.* keys every strategy reads: how its passes run (runner.passes, runner.recompute)."""
+
+    grad_accum_dtype: GradAccumDType = GradAccumDType.param
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
@@ -116,9 +140,11 @@ class Strategy:
     # True where a strategy backwards each micro-batch by itself (clip_every=micro_batch clips between them).
     backward_per_micro_batch = False
 
-    def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None):
+    def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None,
+                 passes: Optional[Passes] = None):
         self.options = options
         self.updates = updates or Updates()
+        self.passes = passes or Passes()
 
     @property
     def accumulation(self) -> int:
@@ -135,7 +161,7 @@ class Strategy:
     def ignored_switches(self, backward_conf) -> List[str]:
         """Switches set for another strategy. Like `full` ignoring backward.accumulation, they are
         ignored (with a warning) so that one sweep can cross strategies with every switch."""
-        mine = {f.name for f in fields(self.Options)}
+        mine = {f.name for f in fields(self.Options)} | {f.name for f in fields(PassOptions)}
         return [f"backward.{switch}=true is ignored by backward={self.name}: it applies to backward="
                 + " or ".join(readers_of(switch))
                 for switch in sorted(readers_by_option())
@@ -153,19 +179,22 @@ class Strategy:
     def apply(self, model: nn.Module, optimizers, micro_batches: int = 1) -> torch.Tensor:
         """Clip (once per step unless clipped per micro-batch), step every optimizer, advance their
         schedules (once, or once per micro-batch). Returns the gradient norm before clipping."""
-        updates = self.updates
+        updates, passes = self.updates, self.passes
         params = parameters_of(optimizers)
+        passes.before_step(optimizers, params)  # float32 buffers back into .grad; GradScaler's unscale_
         if updates.clip_norm and not (updates.clip_every == "micro_batch" and self.backward_per_micro_batch):
             norm = torch.nn.utils.clip_grad_norm_(params, updates.clip_norm)
         else:
             norm = grad_norm(params)
+        passes.take_first_grad(params)
         for opt in optimizers:
-            opt.step()
+            passes.step(opt)
             scheduler = updates.schedulers.get(id(opt))
             if scheduler is not None:
                 # Per micro-batch, the schedule runs k times too fast (what Accelerate's adjust_scheduler avoids).
                 for _ in range(micro_batches if updates.scheduler_every == "micro_batch" else 1):
                     scheduler.step()
+        passes.after_step()  # GradScaler's update: once per optimizer step
         return norm
 
     def clip_after_backward(self, optimizers) -> None:
@@ -209,8 +238,9 @@ class Full(Strategy):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
-        loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
-        loss.backward()
+        with self.passes.forward():
+            loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
+        self.passes.backward(loss)
         norm = self.apply(model, optimizers)
         return StepResult(loss.detach(), norm, parts, token_count(loss_fn, targets))
 
@@ -266,20 +296,24 @@ class MicroBatched(Strategy):
         window = len(mbs) / self.accumulation if sizes is not None and \
             self.options.partial_window == PartialWindow.k else 1.0
         normalization = loss_fn.normalization() if batch_tokens is not None else None
-        for mb in mbs:
-            outputs = model(mb.inputs)
-            if normalization == "tokens":
-                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
-                weight, share = 1.0, 1.0
-            else:
-                loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
-                weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
-                # The exact share: of the batch's tokens for a token mean; else of its rows (sequences).
-                share = loss_fn.count_tokens(mb.targets) / batch_tokens if normalization == "micro_batch" else \
-                    1.0 if is_sum_reduced(loss_fn) else mb.share
-            factor = weight * window
-            yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
-                         {name: value * share for name, value in parts.items()})
+        for index, mb in enumerate(mbs):
+            # Open across the yield, so that a strategy's backward of this micro-batch runs inside
+            # it too (DDP's no_sync must cover both).
+            with self.passes.micro_batch(index, len(mbs)):
+                with self.passes.forward():
+                    outputs = model(mb.inputs)
+                    if normalization == "tokens":
+                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
+                        weight, share = 1.0, 1.0
+                    else:
+                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
+                        weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
+                        # The exact share: of the batch's tokens for a token mean; else of its rows (sequences).
+                        share = loss_fn.count_tokens(mb.targets) / batch_tokens if normalization == "micro_batch" \
+                            else 1.0 if is_sum_reduced(loss_fn) else mb.share
+                factor = weight * window
+                yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
+                             {name: value * share for name, value in parts.items()})
 
 
 @register
@@ -295,7 +329,7 @@ class Sum(MicroBatched):
         for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
             total, logged = total + scored.loss, logged + scored.logged
             parts, count = add_parts(parts, scored.parts), count + 1
-        total.backward()
+        self.passes.backward(total)
         norm = self.apply(model, optimizers, count)
         return StepResult(logged, norm, parts, extras)
 
@@ -307,12 +341,16 @@ class Accumulate(MicroBatched):
     name = "accumulate"
     backward_per_micro_batch = True
 
+    @dataclass
+    class Options(MicroBatched.Options):
+        sync: Sync = Sync.last  # under DDP: the micro-batch whose backward all-reduces (see Sync)
+
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
         logged, parts = [], {}
         extras = token_count(loss_fn, targets)
         for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
-            scored.loss.backward()  # the graph of this micro-batch is freed here
+            self.passes.backward(scored.loss)  # the graph of this micro-batch is freed here
             self.clip_after_backward(optimizers)
             logged.append(scored.logged)
             parts = add_parts(parts, scored.parts)
@@ -364,15 +402,17 @@ class Separate(Strategy):
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         shared = model.shared_parameters() if offers(model, SharedTrunk) else []
         self.zero_grad(optimizers)
-        parts = loss_fn.parts(model(inputs), targets)
+        with self.passes.forward():
+            parts = loss_fn.parts(model(inputs), targets)
         names = list(parts)
         values, task_grads, norms = {}, {}, []
         for i, name in enumerate(names):
             if i > 0 and self.options.reforward:
-                parts = loss_fn.parts(model(inputs), targets)  # a fresh graph on the stepped weights
+                with self.passes.forward():
+                    parts = loss_fn.parts(model(inputs), targets)  # a fresh graph on the stepped weights
             before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in shared]
             last = i == len(names) - 1
-            parts[name].backward(retain_graph=not last and not self.options.reforward)
+            self.passes.backward(parts[name], retain_graph=not last and not self.options.reforward)
             values[name] = parts[name].detach()
             task_grads[name] = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
                                 for p, b in zip(shared, before)]
@@ -415,13 +455,14 @@ class Chained(Strategy):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         optimizer1, optimizer2 = optimizers
-        parts = loss_fn.parts(self.forward(model, inputs), targets)
+        with self.passes.forward():
+            parts = loss_fn.parts(self.forward(model, inputs), targets)
         l1, l2 = parts["stage1"], parts["stage2"]
         optimizer2.zero_grad()
-        l2.backward(retain_graph=self.retain_graph)
+        self.passes.backward(l2, retain_graph=self.retain_graph)
         norm2 = self.apply(model, [optimizer2])
         optimizer1.zero_grad()
-        l1.backward()
+        self.passes.backward(l1)
         norm1 = self.apply(model, [optimizer1])
         values = {"stage1": l1.detach(), "stage2": l2.detach()}
         return StepResult(values["stage1"] + values["stage2"], combined_norm([norm1, norm2]), values)
@@ -448,9 +489,10 @@ class Detach(Chained):
     detach = True
 
 
-def build_strategy(backward_conf, updates: Optional[Updates] = None) -> Strategy:
+def build_strategy(backward_conf, updates: Optional[Updates] = None, passes: Optional[Passes] = None) -> Strategy:
     """The strategy `backward.name` picks, given the backward.* options it declares."""
     cls = STRATEGIES.get(backward_conf.name)
     if cls is None:
         raise ValueError(f"backward={backward_conf.name} is unknown: expected one of {sorted(STRATEGIES)}")
-    return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}), updates)
+    return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}), updates,
+               passes)

@@ -148,6 +148,9 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     log = StepLog(t.model, run_dir, append, extra_columns=host_columns)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
+    passes = t.strategy.passes
+    if start > 0:  # a resumed run's first gradient was taken (and written) before
+        passes.first_grad = None
     loop_started, step = time.perf_counter(), start
     with StopOnSignal() as stop, ProgressBar(trainer.progress, trainer.steps, start) as bar:
         try:
@@ -160,6 +163,10 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
                     result = t.strategy.step(t.model, t.loss_fn, t.optimizers, window.inputs, window.targets,
                                              window.sizes)
+                result.extras.update(passes.columns())  # grad_scale, step_skipped (fp16)
+                if passes.first_grad is not None:
+                    record.write_first_grad(run_dir, _named_grads(t, passes.first_grad))
+                    passes.first_grad = None
                 if measure:
                     host[record.MEMORY_COLUMN] = meter.peak
                 log.add(step, result, time.perf_counter() - started, host)
@@ -193,6 +200,14 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     summary.peak_saved_bytes = log.peak_saved
     summary.final_loss = float(log.last_loss) if log.last_loss is not None else None
     return stop.signum
+
+
+def _named_grads(t: Training, grads: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """first_grad.pt's content: parameter name -> gradient (a learnable loss's parameters as loss.NAME)."""
+    named = list(t.model.named_parameters())
+    if isinstance(t.loss_fn, torch.nn.Module):
+        named += [(f"loss.{name}", p) for name, p in t.loss_fn.named_parameters()]
+    return {name: grads[id(p)] for name, p in named if id(p) in grads}
 
 
 def _diverged(summary: Summary, step: int) -> None:
