@@ -3,8 +3,11 @@
 An experiment lists what it expects under `claims:`. Each claim selects runs by config values
 (`runs: {backward: [sum, accumulate], backward.scale: size}`) and states one of:
 equivalent / identical / differs (final parameters against the run `reference:` selects),
-fails (status error, with `message` in the error), succeeds, and smaller / about (a summary
-`metric`, e.g. peak_saved_bytes, against `factor` times the reference's; `about` within `rel`).
+within_drift (the distance to the reference at most `factor` times the reference's own distance
+to its float64 oracle), fails (status error, with `message` in the error), succeeds, and
+smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
+metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
+(grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle).
 
 `sweep_verdicts` is the one place that turns runs (and extra claims) into verdicts and an exit
 code: the sweep's end, `python -m runner.compare` and the report all call it.
@@ -16,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
-from runner.runs import Run, compare_to, describe, pick_reference
+from runner.runs import Run, compare_to, describe, find_oracle, pick_reference
+
+# Comparison columns a `smaller` / `about` claim may name as its metric (runner.runs.Verdict).
+COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle")
+# within_drift's distances: final parameters (max |Δθ|) or the first gradient (relative).
+DRIFT_MEASURES = {"params": "max_abs_diff", "first_grad": "grad_rel_diff"}
 
 
 @dataclass
@@ -27,10 +35,12 @@ class ClaimResult:
     detail: str
 
 
-def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any]) -> ClaimResult:
-    """Kinds: equivalent, identical, differs (parameters against `reference`), fails (status error,
-    error text containing `message`), succeeds, smaller / about (a summary `metric` against
-    `factor` times the reference's: smaller than it, or within `rel` of it)."""
+def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any],
+                   sweep_reference: Any = None) -> ClaimResult:
+    """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift,
+    fails (status error, error text containing `message`), succeeds, smaller / about (a `metric`
+    against `factor` times the reference's: smaller than it, or within `rel` of it).
+    `sweep_reference`: the run the comparison columns are measured against."""
     kind = claim.get("kind", "")
     selector = dict(claim.get("runs") or {})
     name = claim.get("name") or f"{kind}: {describe(selector)}"
@@ -64,12 +74,26 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
         return ClaimResult(name, kind, holds, f"{len(chosen)} runs vs {describe(ref_selector) or 'reference'}: "
                            f"{label} |Δθ| {worst:.3g} ({verdicts[0].tolerance}); verdicts "
                            f"{sorted({v.verdict for v in verdicts})}")
+    if kind == "within_drift":
+        return _within_drift(name, claim, chosen, reference, runs, cache)
     if kind in ("smaller", "about"):
         metric = claim.get("metric", "")
-        ref_value = reference.summary.metric(metric)
-        values = [r.summary.metric(metric) for r in chosen]
+        if metric in COMPARISON_METRICS:
+            sweep_reference = sweep_reference or pick_reference(runs)
+            oracle = find_oracle(runs, sweep_reference)
+
+            def value_of(run):
+                value = getattr(compare_to(run, sweep_reference, cache, oracle), metric)
+                return None if math.isnan(value) else value
+        else:
+            def value_of(run):
+                return run.summary.metric(metric)
+        ref_value = value_of(reference)
+        values = [value_of(r) for r in chosen]
         if ref_value is None or any(v is None for v in values):
-            return ClaimResult(name, kind, False, f"metric {metric!r} is not a numeric summary key of these runs")
+            return ClaimResult(name, kind, False, f"metric {metric!r} is not known for these runs: expected a "
+                               f"numeric summary key or one of {list(COMPARISON_METRICS)} (the oracle ones need "
+                               "a float64 run of the reference's configuration)")
         if kind == "smaller":
             factor = float(claim.get("factor", 1.0))
             holds = all(v < factor * ref_value for v in values)
@@ -80,7 +104,29 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Path, Any
         return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of "
                            f"{factor:g} x {ref_value:g}")
     return ClaimResult(name, kind, False, f"unknown claim kind {kind!r}: expected equivalent, identical, "
-                       "differs, fails, succeeds, smaller or about")
+                       "differs, within_drift, fails, succeeds, smaller or about")
+
+
+def _within_drift(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run],
+                  cache: Dict[Any, Any]) -> ClaimResult:
+    """Every chosen run's distance to the reference is at most `factor` x the reference's own
+    distance to its float64 oracle: float32 rounding measured, not guessed (`measure`: params or
+    first_grad)."""
+    measure = claim.get("measure", "params")
+    if measure not in DRIFT_MEASURES:
+        return ClaimResult(name, "within_drift", False, f"measure {measure!r} is unknown: expected one of "
+                           f"{sorted(DRIFT_MEASURES)}")
+    oracle = find_oracle(runs, reference)
+    if oracle is None:
+        return ClaimResult(name, "within_drift", False, "no float64 run of the reference's configuration "
+                           "(trainer.dtype=float64) to measure the reference's drift against")
+    column, factor = DRIFT_MEASURES[measure], float(claim.get("factor", 1.0))
+    drift = getattr(compare_to(reference, oracle, cache), column)
+    distances = [getattr(compare_to(r, reference, cache), column) for r in chosen]
+    holds = not math.isnan(drift) and all(d <= factor * drift for d in distances)
+    label = "max |Δθ|" if measure == "params" else "first-gradient relative difference"
+    return ClaimResult(name, "within_drift", holds, f"{len(chosen)} runs: {label} to the reference up to "
+                       f"{max(distances):.3g}, vs {factor:g} x the reference's {drift:.3g} from float64")
 
 
 def claims_of(runs: List[Run]) -> List[Dict[str, Any]]:
@@ -95,9 +141,9 @@ def claims_of(runs: List[Run]) -> List[Dict[str, Any]]:
     return claims
 
 
-def evaluate_claims(claims: List[Dict[str, Any]], runs: List[Run]) -> List[ClaimResult]:
-    cache: Dict[Path, Any] = {}
-    return [evaluate_claim(c, runs, cache) for c in claims]
+def evaluate_claims(claims: List[Dict[str, Any]], runs: List[Run], reference: Any = None) -> List[ClaimResult]:
+    cache: Dict[Any, Any] = {}
+    return [evaluate_claim(c, runs, cache, reference) for c in claims]
 
 
 def unexpected_failures(runs: List[Run], claims: List[Dict[str, Any]]) -> List[Run]:
@@ -123,5 +169,5 @@ def sweep_verdicts(runs: List[Run], extra_claims: Iterable[Dict[str, Any]] = (),
                    reference: Any = None) -> SweepVerdicts:
     """The claims the runs declare (plus `extra_claims`), their verdicts and the exit code."""
     claims = claims_of(runs) + list(extra_claims)
-    return SweepVerdicts(reference if reference is not None else pick_reference(runs),
-                         evaluate_claims(claims, runs), unexpected_failures(runs, claims))
+    reference = reference if reference is not None else pick_reference(runs)
+    return SweepVerdicts(reference, evaluate_claims(claims, runs, reference), unexpected_failures(runs, claims))

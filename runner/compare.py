@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from runner import record
 from runner.claims import ClaimResult, SweepVerdicts, sweep_verdicts
-from runner.runs import Run, compare_to, find_runs, parse_selector, pick_reference, varying_keys
+from runner.runs import Run, compare_to, find_oracle, find_runs, parse_selector, pick_reference, varying_keys
 
 # Columns that are not config keys (in the order shown); the varying config keys come first.
 DISPLAY = list(record.SHOWN_COLUMNS)
@@ -35,12 +35,13 @@ def build_table(runs: List[Run], reference: Optional[Run]):
     sweeps = {r.sweep for r in runs}
     across = [k for k in varying if len(sweeps) > 1 and
               all(len({r.keys.get(k) for r in runs if r.sweep == s}) == 1 for s in sweeps)]
-    cache: Dict[Path, Any] = {}
+    cache: Dict[Any, Any] = {}
+    oracle = find_oracle(runs, reference)  # a float64 run of the reference's configuration, if any
     rows = []
     for run in runs:
         row: Dict[str, Any] = {key: run.keys.get(key) for key in varying}
         row.update({key: getattr(run.summary, key) for key in record.COMPARED_KEYS})
-        row.update(asdict(compare_to(run, reference, cache)))
+        row.update(asdict(compare_to(run, reference, cache, oracle)))
         row.update(param_sha256=(run.summary.param_sha256 or "")[:12],
                    config_key=",".join(f"{k}={run.keys.get(k)}" for k in varying if k not in across),
                    sweep=run.sweep, run_dir=str(run.path))
@@ -57,7 +58,9 @@ def build_table(runs: List[Run], reference: Optional[Run]):
 def display_columns(table) -> List[str]:
     varying = [c for c in table.columns if c not in DISPLAY and c not in HIDDEN]
     sweeps = ["sweep"] if "sweep" in table and table["sweep"].nunique() > 1 else []
-    return sweeps + varying + [c for c in DISPLAY if c in table.columns]
+    # The oracle columns only where the runs hold an oracle (a float64 run of the reference's config).
+    return sweeps + varying + [c for c in DISPLAY if c in table.columns
+                               and not (c in record.ORACLE_COLUMNS and table[c].isna().all())]
 
 
 def _fmt(value: Any, digits: int = 6) -> str:
@@ -125,8 +128,13 @@ def verdict_lines(table, reference: Optional[Run]) -> List[str]:
         memory = ""
         if _number(row[record.MEMORY_COLUMN]) and _number(ref_bytes):
             memory = f"; held {int(row[record.MEMORY_COLUMN]):,} B, {row[record.MEMORY_COLUMN] / ref_bytes:.2f}x"
-        lines.append(f"  {labels[path]}: {row['verdict']}, max |Δθ| {row['max_abs_diff']:.3g}{memory}")
+        grad = f", first gradient {row['grad_rel_diff']:.3g} apart" if _finite(row["grad_rel_diff"]) else ""
+        lines.append(f"  {labels[path]}: {row['verdict']}, max |Δθ| {row['max_abs_diff']:.3g}{grad}{memory}")
     return lines
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _number(value: Any) -> bool:
@@ -205,6 +213,56 @@ def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], swe
     return path
 
 
+ACCUMULATION_KEY = "backward.accumulation"
+DTYPE_COLUMN = "trainer.dtype"
+
+
+def draw_oracle_drift(table, sweep_dir: Path) -> Optional[Path]:
+    """grad_diff_to_oracle.png: each configuration's first-gradient error against the float64
+    oracle over the accumulation factor, log-log (left), and the same error relative to the
+    configuration's own at the smallest k (right, linear), where small growth shows. Drawn where
+    the sweep crosses backward.accumulation and holds an oracle; float64 runs (the oracle's
+    family, ~1e-16) are left out. matplotlib is imported only here."""
+    column = "grad_diff_to_oracle"
+    if ACCUMULATION_KEY not in table or column not in table or not table[column].notna().any():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.dropna(subset=[column])
+    if DTYPE_COLUMN in data:
+        data = data[data[DTYPE_COLUMN].astype(str) != "float64"]
+    data = data[data[column] > 0].assign(k=lambda d: d[ACCUMULATION_KEY].astype(float))
+    others = [c for c in display_columns(table) if c not in DISPLAY and c != ACCUMULATION_KEY
+              and c in data and data[c].nunique() > 1]
+    if not len(data):
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 7), layout="constrained")
+    colours = plt.get_cmap("tab20").colors
+    groups = data.groupby(others, sort=False) if others else [((), data)]
+    for i, (key, group) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        group = group.sort_values("k")
+        label = ", ".join(f"{c}={v}" for c, v in zip(others, key)) or "runs"
+        style = dict(marker="o", linewidth=1, color=colours[i % len(colours)], label=label)
+        left.plot(group["k"], group[column], **style)
+        right.plot(group["k"], group[column] / group[column].iloc[0], **style)
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("backward.accumulation (micro-batches per optimizer step)")
+    left.set_yscale("log")
+    left.set_ylabel("||g - g_float64|| / ||g_float64||, first optimizer step")
+    left.set_title("first-gradient error against the float64 oracle")
+    right.set_ylabel("error / the same configuration's error at the smallest k")
+    right.set_title("growth with k")
+    fig.legend(*left.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=2)
+    path = record.save_figure(fig, sweep_dir, name=record.ORACLE_DRIFT)
+    plt.close(fig)
+    return path
+
+
 # ---- a sweep, as it runs and when it ends --------------------------------------------------------
 
 def append_job_row(sweep_dir: Path, run_dir: Path) -> None:
@@ -230,6 +288,9 @@ def summarise_sweep(sweep_dir: Path) -> int:
     print_rich(table, verdicts, title=f"sweep {sweep_dir} ({len(runs)} jobs)")
     picture = draw(runs, verdicts.reference, run_labels(table), sweep_dir)
     print(f"comparison: {Path(sweep_dir) / record.COMPARISON}\npicture: {picture}")
+    drift = draw_oracle_drift(table, sweep_dir)
+    if drift is not None:
+        print(f"picture: {drift}")
     return verdicts.exit_code
 
 

@@ -30,6 +30,7 @@ GRADIENT_FLOW = "gradient_flow.csv"
 # Per sweep
 COMPARISON = "comparison.csv"
 LOSS_CURVES = "loss_curves.png"
+ORACLE_DRIFT = "grad_diff_to_oracle.png"  # first-gradient error against the float64 oracle, per accumulation
 SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
 
 # Columns every metrics.csv starts with; loss components and extras follow.
@@ -105,8 +106,9 @@ SUMMARY_KEYS = tuple(f.name for f in fields(Summary))
 COMPARED_KEYS = ("status", "final_loss", "eval_metric", "eval_value", "param_sum", "param_sha256",
                  "peak_saved_bytes", "time_per_step_s", "steps_done", "error")
 # comparison.csv: the config keys that vary, then these columns; the terminal shows SHOWN, in order.
-SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "verdict",
-                 "peak_saved_bytes", "time_per_step_s", "error")
+SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "grad_rel_diff",
+                 "verdict", "diff_to_oracle", "grad_diff_to_oracle", "peak_saved_bytes", "time_per_step_s", "error")
+ORACLE_COLUMNS = ("diff_to_oracle", "grad_diff_to_oracle")  # against a float64 run of the reference's config
 HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir")
 # The rows appended while a sweep runs, before its verdicts exist.
 JOB_COLUMNS = ("job", "overrides", *COMPARED_KEYS, "run_dir")
@@ -359,8 +361,8 @@ def write_table_csv(table, path: Path) -> None:
     atomic_write_bytes(Path(path), table.to_csv(index=False).encode())
 
 
-def save_figure(figure, sweep_dir: Path, dpi: int = 110) -> Path:
-    path = Path(sweep_dir) / LOSS_CURVES
+def save_figure(figure, sweep_dir: Path, dpi: int = 110, name: str = LOSS_CURVES) -> Path:
+    path = Path(sweep_dir) / name
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=dpi)
     return path

@@ -130,15 +130,96 @@ def load_parameters(run: Run):
     return {n: state[n] for n in names if n in state}
 
 
+DTYPE_KEY = "trainer.dtype"
+ORACLE_DTYPE = "float64"
+
+
+def find_oracle(runs: List[Run], reference: Optional[Run]) -> Optional[Run]:
+    """The float64 run of the reference's configuration (every other key equal), or None.
+
+    Its distance to the reference is how far the reference itself is from exact arithmetic: the
+    honest scale for calling another run's distance to the reference small (`within_drift`)."""
+    if reference is None:
+        return None
+    if reference.keys.get(DTYPE_KEY) == ORACLE_DTYPE:
+        return reference
+    same = {k: v for k, v in reference.keys.items() if k != DTYPE_KEY}
+    return next((r for r in runs if r.status == "ok" and r.keys.get(DTYPE_KEY) == ORACLE_DTYPE
+                 and {k: v for k, v in r.keys.items() if k != DTYPE_KEY} == same), None)
+
+
 @dataclass
 class Verdict:
     verdict: str  # reference | identical | equivalent | differs | differs (expected: why) | error
     max_abs_diff: float
     tolerance: str  # which comparison the verdict used
+    # The first optimizer step's gradients (first_grad.pt): ||g - g_ref|| / ||g_ref||, taken from
+    # identical parameters, so free of training's amplification of a difference.
+    grad_rel_diff: float = math.nan
+    # Against the float64 oracle of the reference (find_oracle), where the runs hold one.
+    grad_diff_to_oracle: float = math.nan  # ||g - g_oracle|| / ||g_oracle||
+    diff_to_oracle: float = math.nan  # max |θ - θ_oracle|
 
 
-def compare_to(run: Run, reference: Optional[Run], cache: Dict[Path, Any]) -> Verdict:
-    """max |Δθ| against the reference and the verdict, saying which tolerance it used."""
+def _cached(cache: Dict[Any, Any], run: Run, what: str, load):
+    if (run.path, what) not in cache:
+        cache[(run.path, what)] = load(run)
+    return cache[(run.path, what)]
+
+
+def first_grad(run: Run, cache: Dict[Any, Any]):
+    return _cached(cache, run, "first_grad", lambda r: record.load_first_grad(r.path))
+
+
+def parameters(run: Run, cache: Dict[Any, Any]):
+    return _cached(cache, run, "params", load_parameters)
+
+
+def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
+    """||g - g_other|| / ||g_other|| over every parameter (float64), or NaN where either run has
+    no first_grad.pt or their parameters differ."""
+    if other is None or run.status != "ok" or other.status != "ok":
+        return math.nan
+    try:
+        mine, theirs = first_grad(run, cache), first_grad(other, cache)
+    except (OSError, RuntimeError, ValueError):
+        return math.nan
+    if not mine or not theirs or mine.keys() != theirs.keys() or \
+            any(mine[k].shape != theirs[k].shape for k in mine):
+        return math.nan
+    import torch
+
+    diff = torch.sqrt(sum(((mine[k].double() - theirs[k].double()) ** 2).sum() for k in mine))
+    norm = torch.sqrt(sum((theirs[k].double() ** 2).sum() for k in theirs))
+    return float(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def max_param_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
+    if other is None or run.status != "ok" or other.status != "ok":
+        return math.nan
+    try:
+        mine, theirs = parameters(run, cache), parameters(other, cache)
+    except (OSError, RuntimeError, ValueError):
+        return math.nan
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        return math.nan
+    return max((float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine if mine[k].numel()),
+               default=0.0)
+
+
+def compare_to(run: Run, reference: Optional[Run], cache: Dict[Any, Any], oracle: Optional[Run] = None) -> Verdict:
+    """The verdict against the reference (max |Δθ|, saying which tolerance it used), the first
+    gradients' relative difference, and the distances to the float64 `oracle` where given."""
+    verdict = _verdict(run, reference, cache)
+    verdict.grad_rel_diff = 0.0 if reference is not None and run.path == reference.path and run.status == "ok" \
+        else grad_rel_diff(run, reference, cache)
+    if oracle is not None:
+        verdict.grad_diff_to_oracle = grad_rel_diff(run, oracle, cache)
+        verdict.diff_to_oracle = max_param_diff(run, oracle, cache)
+    return verdict
+
+
+def _verdict(run: Run, reference: Optional[Run], cache: Dict[Any, Any]) -> Verdict:
     dtype = run.summary.dtype or "float32"
     rtol, atol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     tolerance = f"{dtype} rtol={rtol:g} atol={atol:g}"
@@ -149,8 +230,7 @@ def compare_to(run: Run, reference: Optional[Run], cache: Dict[Path, Any]) -> Ve
     if run.summary.param_sha256 and run.summary.param_sha256 == reference.summary.param_sha256:
         return Verdict("identical", 0.0, tolerance)
     try:
-        mine = cache.setdefault(run.path, load_parameters(run))
-        theirs = cache.setdefault(reference.path, load_parameters(reference))
+        mine, theirs = parameters(run, cache), parameters(reference, cache)
     except (OSError, RuntimeError, ValueError) as exc:
         return Verdict("error", math.nan, f"{record.PARAMS} unreadable: {exc}")
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
