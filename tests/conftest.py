@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from runner.build import build_training
-from runner.schema import Config
+from runner.record import Summary
+from runner.schema import GROUPS, Config
 from runner.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,9 @@ def train(tmp_path: Path, loss_kwargs=None, **overrides):
     run_dir = tmp_path / f"run{next(_counter)}"
     run_dir.mkdir(parents=True)
     training = build_training(make_config(**overrides), loss_kwargs)
-    outcome = run(training, run_dir)
+    # The config and choices as the command line records them, so runner.runs can compare the runs.
+    choices = {group: getattr(training.config, group).name for group in GROUPS}
+    outcome = run(training, run_dir, Summary(choices=choices, config=training.config_record()))
     params = {n: p.detach().clone() for n, p in training.model.named_parameters()}
     return asdict(outcome.summary), params, run_dir
 

@@ -74,6 +74,11 @@ def test_focal_with_accumulate(tmp_path):
     (["loss=custom"], "loss._target_"),
     (["model=seq", "data=seq", "loss=lm", "loss.normalize=avg"], "loss.normalize"),
     (["data.micro_batch_size=0"], "data.micro_batch_size=0 is not allowed"),
+    (["trainer.autocast=fp8"], "trainer.autocast"),
+    (["trainer.processes=0"], "trainer.processes=0 is not allowed"),
+    (["backward=accumulate", "backward.sync=sometimes"], "backward.sync"),
+    (["trainer.processes=2", "backward=accumulate", "backward.accumulation=4", "data.batch_size=6"],
+     "trainer.processes=2 is not allowed with data.batch_size=6 and backward.accumulation=4"),
 ])
 def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, args, needle):
     """Our range checks and Hydra's own composition errors (unknown option, wrong type) alike."""
