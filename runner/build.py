@@ -24,6 +24,7 @@ from runner.losses import build_loss, per_stage
 from runner.models import IMAGE_SHAPE, build_model
 from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.passes import Passes
+from runner.recompute import recompute_blocks
 from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of
 
 
@@ -48,6 +49,8 @@ class Training:
     not_differentiable: Optional[str] = None
     # What the coupling probe found (runner.checks.Coupling): can micro-batches equal the batch?
     coupling: Optional[checks.Coupling] = None
+    # This process's rank, world and DDP wrapper (runner.processes) when trainer.processes > 1.
+    ranks: Any = None
 
     @property
     def schedulers(self) -> List[Any]:
@@ -239,6 +242,8 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
                         loss_kwargs, model_kwargs)
     probe(training)
+    if cfg.backward.activation_checkpointing:  # after the probes, which must see the plain model
+        recompute_blocks(model)
     return training
 
 

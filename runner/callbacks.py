@@ -60,13 +60,15 @@ def _refuse_existing_run(run_dir: Path) -> None:
 def _resume_in_place(config: DictConfig, resume: str) -> None:
     """A resumed run continues in its own directory: point Hydra there (before it creates any
     folder) and keep the run's original .hydra/ record untouched."""
-    from runner import record
+    from runner import processes, record
     from runner.schema import ConfigError
 
     run_dir = Path(resume).resolve()
     if not record.checkpoint_path(run_dir).exists():
         raise ConfigError(f"trainer.resume={resume}: no {record.CHECKPOINT} there "
                           "(runs write one with trainer.checkpoint_every=N)")
+    if processes.other_rank():  # it resumes a copy in its throwaway folder (runner.cli.main)
+        return
     with open_dict(config):
         config.hydra.run.dir = str(run_dir)
         config.hydra.output_subdir = None

@@ -4,7 +4,8 @@ An experiment lists what it expects under `claims:`. Each claim selects runs by 
 (`runs: {backward: [sum, accumulate], backward.scale: size}`) and states one of:
 equivalent / identical / differs (final parameters against the run `reference:` selects),
 within_drift (the distance to the reference at most `factor` times the reference's own distance
-to its float64 oracle), fails (status error, with `message` in the error), succeeds, and
+to its float64 oracle), fails (status error, with `message` in the error), succeeds, summary (a
+summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
 (grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle).
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
+from runner.record import SUMMARY_KEYS
 from runner.runs import Run, compare_to, describe, find_oracle, pick_reference
 
 # Comparison columns a `smaller` / `about` claim may name as its metric (runner.runs.Verdict).
@@ -38,7 +40,8 @@ class ClaimResult:
 def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any],
                    sweep_reference: Any = None) -> ClaimResult:
     """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift,
-    fails (status error, error text containing `message`), succeeds, smaller / about (a `metric`
+    fails (status error, error text containing `message`), succeeds, summary (`key` is `value`),
+    smaller / about (a `metric`
     against `factor` times the reference's: smaller than it, or within `rel` of it).
     `sweep_reference`: the run the comparison columns are measured against."""
     kind = claim.get("kind", "")
@@ -53,6 +56,14 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
             if kind == "fails" else [r for r in chosen if r.status != "ok"]
         detail = f"{len(chosen) - len(wrong)}/{len(chosen)} runs {kind[:-1]}" + (f" with '{message}'" if message else "")
         return ClaimResult(name, kind, not wrong, detail)
+    if kind == "summary":
+        key, value = claim.get("key", ""), claim.get("value")
+        if key not in SUMMARY_KEYS:
+            return ClaimResult(name, kind, False, f"key {key!r} is not a summary key")
+        found = [getattr(r.summary, key) for r in chosen]
+        holds = all(f == value for f in found)
+        return ClaimResult(name, kind, holds, f"{key} = {sorted(set(map(str, found)))} in {len(chosen)} runs, "
+                           f"expected {value}")
     ref_selector = dict(claim.get("reference") or {})
     # The reference is another run where one matches; else it may be among the chosen (it then
     # counts as holding an equivalent or identical claim and never a differs claim).
@@ -104,7 +115,7 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
         return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of "
                            f"{factor:g} x {ref_value:g}")
     return ClaimResult(name, kind, False, f"unknown claim kind {kind!r}: expected equivalent, identical, "
-                       "differs, within_drift, fails, succeeds, smaller or about")
+                       "differs, within_drift, fails, succeeds, summary, smaller or about")
 
 
 def _within_drift(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run],

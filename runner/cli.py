@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import record, schema
+from runner import processes, record, schema
 from runner.record import Summary
 from runner.runs import flatten
 from runner.schema import GROUPS, Config, ConfigError, LossConf, ModelConf
@@ -169,6 +169,14 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
         # The run's own choices, overrides and config stay its record.
         summary = replace(summary, choices=previous.choices or choices,
                           overrides=previous.overrides or summary.overrides, config=previous.config or summary.config)
+    if processes.under_torchrun():  # a rank: torchrun says how many there are
+        _, world = processes.rank_and_world()
+        if config.trainer.processes not in (1, world):
+            raise ConfigError(f"trainer.processes={config.trainer.processes} does not match torchrun's "
+                              f"--nproc-per-node x --nnodes ({world}): expected {world}, or leave it out")
+        config.trainer.processes = world
+        if torch.cuda.is_available():
+            torch.cuda.set_device(processes.local_rank())  # trainer.device=cuda is this rank's GPU
     schema.validate(config)
     threads = config.trainer.threads or parallel_job_threads(hydra_node)
     if threads:
@@ -202,6 +210,7 @@ def _round(value: Any) -> str:
 
 def print_summary(summary: Summary, multirun: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
@@ -209,7 +218,9 @@ def print_summary(summary: Summary, multirun: bool) -> None:
     if multirun:
         detail = summary.error if summary.status != "ok" else \
             f"loss={_round(summary.final_loss)} param_sum={_round(summary.param_sum)}"
-        console.print(f"[{colour}]{summary.status}[/] {Path(summary.run_dir or '').name} {detail}", soft_wrap=True)
+        # Error texts hold brackets ([/path/pair.cc:537]) that rich would read as markup.
+        console.print(f"[{colour}]{summary.status}[/] {escape(Path(summary.run_dir or '').name)} {escape(str(detail))}",
+                      soft_wrap=True)
         return
     table = Table(title=f"run: [{colour}]{summary.status}[/]", show_header=False)
     rows = [("run dir", summary.run_dir), ("steps", summary.steps_done), ("final loss", summary.final_loss),
@@ -220,14 +231,14 @@ def print_summary(summary: Summary, multirun: bool) -> None:
         rows.append(("no gradient", ", ".join(summary.params_without_grad)))
     rows += [(name, text) for name, text in (("error", summary.error), ("hint", summary.hint)) if text]
     for name, value in rows:
-        table.add_row(name, _round(value))
+        table.add_row(escape(name), escape(_round(value)))
     console.print(table)
     if summary.gradient_flow:
         flow = Table(title="gradient flow, first step")
         for column in ("module", "component", "grad_norm"):
             flow.add_column(column)
         for row in summary.gradient_flow:
-            flow.add_row(row["module"], row["component"], f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none")
+            flow.add_row(escape(row["module"]), escape(row["component"]), f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none")
         console.print(flow)
 
 
@@ -257,8 +268,16 @@ def main(cfg: DictConfig) -> None:
     if reason and training.strategy.accumulation > 1 and not multirun:
         print(f"note: micro-batches cannot give the full batch's gradient with this model ({reason}): "
               f"backward={training.strategy.name} is a different training here", file=sys.stderr)
+    target = prepared.run_dir or run_dir
+    if prepared.run_dir is not None and processes.other_rank():
+        # Rank 0 continues the run in its folder; another rank continues a copy in its throwaway one.
+        record.copy_resumable(prepared.run_dir, run_dir)
+        target = run_dir
     try:
-        outcome = run(training, prepared.run_dir or run_dir, prepared.summary, resume=prepared.resume)
+        if training.config.trainer.processes > 1 and not processes.under_torchrun():
+            outcome = run_ranks(training.config.trainer.processes, hc, target, prepared.summary)
+        else:
+            outcome = run(training, target, prepared.summary, resume=prepared.resume)
     except ConfigError as exc:  # a checkpoint that does not fit the folder it is resumed in
         report_bad_input(exc)
         EXIT_CODE = 2
@@ -270,6 +289,23 @@ def main(cfg: DictConfig) -> None:
         stop_sweep(run_dir, exit_code(outcome.status, outcome.signum))
     if not multirun:
         EXIT_CODE = exit_code(outcome.status, outcome.signum)
+
+
+def run_ranks(count: int, hc, run_dir: Path, known: Summary):
+    """trainer.processes=N: the same command as N ranks (runner.processes.launch), recording into
+    run_dir; the outcome is what rank 0 recorded. A rank that dies (a signal, an exit code other
+    than a run's own 0 or 1) fails the run with one line, and its summary says so."""
+    from runner.train import Outcome
+
+    launched = processes.launch(count, list(hc.overrides.task), run_dir)
+    summary = record.read_summary(run_dir) if record.has_summary(run_dir) else \
+        replace(known, status="running", run_dir=str(run_dir.resolve()))
+    if not launched.ok and (launched.lost or summary.status == "running"):
+        lost = launched.lost or "rank 0 ended without recording an outcome"
+        summary.status, summary.hint = "error", None
+        summary.error = f"lost a rank: {lost}" + (f" (rank 0: {summary.error})" if summary.error else "")
+        record.write_summary(run_dir, summary)
+    return Outcome(summary.status, summary)
 
 
 def in_process_launcher(hc) -> bool:
@@ -290,10 +326,18 @@ def stop_sweep(run_dir: Path, code: int) -> None:
 
 
 def entry() -> None:
-    """`python -m runner`: Hydra's main, with exit codes as the contract says."""
+    """`python -m runner`: Hydra's main, with exit codes as the contract says. Under torchrun, ranks
+    other than 0 record into a throwaway folder and print nothing on stdout (rank 0 speaks)."""
+    argv, throwaway = processes.other_rank_argv(sys.argv[1:])
+    sys.argv = sys.argv[:1] + argv
+    if processes.quiet():
+        sys.stdout = open(os.devnull, "w")
     try:
         main()
     except SystemExit as exc:
         # Hydra reports an exception it caught (a composition error) with exit 1; ours never use 1.
         sys.exit(2 if exc.code == 1 else exc.code)
+    finally:
+        processes.remove_folder(throwaway)
+        processes.leave()
     sys.exit(EXIT_CODE)

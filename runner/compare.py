@@ -85,6 +85,7 @@ def to_markdown(table, claims: List[ClaimResult]) -> str:
 
 def print_rich(table, verdicts: SweepVerdicts, title: str = "comparison") -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console() if sys.stdout.isatty() else Console(width=240)
@@ -97,7 +98,7 @@ def print_rich(table, verdicts: SweepVerdicts, title: str = "comparison") -> Non
     for _, row in table.iterrows():
         cells = []
         for c in columns:
-            text = _fmt(row[c], 4)
+            text = escape(_fmt(row[c], 4))  # an error text may hold brackets that rich reads as markup
             colour = colours.get(text.split(" (")[0]) if c in ("status", "verdict") else None
             cells.append(f"[{colour}]{text}[/]" if colour else text)
         view.add_row(*cells)
@@ -106,7 +107,7 @@ def print_rich(table, verdicts: SweepVerdicts, title: str = "comparison") -> Non
         console.print(line, soft_wrap=True, highlight=False, markup=False)
     for c in verdicts.claims:
         mark = "[green]holds[/]" if c.holds else "[red]FAILS[/]"
-        console.print(f"{mark}  {c.name}  [dim]{c.detail}[/]", soft_wrap=True)
+        console.print(f"{mark}  {escape(c.name)}  [dim]{escape(c.detail)}[/]", soft_wrap=True)
     for run in verdicts.failed:
         print(f"job failed: {run.path.name}: {run.summary.error}", file=sys.stderr)
 

@@ -7,10 +7,22 @@ keeps their peak. A tensor saved twice (same storage, offset, shape and stride) 
 view counts its own bytes, not its whole storage, so a micro-batch slice of the input costs 1/k
 of it. Parameters saved by autograd count too. The number is exact and device-independent.
 The meter changes nothing else: it repeats autograd's in-place modification check on unpack.
+
+Under activation checkpointing (runner.recompute; torch.utils.checkpoint, non-reentrant),
+saved-tensor hooks nest and the innermost wins, so the meter sees what checkpoint itself keeps:
+each checkpointed block's inputs (checkpoint saves them outside its own hooks), and nothing of
+what the block saves inside (checkpoint's hooks keep an empty holder instead). What the meter
+would miss is the backward: when backward reaches a block, checkpoint runs its forward again and
+holds every tensor the block saves until the block's backward has used it. `recomputation()`
+counts those, on top of what the graph holds at that moment, so the peak under checkpointing is
+max(the forward's peak, the graph's bytes + one block's recomputed tensors) and not the forward's
+alone (one checkpointed block around a whole model saves nothing, and the meter says so).
 """
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
+from typing import Iterator, List
 
 import torch
 
@@ -28,6 +40,8 @@ class _Saved:
 
 
 class SavedTensorsMeter:
+    """Inside `with SavedTensorsMeter() as meter:`, meter.peak is the peak of saved bytes."""
+
     def __init__(self):
         self.current = 0
         self.peak = 0
@@ -65,9 +79,47 @@ class SavedTensorsMeter:
         else:
             self._refs[key] = count
 
+    def recomputed(self, tensors: dict, tensor: torch.Tensor) -> None:
+        """A tensor a recomputation saves: counted once, on top of what the graph holds now."""
+        key = _key(tensor)
+        if key not in self._refs and key not in tensors:  # an input checkpoint kept is counted already
+            tensors[key] = tensor.numel() * tensor.element_size()
+            self.peak = max(self.peak, self.current + sum(tensors.values()))
+
     def __enter__(self) -> "SavedTensorsMeter":
         self._hooks.__enter__()
+        _active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _active.remove(self)
         self._hooks.__exit__(*exc)
+
+
+_active: List[SavedTensorsMeter] = []  # the meters measuring now, innermost last
+
+
+@contextmanager
+def recomputation() -> Iterator[None]:
+    """Around a checkpointed block's recomputation in backward: the innermost meter counts it."""
+    # The block's recomputed tensors are all held when its recomputation ends and let go one by
+    # one as its backward uses them, so that moment is the block's peak: counting them at pack
+    # time, then forgetting them, gives it exactly (blocks are recomputed one after another).
+    # checkpoint's recomputation hooks are the innermost here and must still see every tensor,
+    # so the meter's hook calls theirs. torch has no public way to read the innermost hooks;
+    # where its private one is missing, the recomputation goes uncounted.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if _active and top is not None else None
+    meter = _active[-1] if _active else None
+    if hooks is None or getattr(hooks[0], "__self__", None) is meter:  # no meter, or no hooks between
+        yield
+        return
+    pack, unpack = hooks
+    tensors: dict = {}  # this recomputation's new tensors: key -> bytes
+
+    def counted(tensor: torch.Tensor):
+        meter.recomputed(tensors, tensor)
+        return pack(tensor)
+
+    with torch.autograd.graph.saved_tensors_hooks(counted, unpack):
+        yield

@@ -7,7 +7,7 @@ building, so initial parameters depend on the seed and the model choice alone.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -104,6 +104,11 @@ class CausalLM(nn.Module):
                                                dropout=0.0, batch_first=True)
             self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Linear(hidden, vocab)
+
+    def checkpoint_blocks(self) -> List[nn.Module]:
+        """Each Transformer layer (it keeps attention scores and feed-forward activations, many
+        times its input); the GRU as one block (its layers are one module)."""
+        return list(self.body.layers) if self.cell == "transformer" else [self.body]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)

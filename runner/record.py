@@ -68,6 +68,11 @@ class Summary:
     torch_version: str = torch.__version__
     seed: Optional[int] = None
     accumulation: Optional[int] = None
+    # Processes (trainer.processes / torchrun): how many ranks trained, the all-reduce rounds per
+    # optimizer step a DDP communication hook counted, and whether every rank ended bit-identical.
+    processes: int = 1
+    allreduce_calls_per_step: Optional[float] = None
+    ranks_agree: Optional[bool] = None
     params_without_grad: List[str] = field(default_factory=list)
     # The coupling probe (runner.checks): does an example's output depend on another example's
     # input (None: not tested), does the forward draw random numbers, and which modules do it.
@@ -269,6 +274,15 @@ def checkpoint_path(run_dir: Path) -> Path:
 def write_checkpoint(run_dir: Path, state: Dict[str, Any]) -> None:
     with atomic_path(checkpoint_path(run_dir), durable=True) as tmp:
         torch.save(state, tmp)
+
+
+def copy_resumable(run_dir: Path, to: Path) -> None:
+    """What a resume reads besides the checkpoint (metrics.csv, summary.json), copied to `to`."""
+    import shutil
+
+    for name in (METRICS, SUMMARY):
+        if (Path(run_dir) / name).exists():
+            shutil.copyfile(Path(run_dir) / name, Path(to) / name)
 
 
 def metrics_size(run_dir: Path) -> int:

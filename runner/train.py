@@ -24,14 +24,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from runner import checkpoint, record
+from runner import checkpoint, processes, record
 from runner.build import Training
 from runner.checks import first_line
 from runner.evaluate import evaluate
 from runner.gradflow import gradient_flow
 from runner.memory import SavedTensorsMeter
 from runner.record import Summary
-from runner.schema import plain
+from runner.schema import ConfigError, plain
 from runner.steplog import StepLog
 
 
@@ -111,6 +111,13 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
 
 def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict[str, Any]]):
     run_dir.mkdir(parents=True, exist_ok=True)
+    world = t.config.trainer.processes
+    if world > 1 and t.ranks is None:
+        if not processes.under_torchrun():
+            raise ConfigError(f"trainer.processes={world} needs its ranks started: run it with python -m runner "
+                              f"(which launches them) or torchrun --nproc-per-node={world} -m runner")
+        t.ranks = processes.join(t.model, t.device)
+        t.strategy.passes.ddp = t.ranks.ddp
     start_step, elapsed = 0, 0.0
     if resume is not None:
         checkpoint.check_matches(resume, t.config_record(), run_dir)
@@ -122,6 +129,7 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         summary, status="running", steps_done=start_step, device=str(t.device),
         dtype=plain(t.config.trainer.dtype), seed=t.config.seed, accumulation=t.strategy.accumulation,
         params_without_grad=t.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
+        processes=world,
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
         training_id=checkpoint.training_id(t.config_record()))
     if t.coupling is not None:
@@ -151,6 +159,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     passes = t.strategy.passes
     if start > 0:  # a resumed run's first gradient was taken (and written) before
         passes.first_grad = None
+    model, ranks = (t.ranks.ddp, t.ranks) if t.ranks is not None else (t.model, None)
     loop_started, step = time.perf_counter(), start
     with StopOnSignal() as stop, ProgressBar(trainer.progress, trainer.steps, start) as bar:
         try:
@@ -160,9 +169,14 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 host = window.columns()  # loader mode's epoch and window_size
                 if scheduled:  # the learning rate this step uses
                     host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
+                inputs, targets = window.inputs, window.targets
+                if ranks is not None:  # this rank's share of the batch, weighted by it (DDP averages)
+                    inputs, targets, share = ranks.shard(inputs, targets, t.loss_fn)
+                    passes.loss_factor = ranks.world * share
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
-                    result = t.strategy.step(t.model, t.loss_fn, t.optimizers, window.inputs, window.targets,
-                                             window.sizes)
+                    result = t.strategy.step(model, t.loss_fn, t.optimizers, inputs, targets, window.sizes)
+                if ranks is not None:
+                    result = ranks.gather(result, share)  # the batch's loss, from every rank's share
                 result.extras.update(passes.columns())  # grad_scale, step_skipped (fp16)
                 if passes.first_grad is not None:
                     record.write_first_grad(run_dir, _named_grads(t, passes.first_grad))
@@ -199,6 +213,8 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     summary.wall_s = time.perf_counter() - started
     summary.peak_saved_bytes = log.peak_saved
     summary.final_loss = float(log.last_loss) if log.last_loss is not None else None
+    if ranks is not None:
+        summary.allreduce_calls_per_step = ranks.rounds_per_step(summary.steps_done - start)
     return stop.signum
 
 
@@ -225,9 +241,14 @@ def _finish(t: Training, run_dir: Path, summary: Summary) -> None:
         summary.param_sum = record.param_sum(t.model)
         summary.param_sha256 = record.param_sha256(t.model)
         summary.param_names = [name for name, _ in record.named_parameters_in_order(t.model)]
-        if summary.status == "ok" and t.config.trainer.eval:
-            metrics = evaluate(t.model, t.dataset.eval_inputs, t.dataset.eval_targets, t.spec.kind)
-            if metrics:
-                summary.eval = metrics
-                summary.eval_metric, summary.eval_value = next(iter(metrics.items()))
+    if t.ranks is not None:  # every rank takes part, whatever its status, so that none waits
+        try:
+            summary.ranks_agree = t.ranks.agree(summary.param_sha256)
+        except RuntimeError:  # a rank is gone
+            summary.ranks_agree = None
+    if summary.status == "ok" and t.config.trainer.eval:
+        metrics = evaluate(t.model, t.dataset.eval_inputs, t.dataset.eval_targets, t.spec.kind)
+        if metrics:
+            summary.eval = metrics
+            summary.eval_metric, summary.eval_value = next(iter(metrics.items()))
     record.write_summary(run_dir, summary)

@@ -8,15 +8,18 @@ from runner.report import build_report
 from tests.conftest import ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-# Smaller data sets (and two accumulation factors for tokens) keep the focal and token sweeps to
-# seconds; the claims do not depend on either.
+# Smaller data sets (and two accumulation factors for tokens) keep the focal, token and memory
+# sweeps to seconds; the claims do not depend on either.
 EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward.accumulation=2,8"],
-         "focal": ["data.train_size=4096", "data.eval_size=1024"]}
+         "focal": ["data.train_size=4096", "data.eval_size=1024"],
+         "memory": ["data.train_size=512", "data.eval_size=64"]}
+# The precision claims are on the first optimizer step's gradient: two steps show them.
+STEPS = {"precision": 2}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "default", "focal",
-                           "multitask", "partial_window", "schedule", "tokens", "uneven"]
+    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "focal",
+                           "memory", "multitask", "partial_window", "precision", "schedule", "tokens", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 
@@ -24,7 +27,7 @@ def test_the_experiment_group_lists_every_experiment():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_claims_hold(tmp_path, name):
     sweep_dir = tmp_path / name
-    result = run_cli("-m", f"experiment={name}", "trainer.steps=20", *EXTRA.get(name, []),
+    result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
                      f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     claims = len(yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"])

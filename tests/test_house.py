@@ -4,7 +4,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from runner import record, schema
-from runner.strategies import STRATEGIES, readers_by_option
+from runner.strategies import STRATEGIES, PassOptions, readers_by_option
 
 PACKAGE = Path(record.__file__).parent
 MODULES = {p.stem: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
@@ -75,7 +75,9 @@ def test_the_summary_is_one_declared_type():
 
 def test_backward_options_are_the_strategies_own():
     declared = {f.name for f in fields(schema.BackwardConf)} - {"name"}
-    assert declared == set(readers_by_option())
+    # The strategies' own options, and the options of every strategy's passes (precision, recompute).
+    assert declared == set(readers_by_option()) | {f.name for f in fields(PassOptions)}
+    assert readers_by_option()["sync"] == ["accumulate"]
     assert readers_by_option()["joint"] == ["naive", "retain_graph", "detach"]
     assert set(readers_by_option()["accumulation"]) == {"sum", "accumulate"}
     full = STRATEGIES["full"](STRATEGIES["full"].Options())
