@@ -23,8 +23,11 @@ install: $(STAMP)  ## create .venv with a CPU torch where none is present, and t
 run: $(STAMP)  ## the default comparison: full vs sum vs accumulate, with verdicts (outputs/multiruns/<time>/)
 	$(PY) -m runner -m experiment=default $(ARGS)
 
+# Two test processes (pytest-xdist): most tests wait on a subprocess (Python, Hydra, torchrun start-up).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 bench: $(STAMP)  ## measure the runner's cost against hand-written loops and Hydra (bench.csv)
 	$(PY) -m runner.bench $(ARGS)
