@@ -175,34 +175,40 @@ def parameters(run: Run, cache: Dict[Any, Any]):
     return _cached(cache, run, "params", load_parameters)
 
 
-def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
-    """||g - g_other|| / ||g_other|| over every parameter (float64), or NaN where either run has
-    no first_grad.pt or their parameters differ."""
+def _comparable(run: Run, other: Optional[Run], cache: Dict[Any, Any], load) -> Optional[tuple]:
+    """(run's tensors, other's) by name as `load` reads them, or None where either run did not
+    finish, a file is missing or unreadable, or the names or shapes differ."""
     if other is None or run.status != "ok" or other.status != "ok":
-        return math.nan
+        return None
     try:
-        mine, theirs = first_grad(run, cache), first_grad(other, cache)
+        mine, theirs = load(run, cache), load(other, cache)
     except (OSError, RuntimeError, ValueError):
-        return math.nan
-    if not mine or not theirs or mine.keys() != theirs.keys() or \
-            any(mine[k].shape != theirs[k].shape for k in mine):
+        return None
+    if not mine or not theirs or mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        return None
+    return mine, theirs
+
+
+def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
+    """||g - g_other|| / ||g_other|| of the first gradients over every parameter (float64), or NaN
+    where they cannot be compared (no first_grad.pt, other parameters)."""
+    pair = _comparable(run, other, cache, first_grad)
+    if pair is None:
         return math.nan
     import torch
 
+    mine, theirs = pair
     diff = torch.sqrt(sum(((mine[k].double() - theirs[k].double()) ** 2).sum() for k in mine))
     norm = torch.sqrt(sum((theirs[k].double() ** 2).sum() for k in theirs))
     return float(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
 
 
 def max_param_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
-    if other is None or run.status != "ok" or other.status != "ok":
+    """max |θ - θ_other| over every parameter, or NaN where they cannot be compared."""
+    pair = _comparable(run, other, cache, parameters)
+    if pair is None:
         return math.nan
-    try:
-        mine, theirs = parameters(run, cache), parameters(other, cache)
-    except (OSError, RuntimeError, ValueError):
-        return math.nan
-    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
-        return math.nan
+    mine, theirs = pair
     return max((float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine if mine[k].numel()),
                default=0.0)
 
