@@ -25,7 +25,7 @@ from runner.models import IMAGE_SHAPE, build_model
 from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.passes import Passes
 from runner.recompute import recompute_blocks
-from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of
+from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of, readers_of
 
 
 @dataclass
@@ -180,8 +180,10 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
 
 
 def build_passes(cfg: Config, device: torch.device) -> Passes:
+    # backward.sync is accumulate's: sum synchronises its one backward, as full does.
+    sync = plain(cfg.backward.sync) if cfg.backward.name in readers_of("sync") else "last"
     return Passes(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
-                  cfg.trainer.init_scale, plain(getattr(cfg.backward, "sync", "last")), cfg.trainer.first_grad)
+                  cfg.trainer.init_scale, sync, cfg.trainer.first_grad)
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
