@@ -25,7 +25,8 @@ from runner.models import IMAGE_SHAPE, build_model
 from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.passes import Passes
 from runner.recompute import recompute_blocks
-from runner.strategies import PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of, readers_of
+from runner.strategies import (PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of,
+                               readers_of)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 from runner.record import SUMMARY_KEYS

@@ -238,7 +238,8 @@ def print_summary(summary: Summary, multirun: bool) -> None:
         for column in ("module", "component", "grad_norm"):
             flow.add_column(column)
         for row in summary.gradient_flow:
-            flow.add_row(escape(row["module"]), escape(row["component"]), f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none")
+            norm = f"{row['grad_norm']:.3g}" if row["receives_gradient"] else "none"
+            flow.add_row(escape(row["module"]), escape(row["component"]), norm)
         console.print(flow)
 
 

@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.strategies import STRATEGIES, GradAccumDType, PassOptions, Sync  # noqa: F401 (re-exported)
+from runner.strategies import STRATEGIES, PassOptions
 
 
 class Role(str, Enum):

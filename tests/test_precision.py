@@ -10,7 +10,8 @@ from runner import record
 from runner.build import build_training
 from runner.claims import evaluate_claim
 from runner.runs import find_oracle, grad_rel_diff, load_run
-from runner.schema import Autocast, ConfigError, DType, GradAccumDType, validate
+from runner.schema import Autocast, ConfigError, DType, validate
+from runner.strategies import GradAccumDType
 from runner.train import run
 
 from tests.conftest import make_config, train

@@ -76,7 +76,8 @@ def test_processes_need_ranks_outside_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (dict(trainer__processes=2, backward__name="separate"), "trainer.processes=2 is not allowed with backward=separate"),
+    (dict(trainer__processes=2, backward__name="separate"),
+     "trainer.processes=2 is not allowed with backward=separate"),
     (dict(trainer__processes=2, data__micro_batch_size=4), "data.micro_batch_size"),
 ])
 def test_processes_bad_input(overrides, needle):
