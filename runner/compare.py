@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional
 
 from runner import record
 from runner.claims import ClaimResult, SweepVerdicts, sweep_verdicts
-from runner.runs import Run, compare_to, find_oracle, find_runs, parse_selector, pick_reference, varying_keys
+from runner.runs import (DTYPE_KEY, ORACLE_DTYPE, Run, compare_to, find_oracle, find_runs, parse_selector,
+                         pick_reference, varying_keys)
 
 # Columns that are not config keys (in the order shown); the varying config keys come first.
 DISPLAY = list(record.SHOWN_COLUMNS)
@@ -215,7 +216,6 @@ def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], swe
 
 
 ACCUMULATION_KEY = "backward.accumulation"
-DTYPE_COLUMN = "trainer.dtype"
 
 
 def draw_oracle_drift(table, sweep_dir: Path) -> Optional[Path]:
@@ -233,8 +233,8 @@ def draw_oracle_drift(table, sweep_dir: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     data = table.dropna(subset=[column])
-    if DTYPE_COLUMN in data:
-        data = data[data[DTYPE_COLUMN].astype(str) != "float64"]
+    if DTYPE_KEY in data:
+        data = data[data[DTYPE_KEY].astype(str) != ORACLE_DTYPE]
     data = data[data[column] > 0].assign(k=lambda d: d[ACCUMULATION_KEY].astype(float))
     others = [c for c in display_columns(table) if c not in DISPLAY and c != ACCUMULATION_KEY
               and c in data and data[c].nunique() > 1]

@@ -39,7 +39,8 @@ class Passes:
         self._buffers: Dict[int, torch.Tensor] = {}  # id(parameter) -> its float32 running gradient
         self.sync = sync
         self.ddp: Optional[torch.nn.Module] = None  # the DistributedDataParallel wrapper (runner.processes)
-        self.loss_factor = 1.0  # a rank's weight: world size x its share of the batch (runner.processes)
+        # A rank's weight, world size x its share of the batch (runner.processes); None in one process.
+        self.loss_factor = None
         # id(parameter) -> the gradient its optimizer first applied; None once written (or off)
         self.first_grad: Optional[Dict[int, torch.Tensor]] = {} if first_grad else None
         self._columns: Dict[str, torch.Tensor] = {}
@@ -61,7 +62,7 @@ class Passes:
         return nullcontext() if synced else self.ddp.no_sync()
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        if self.loss_factor != 1.0:
+        if self.loss_factor is not None:
             loss = loss * self.loss_factor
         if self.scaler is not None:
             loss = self.scaler.scale(loss)

@@ -22,7 +22,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from runner.losses import TokenLoss, is_sum_reduced, offers
+from runner.losses import TokenLoss, offers
+from runner.record import TOKENS_COLUMN
+
+# Per-step columns that count over the batch: the ranks' counts add up.
+ADDITIVE_COLUMNS = (TOKENS_COLUMN,)
 
 
 def rank_and_world() -> Tuple[int, int]:
@@ -54,22 +58,20 @@ class Ranks:
         """This rank's share of the batch (tensor_split, uneven allowed) and its exact share of
         the batch's loss: of its tokens for a token loss, of its rows for a mean, 1 for a sum."""
         from runner.data import micro_batches
-        from runner.strategies import Scale
+        from runner.strategies import Scale, exact_share
 
         mine = micro_batches(inputs, targets, self.world, Scale.size)[self.rank]
-        if offers(loss_fn, TokenLoss) and loss_fn.normalization() in ("tokens", "micro_batch"):
-            share = float(loss_fn.count_tokens(mine.targets)) / float(loss_fn.count_tokens(targets))
-        else:
-            share = 1.0 if is_sum_reduced(loss_fn) else mine.share
-        return mine.inputs, mine.targets, share
+        batch_tokens = loss_fn.count_tokens(targets) if offers(loss_fn, TokenLoss) else None
+        return mine.inputs, mine.targets, exact_share(loss_fn, mine.targets, batch_tokens, mine.share)
 
     def gather(self, result, share: float):
         """The batch's loss, parts and counts from every rank's share of them (one all-reduce)."""
         import torch.distributed as dist
 
-        names = list(result.parts) + [k for k, v in result.extras.items() if _additive(k)]
+        counts = [k for k in result.extras if k in ADDITIVE_COLUMNS]
+        names = list(result.parts) + counts
         values = [result.loss * share] + [result.parts[n] * share for n in result.parts] + \
-                 [result.extras[k].to(result.loss.dtype) for k in result.extras if _additive(k)]
+                 [result.extras[k] for k in counts]
         stacked = torch.stack([v.reshape(()).to(result.loss.dtype) for v in values])
         dist.all_reduce(stacked)
         result.loss = stacked[0]
@@ -90,12 +92,6 @@ class Ranks:
 
     def rounds_per_step(self, steps: int) -> Optional[float]:
         return self.rounds[0] / steps if steps > 0 else None
-
-
-def _additive(column: str) -> bool:
-    from runner.record import TOKENS_COLUMN
-
-    return column == TOKENS_COLUMN  # a count over the batch: the ranks' counts add up
 
 
 def _counting_allreduce(rounds: List[int], bucket):  # no annotation: DDP checks it literally
@@ -150,8 +146,14 @@ def other_rank_argv(argv: List[str]) -> Tuple[List[str], Optional[str]]:
     if not other_rank():
         return argv, None
     folder = tempfile.mkdtemp(prefix=f"backward-lab-rank{rank_and_world()[0]}-")
-    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    return kept + [f"hydra.run.dir={folder}", "hydra.output_subdir=null"], folder
+    return in_folder(argv, Path(folder)), folder
+
+
+def in_folder(overrides: List[str], run_dir: Path) -> List[str]:
+    """The overrides of a run recorded into run_dir, with no .hydra/ of its own there (the
+    launching process, or nobody, keeps that record)."""
+    kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return kept + [f"hydra.run.dir={quoted(run_dir)}", "hydra.output_subdir=null"]
 
 
 def remove_folder(folder: Optional[str]) -> None:
@@ -174,9 +176,8 @@ def launch(processes: int, overrides: List[str], run_dir: Path) -> LaunchOutcome
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    task = [o for o in overrides if not o.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     args = parse_args([f"--nproc-per-node={processes}", "--standalone", "--max-restarts=0", "--module", "runner",
-                       *task, f"hydra.run.dir={quoted(run_dir)}", "hydra.output_subdir=null"])
+                       *in_folder(overrides, run_dir)])
     saved_env = dict(os.environ)  # the ranks' environment is set here, and put back afterwards
     os.environ[LAUNCHED] = "1"
     # The cores shared out between the ranks (torch.distributed.run would set 1, with a warning).

@@ -250,6 +250,16 @@ def token_count(loss_fn, targets) -> Dict[str, torch.Tensor]:
     return {TOKENS_COLUMN: loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
 
 
+def exact_share(loss_fn, targets, batch_tokens, row_share: float):
+    """A part's exact share of the batch's loss, the part normalised by itself: of the batch's
+    scored tokens for a token mean (`batch_tokens`: the batch's count, None for other losses),
+    all of it for a sum-reduced loss, else its share of the rows (sequences). Micro-batches and
+    ranks (runner.processes) are weighted by it. A tensor for a token loss: no host sync."""
+    if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch"):
+        return loss_fn.count_tokens(targets) / batch_tokens
+    return 1.0 if is_sum_reduced(loss_fn) else row_share
+
+
 @dataclass
 class Scored:
     """One micro-batch's loss: what is backwarded, and its exact share of the batch's loss (logged)."""
@@ -308,9 +318,7 @@ class MicroBatched(Strategy):
                     else:
                         loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
                         weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
-                        # The exact share: of the batch's tokens for a token mean; else of its rows (sequences).
-                        share = loss_fn.count_tokens(mb.targets) / batch_tokens if normalization == "micro_batch" \
-                            else 1.0 if is_sum_reduced(loss_fn) else mb.share
+                        share = exact_share(loss_fn, mb.targets, batch_tokens, mb.share)
                 factor = weight * window
                 yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
                              {name: value * share for name, value in parts.items()})
