@@ -9,7 +9,6 @@ are built afterwards and draw nothing; the probe leaves no trace.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -17,14 +16,18 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner import checks, user_data
+from runner import checks, fsdp, user_data  # fsdp registers trainer.parallel=fsdp
 from runner.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
+from runner.gradflow import gradient_flow
 from runner.loader import Batches, LoaderWindows
-from runner.losses import build_loss, per_stage
+from runner.losses import TokenLoss, build_loss, offers, per_stage
 from runner.models import IMAGE_SHAPE, build_model
-from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
-from runner.passes import Passes
+from runner.optim import build_optimizers, build_schedulers
+from runner.parallel import build_parallel
+from runner.precision import FirstGradient, Precision
+from runner.processes import under_torchrun
 from runner.recompute import recompute_blocks
+from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.strategies import (PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of,
                                readers_of)
 
@@ -45,13 +48,17 @@ class Training:
     dtype: torch.dtype
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
-    # What the loss probe found: parameters the loss never reaches, or why it cannot train at all.
-    params_without_grad: List[str] = field(default_factory=list)
-    not_differentiable: Optional[str] = None
-    # What the coupling probe found (runner.checks.Coupling): can micro-batches equal the batch?
-    coupling: Optional[checks.Coupling] = None
-    # This process's rank, world and DDP wrapper (runner.processes) when trainer.processes > 1.
-    ranks: Any = None
+    optim_kwargs: Dict[str, Any] = field(default_factory=dict)  # the optimizer's own (+optim.KEY) arguments
+    findings: "Findings" = None  # what the checks before training found (build.probe)
+
+    @property
+    def parallel(self):
+        """How the training spreads over ranks (runner.parallel): the strategy's unit."""
+        return self.strategy.parallel
+
+    @property
+    def precision(self):
+        return self.strategy.precision
 
     @property
     def schedulers(self) -> List[Any]:
@@ -59,10 +66,11 @@ class Training:
         return list(self.strategy.updates.schedulers.values())
 
     def config_record(self) -> Dict[str, Any]:
-        """The config as plain JSON-able data, with a custom loss's and model's arguments
-        (checkpoints keep it)."""
+        """The config as plain JSON-able data, with a custom loss's and model's arguments and the
+        optimizer's own (checkpoints keep it)."""
         return {**json.loads(json.dumps(asdict(self.config), default=plain)),
-                "loss_kwargs": self.loss_kwargs, "model_kwargs": self.model_kwargs}
+                "loss_kwargs": self.loss_kwargs, "model_kwargs": self.model_kwargs,
+                "optim_kwargs": self.optim_kwargs}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,33 +99,6 @@ def set_determinism(on: bool, device: torch.device) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if torch.are_deterministic_algorithms_enabled() != on:  # the call is not free: skip no-ops
         torch.use_deterministic_algorithms(on)
-
-
-def schedule(name: str, warmup_steps: int, total_steps: int):
-    """The LR factor of optimizer step s: a linear warmup from 0 over warmup_steps, then a linear
-    or half-cosine decay to 0 at total_steps (transformers' get_linear/cosine_schedule_with_warmup)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
-def build_schedulers(cfg: Config, optimizers: List[torch.optim.Optimizer]) -> List[Any]:
-    name = plain(cfg.optim.scheduler)
-    if name == "none":
-        return []
-    return [torch.optim.lr_scheduler.LambdaLR(opt, schedule(name, cfg.optim.warmup_steps, cfg.trainer.steps))
-            for opt in optimizers]
-
-
-def build_optimizer(cfg, params) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optim={cfg.name} is unknown: expected one of ['adam', 'sgd']")
 
 
 def loss_label(cfg: Config) -> str:
@@ -153,7 +134,7 @@ def build_dataset(cfg: Config, spec: TaskSpec):
                               "model=seq with data=seq and loss=lm (or model=custom on data=seq)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
-                         data.min_length, data.max_length), spec
+                         data.min_length, data.max_length, data.sort_lengths), spec
     if data.name in user_data.READERS:
         inputs, targets, found = user_data.READERS[data.name](data)
         if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
@@ -180,11 +161,19 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
     return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, drop)
 
 
-def build_passes(cfg: Config, device: torch.device) -> Passes:
+def build_parallel_unit(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device):
+    """The parallel unit (runner.parallel): one process, or this rank of the ranks torchrun started.
+    A command that launches its ranks itself (trainer.processes=N, not under torchrun) trains in
+    none of them: it builds for its checks and hands the run to the ranks (runner.cli)."""
+    token_loss = offers(loss_fn, TokenLoss)
+    rank_normalize = plain(cfg.loss.rank_normalize)
+    if rank_normalize != "global" and not token_loss:
+        raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with {loss_label(cfg)}: it "
+                          "divides a token loss by a token count, expected a token loss (loss=lm)")
     # backward.sync is accumulate's: sum synchronises its one backward, as full does.
     sync = plain(cfg.backward.sync) if cfg.backward.name in readers_of("sync") else "last"
-    return Passes(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
-                  cfg.trainer.init_scale, sync, cfg.trainer.first_grad)
+    world = cfg.trainer.processes if under_torchrun() else 1
+    return build_parallel(plain(cfg.trainer.parallel), model, device, world, sync, rank_normalize, token_loss)
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
@@ -207,7 +196,8 @@ def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
 
 
 def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
-                   model_kwargs: Optional[Dict[str, Any]] = None) -> Training:
+                   model_kwargs: Optional[Dict[str, Any]] = None,
+                   optim_kwargs: Optional[Dict[str, Any]] = None) -> Training:
     """Build and check one training; ConfigError (bad input) before anything runs."""
     loss_kwargs, model_kwargs = dict(loss_kwargs or {}), dict(model_kwargs or {})
     device = resolve_device(cfg.trainer.device)
@@ -220,50 +210,67 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         dataset, spec = build_dataset(cfg, spec)
         dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
-        strategy = build_strategy(cfg.backward, Updates(clip_norm=cfg.optim.clip_norm,
-                                                        clip_every=plain(cfg.optim.clip_every),
-                                                        scheduler_every=plain(cfg.optim.scheduler_every)),
-                                  build_passes(cfg, device))
+        # The strategy as its options make it: what fits, the batches, the probes' forward.
+        planned = build_strategy(cfg.backward)
         loader = cfg.data.micro_batch_size is not None  # a window of k micro-batches is the step's batch
-        strategy.check(model, loss_fn, cfg.backward.accumulation * cfg.data.micro_batch_size if loader
-                       else cfg.data.batch_size)
-        batches = build_batches(cfg, dataset, strategy)
+        planned.check(model, loss_fn, cfg.backward.accumulation * cfg.data.micro_batch_size if loader
+                      else cfg.data.batch_size)
+        batches = build_batches(cfg, dataset, planned)
     except StrategyMismatch as exc:
-        raise ConfigError(_misfit(strategy, cfg, exc)) from None
+        raise ConfigError(_misfit(planned, cfg, exc)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     model = model.to(device=device, dtype=dtype)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(device=device, dtype=dtype)
-    extra_loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
-    groups = strategy.param_groups(model)
-    if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
-        groups[-1] = groups[-1] + extra_loss_params
-    optimizers = [build_optimizer(cfg.optim, group) for group in groups]
-    strategy.passes.params = parameters_of(optimizers)
-    strategy.updates.schedulers = {id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))}
-    training = Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
-                        loss_kwargs, model_kwargs)
-    probe(training)
+    findings = probe(cfg, planned, model, loss_fn, batches, spec)
     if cfg.backward.activation_checkpointing:  # after the probes, which must see the plain model
         recompute_blocks(model)
-    return training
+    # Sharding replaces the parameters (FSDP): the optimizers are built over what it leaves.
+    parallel = build_parallel_unit(cfg, model, loss_fn, device)
+    extra_loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
+    groups = planned.param_groups(model)
+    if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
+        groups[-1] = groups[-1] + extra_loss_params
+    optimizers = build_optimizers(cfg.optim, groups, optim_kwargs)
+    precision = Precision(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
+                          cfg.trainer.init_scale, parameters_of(optimizers))
+    updates = Updates(schedulers={id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))},
+                      scheduler_every=plain(cfg.optim.scheduler_every), clip_norm=cfg.optim.clip_norm,
+                      clip_every=plain(cfg.optim.clip_every))
+    strategy = build_strategy(cfg.backward, updates, precision, parallel, FirstGradient(cfg.trainer.first_grad))
+    return Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
+                    loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings)
 
 
-def probe(training: Training) -> None:
-    """The checks before training, on the first batch (runner.checks), and what they found: does
-    the model's output fit the targets, can the loss train it, does the model couple examples?"""
-    cfg = training.config
-    window = training.batches.window(0)
+@dataclass
+class Findings:
+    """What the checks before training found on the first batch (runner.checks)."""
+
+    # Parameters the loss never reaches, or why it cannot train at all.
+    params_without_grad: List[str] = field(default_factory=list)
+    not_differentiable: Optional[str] = None
+    # Can micro-batches equal the batch? (runner.checks.Coupling)
+    coupling: Optional[checks.Coupling] = None
+    gradient_flow: List[Dict[str, Any]] = field(default_factory=list)  # per module and loss component
+
+
+def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec) -> Findings:
+    """The checks before training, on the first batch (runner.checks): does the model's output fit
+    the targets, can the loss train it, does the model couple examples, where does the gradient flow?"""
+    window = batches.window(0)
     inputs, targets = window.inputs, window.targets
     data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
     check_outputs = None if cfg.loss.name == "custom" else (  # a loss of the user's decides what fits
-        lambda outputs: checks.check_outputs_fit(outputs, targets, training.spec, model_label(cfg), data_label,
+        lambda outputs: checks.check_outputs_fit(outputs, targets, spec, model_label(cfg), data_label,
                                                  loss_label(cfg)))
-    training.params_without_grad, training.not_differentiable = [], None
+    findings = Findings()
     try:
-        training.params_without_grad = checks.probe_loss(
-            training.model, training.loss_fn, inputs, targets, loss_label(cfg), model_label(cfg), check_outputs)
+        findings.params_without_grad = checks.probe_loss(
+            model, loss_fn, inputs, targets, loss_label(cfg), model_label(cfg), check_outputs)
     except checks.NotDifferentiable as exc:
-        training.not_differentiable = str(exc)
-    training.coupling = checks.probe_coupling(training.model, inputs)
+        findings.not_differentiable = str(exc)
+        return findings  # nothing to train: no gradient to follow
+    findings.coupling = checks.probe_coupling(model, inputs)
+    findings.gradient_flow = gradient_flow(strategy, model, loss_fn, inputs, targets)
+    return findings

@@ -35,12 +35,13 @@ def lookup(config: Dict[str, Any], dotted: str) -> Any:
 
 
 def identity(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The keys that define the training (Role.training in runner.schema) and a custom loss's
-    arguments: a checkpoint only resumes the same training."""
+    """The keys that define the training (Role.training in runner.schema) and a custom loss's,
+    model's and the optimizer's arguments: a checkpoint only resumes the same training."""
     plain = json.loads(json.dumps(config, default=str))
     ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(Role.training)}
     ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
     ident["model_kwargs"] = plain.get("model_kwargs") or {}
+    ident["optim_kwargs"] = plain.get("optim_kwargs") or {}
     return ident
 
 

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from runner import processes, record, schema
 from runner.record import Summary
 from runner.runs import flatten
-from runner.schema import GROUPS, Config, ConfigError, LossConf, ModelConf
+from runner.schema import GROUPS, Config, ConfigError, LossConf, ModelConf, OptimConf
 
 
 def _conf_dir() -> Path:
@@ -47,12 +47,12 @@ schema.register()
 
 
 def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
-    """Composed config -> (typed plain dataclasses, the extra keyword arguments of a custom loss
-    and model by group: {"loss": {...}, "model": {...}})."""
+    """Composed config -> (typed plain dataclasses, the extra keyword arguments (+GROUP.KEY) of a
+    custom loss, a custom model and the optimizer by group: {"loss": {...}, "model": {...}, "optim": {...}})."""
     try:
         if "hydra" in cfg:  # callbacks see Hydra's own node; its sweep keys only resolve in a job
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        declared = {"loss": LossConf, "model": ModelConf}
+        declared = {"loss": LossConf, "model": ModelConf, "optim": OptimConf}
         if OmegaConf.get_type(cfg) is Config and not any(
                 set(cfg[group].keys()) - {f.name for f in fields(kind)} for group, kind in declared.items()):
             return OmegaConf.to_object(cfg), {group: {} for group in declared}  # the fast, common path
@@ -77,10 +77,10 @@ def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[s
     that differs is refused, naming the key, the run's value and the new one. Keys the schema lets
     a resume change (trainer.steps, ...) are not compared."""
     may_change = schema.resume_may_change()
-    # A custom loss's or model's arguments sit beside its keys in the command (+loss.KEY), apart in
-    # the checkpoint.
+    # A custom loss's, model's or the optimizer's arguments sit beside its keys in the command
+    # (+loss.KEY), apart in the checkpoint.
     saved = {**saved, **{group: {**saved.get(group, {}), **saved.get(f"{group}_kwargs", {})}
-                         for group in ("loss", "model")}}
+                         for group in ("loss", "model", "optim")}}
     theirs_flat, mine_flat = flatten(saved), flatten(composed)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
@@ -99,7 +99,7 @@ def config_for_resume(state: Dict[str, Any], current: Config,
                       overrides: List[str]) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
     """The checkpoint's own config, with the keys a resume may change taken from this command."""
     saved = dict(state["config"])
-    extras = {group: saved.pop(f"{group}_kwargs", {}) or {} for group in ("loss", "model")}
+    extras = {group: saved.pop(f"{group}_kwargs", {}) or {} for group in ("loss", "model", "optim")}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
     for dotted in schema.resume_may_change():
@@ -181,7 +181,8 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
     threads = config.trainer.threads or parallel_job_threads(hydra_node)
     if threads:
         torch.set_num_threads(threads)
-    return Prepared(build_training(config, extras["loss"], model_kwargs=extras["model"]), summary, resume, run_dir)
+    return Prepared(build_training(config, extras["loss"], model_kwargs=extras["model"], optim_kwargs=extras["optim"]),
+                    summary, resume, run_dir)
 
 
 # The single run's preparation, handed from the PrepareRun callback to the task function.
@@ -264,7 +265,7 @@ def main(cfg: DictConfig) -> None:
     training = prepared.training
     for warning in training.strategy.ignored_switches(training.config.backward):
         print(f"warning: {warning}", file=sys.stderr)
-    coupling = training.coupling
+    coupling = training.findings.coupling
     reason = coupling and record.expected_difference(coupling.batch_coupled, coupling.stochastic, coupling.modules)
     if reason and training.strategy.accumulation > 1 and not multirun:
         print(f"note: micro-batches cannot give the full batch's gradient with this model ({reason}): "
@@ -340,5 +341,7 @@ def entry() -> None:
         sys.exit(2 if exc.code == 1 else exc.code)
     finally:
         processes.remove_folder(throwaway)
-        processes.leave()
+        from runner.parallel import leave
+
+        leave()
     sys.exit(EXIT_CODE)

@@ -159,10 +159,11 @@ def markov_sequences(vocab: int, n: int, seed: int, min_length: int, max_length:
 
 
 def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
-              min_length: int, max_length: int) -> "Dataset":
-    """Markov-chain token sequences over spec.outputs tokens: train_size to train on, eval_size held out."""
+              min_length: int, max_length: int, sort_lengths: bool = False) -> "Dataset":
+    """Markov-chain token sequences over spec.outputs tokens: train_size to train on, eval_size held
+    out. `sort_lengths`: each batch ordered by scored tokens, shortest first (data.sort_lengths)."""
     inputs, labels = markov_sequences(spec.outputs, train_size + eval_size, seed, min_length, max_length)
-    return Dataset(inputs, labels, seed, train_size, batch_size)
+    return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths)
 
 
 def train_rows(n: int, eval_fraction: float) -> int:
@@ -185,12 +186,15 @@ class Dataset:
     seen, and two strategies see the same batches.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: Targets, seed: int, train_size: int, batch_size: int):
-        """The first `train_size` examples train, the rest are held out."""
+    def __init__(self, inputs: torch.Tensor, targets: Targets, seed: int, train_size: int, batch_size: int,
+                 sort_lengths: bool = False):
+        """The first `train_size` examples train, the rest are held out. `sort_lengths`: a batch's
+        sequences in order of their scored tokens (the same examples, so the same batch loss)."""
         if batch_size > train_size:
             raise ValueError(f"batch_size {batch_size} exceeds train_size {train_size}")
         self.seed = seed
         self.batch_size = batch_size
+        self.sort_lengths = sort_lengths
         self.train_inputs = inputs[:train_size]
         self.train_targets = map_targets(targets, lambda t: t[:train_size])
         self.eval_inputs = inputs[train_size:]
@@ -224,5 +228,8 @@ class Dataset:
         epoch, index = divmod(step, self.batches_per_epoch)
         order = self._order_for(epoch)
         rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+        if self.sort_lengths:
+            scored = (self.train_targets[rows] != IGNORE_INDEX).sum(dim=1)
+            rows = rows[torch.argsort(scored, stable=True)]
         return self.train_inputs[rows], map_targets(self.train_targets, lambda t: t[rows])
 

@@ -274,3 +274,13 @@ def loss_parts(loss_fn, outputs, targets) -> Dict[str, torch.Tensor]:
 
 def is_sum_reduced(loss_fn) -> bool:
     return getattr(loss_fn, "reduction", "mean") == "sum"
+
+
+def exact_share(loss_fn, targets, batch_tokens, row_share: float):
+    """A part's exact share of the batch's loss, the part normalised by itself: of the batch's
+    scored tokens for a token mean (`batch_tokens`: the batch's count, None for other losses),
+    all of it for a sum-reduced loss, else its share of the rows (sequences). Micro-batches and
+    ranks (runner.parallel) are weighted by it. A tensor for a token loss: no host sync."""
+    if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch"):
+        return loss_fn.count_tokens(targets) / batch_tokens
+    return 1.0 if is_sum_reduced(loss_fn) else row_share

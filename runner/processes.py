@@ -1,4 +1,4 @@
-"""Processes: one training over trainer.processes ranks with DistributedDataParallel.
+"""Processes: one training over trainer.processes ranks (DDP or FSDP2: runner.parallel).
 
     torchrun --nproc-per-node=2 -m runner backward=accumulate backward.accumulation=4
     python -m runner trainer.processes=2 backward=accumulate ...   (the same, launched for you)
@@ -6,9 +6,8 @@
 `trainer.processes=N` from a plain command launches `python -m runner` with the same overrides as
 N ranks through torch.distributed.run's own API (what torchrun runs), into this run's folder, and
 reads back what rank 0 recorded. Every rank builds the same seeded data and takes its share of
-each batch (`shard`: tensor_split, so shares may be uneven); DDP averages gradients over ranks,
-so a rank's loss is weighted by world size x its exact share of the batch (DESIGN, Numerics).
-Rank 0 writes the records; the other ranks run in throwaway folders. gloo on CPU, nccl on CUDA.
+each batch (runner.parallel). Rank 0 writes the records; the other ranks run in throwaway
+folders. gloo on CPU, nccl on CUDA.
 """
 from __future__ import annotations
 
@@ -19,14 +18,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
-
-import torch
-
-from runner.losses import TokenLoss, offers
-from runner.record import TOKENS_COLUMN
-
-# Per-step columns that count over the batch: the ranks' counts add up.
-ADDITIVE_COLUMNS = (TOKENS_COLUMN,)
 
 
 def rank_and_world() -> Tuple[int, int]:
@@ -42,89 +33,7 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-# ---- the ranks' side -------------------------------------------------------------------------
-
-@dataclass
-class Ranks:
-    """This process's place among the ranks, its DDP wrapper, and the all-reduce rounds counted
-    by a DDP communication hook (not assumed from the strategy)."""
-
-    rank: int
-    world: int
-    ddp: torch.nn.parallel.DistributedDataParallel
-    rounds: List[int] = field(default_factory=lambda: [0])  # all-reduce rounds (a list: the hook's state)
-
-    def shard(self, inputs, targets, loss_fn):
-        """This rank's share of the batch (tensor_split, uneven allowed) and its exact share of
-        the batch's loss: of its tokens for a token loss, of its rows for a mean, 1 for a sum."""
-        from runner.data import micro_batches
-        from runner.strategies import Scale, exact_share
-
-        mine = micro_batches(inputs, targets, self.world, Scale.size)[self.rank]
-        batch_tokens = loss_fn.count_tokens(targets) if offers(loss_fn, TokenLoss) else None
-        return mine.inputs, mine.targets, exact_share(loss_fn, mine.targets, batch_tokens, mine.share)
-
-    def gather(self, result, share: float):
-        """The batch's loss, parts and counts from every rank's share of them (one all-reduce)."""
-        import torch.distributed as dist
-
-        counts = [k for k in result.extras if k in ADDITIVE_COLUMNS]
-        names = list(result.parts) + counts
-        values = [result.loss * share] + [result.parts[n] * share for n in result.parts] + \
-                 [result.extras[k] for k in counts]
-        stacked = torch.stack([v.reshape(()).to(result.loss.dtype) for v in values])
-        dist.all_reduce(stacked)
-        result.loss = stacked[0]
-        for i, name in enumerate(names, start=1):
-            if name in result.parts:
-                result.parts[name] = stacked[i]
-            else:
-                result.extras[name] = stacked[i]
-        return result
-
-    def agree(self, sha256: Optional[str]) -> bool:
-        """Do all ranks end with bit-identical parameters?"""
-        import torch.distributed as dist
-
-        hashes: List[Optional[str]] = [None] * self.world
-        dist.all_gather_object(hashes, sha256)
-        return len(set(hashes)) == 1
-
-    def rounds_per_step(self, steps: int) -> Optional[float]:
-        return self.rounds[0] / steps if steps > 0 else None
-
-
-def _counting_allreduce(rounds: List[int], bucket):  # no annotation: DDP checks it literally
-    """DDP's own all-reduce hook, counting rounds: one per synchronised backward, however many
-    buckets the gradients fill."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    if bucket.is_last():
-        rounds[0] += 1
-    return default_hooks.allreduce_hook(None, bucket)
-
-
-def join(model: torch.nn.Module, device: torch.device) -> Ranks:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and wrap the model."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index if device.index is not None else local_rank()] if device.type == "cuda"
-        else None)
-    ranks = Ranks(rank, world, ddp)
-    ddp.register_comm_hook(ranks.rounds, _counting_allreduce)
-    return ranks
-
-
-def leave() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
+# ---- a rank's side (the parallel units themselves are runner.parallel) ------------------------
 
 # Set for the ranks `launch` starts: the launching process speaks for them (they print nothing on stdout).
 LAUNCHED = "BACKWARD_LAB_LAUNCHED"

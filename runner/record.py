@@ -16,7 +16,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
 
@@ -68,10 +68,15 @@ class Summary:
     torch_version: str = torch.__version__
     seed: Optional[int] = None
     accumulation: Optional[int] = None
-    # Processes (trainer.processes / torchrun): how many ranks trained, the all-reduce rounds per
-    # optimizer step a DDP communication hook counted, and whether every rank ended bit-identical.
+    # Processes (trainer.processes / torchrun): how many ranks trained and how (trainer.parallel), the
+    # communication rounds per optimizer step the engine's own hook counted, and whether every rank
+    # ended bit-identical.
     processes: int = 1
-    allreduce_calls_per_step: Optional[float] = None
+    parallel: Optional[str] = None  # none | ddp | fsdp (runner.parallel)
+    allreduce_calls_per_step: Optional[float] = None  # ddp
+    reduce_scatter_calls_per_step: Optional[float] = None  # fsdp: rounds of a reduce-scatter per sharded block
+    # ddp, fsdp: the most bytes of gradients one rank held after a micro-batch of the first step
+    peak_grad_bytes: Optional[int] = None
     ranks_agree: Optional[bool] = None
     params_without_grad: List[str] = field(default_factory=list)
     # The coupling probe (runner.checks): does an example's output depend on another example's
@@ -225,27 +230,33 @@ def write_gradient_flow(run_dir: Path, rows: List[Dict[str, Any]]) -> None:
         atomic_write_bytes(Path(run_dir) / GRADIENT_FLOW, csv_text(rows, list(rows[0])).encode())
 
 
-def named_parameters_in_order(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return sorted(model.named_parameters(), key=lambda item: item[0])
+Parameters = Union[torch.nn.Module, Mapping[str, torch.Tensor]]  # a model, or its parameters by name
 
 
-def param_sum(model: torch.nn.Module) -> float:
+def named_parameters_in_order(params: Parameters) -> list[tuple[str, torch.Tensor]]:
+    named = params.named_parameters() if isinstance(params, torch.nn.Module) else params.items()
+    return sorted(named, key=lambda item: item[0])
+
+
+def param_sum(params: Parameters) -> float:
     """The checksum the gradient-accumulation answer prints: sum of per-parameter sums."""
-    return sum(p.detach().sum().item() for p in model.parameters())
+    tensors = params.parameters() if isinstance(params, torch.nn.Module) else params.values()
+    return sum(p.detach().sum().item() for p in tensors)
 
 
-def param_sha256(model: torch.nn.Module) -> str:
+def param_sha256(params: Parameters) -> str:
     """Bit-exact hash of the parameters alone, in name order (names, dtypes and shapes included)."""
     digest = hashlib.sha256()
-    for name, p in named_parameters_in_order(model):
+    for name, p in named_parameters_in_order(params):
         t = p.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
-def write_params(run_dir: Path, model: torch.nn.Module) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def write_params(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """params.pt: a state_dict (parameters and buffers), as full tensors."""
+    state = {k: v.detach().cpu() for k, v in state.items()}
     with atomic_path(Path(run_dir) / PARAMS) as tmp:
         torch.save(state, tmp)
 

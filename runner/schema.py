@@ -67,6 +67,20 @@ class Normalize(str, Enum):
     sequence = "sequence"  # the mean over each sequence's tokens, then over sequences
 
 
+# With several processes and a token loss: what each rank's loss is divided by. `global` is a
+# Python keyword, hence the functional form (OmegaConf matches enum values by member name).
+RankNormalize = Enum("RankNormalize", {
+    "global": "global",  # the step's scored tokens over every rank, the mean over ranks undone: exact
+    "local": "local",  # the rank's own tokens (transformers #34242)
+    "no_world": "no_world",  # the global count, the mean over ranks not undone: 1/world (torchtitan #1842)
+}, type=str)
+
+
+class ParallelEngine(str, Enum):
+    ddp = "ddp"  # DistributedDataParallel: the whole model and gradient on every rank
+    fsdp = "fsdp"  # FSDP2 fully_shard: 1/world of every parameter, gradient and optimizer state per rank
+
+
 class Scheduler(str, Enum):
     none = "none"
     linear = "linear"  # linear warmup, then linear decay to 0 at trainer.steps
@@ -120,6 +134,9 @@ class DataConf:
     # Loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of
     # them per optimizer step, in epochs over the training rows; null = batches of data.batch_size.
     micro_batch_size: Optional[int] = None
+    # seq: each batch ordered by scored tokens, so that with several processes rank 0's share holds
+    # the short sequences and the last rank's the long ones (the skew of transformers #34242)
+    sort_lengths: bool = False
 
 
 @dataclass
@@ -131,6 +148,7 @@ class LossConf:
     weights: Dict[str, float] = field(default_factory=dict)  # multitask: weight per task
     weighting: str = "fixed"  # multitask: fixed | uncertainty
     normalize: Normalize = Normalize.tokens  # lm: what the token loss is divided by
+    rank_normalize: RankNormalize = RankNormalize["global"]  # lm with several processes (RankNormalize)
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
@@ -154,7 +172,15 @@ BackwardConf = _backward_conf()
 
 @dataclass
 class OptimConf:
+    # The optimizer's label in choices and comparisons; without a _target_ (a Config built in
+    # Python) it picks the class (runner.optim.TARGETS: sgd, adam, adamw, rmsprop).
     name: str = "sgd"
+    # The optimizer class (torch.optim.AdamW, or your own), built as a partial and called with each
+    # parameter group; it gets optim.lr, and momentum, weight_decay and betas where its signature
+    # names them, and its own arguments as +optim.KEY=VALUE (name, scheduler*, warmup_steps and
+    # clip_* are the runner's and never reach it).
+    _target_: Optional[str] = None
+    _partial_: bool = True
     lr: float = 0.5
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -177,6 +203,7 @@ class TrainerConf:
     # Processes, each training on its share of every batch with DistributedDataParallel (gloo on
     # CPU, nccl on CUDA), launched through torch.distributed.run; torchrun sets it from WORLD_SIZE.
     processes: int = key(1, Role.extent)
+    parallel: ParallelEngine = ParallelEngine.ddp  # how the processes share the model (trainer.processes > 1)
     deterministic: bool = False
     # Rows are buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on CUDA)
     # so that logging never forces a host-device sync per step on a GPU.
@@ -298,14 +325,24 @@ def validate(cfg: Config) -> None:
     validate_processes(cfg)
 
 
-# The strategies DDP can wrap: one forward per micro-batch and one backward per forward.
+# The strategies DDP and FSDP can wrap: one optimizer, a forward per micro-batch, one backward each
+# (or one over all of them).
 DDP_STRATEGIES = ("full", "sum", "accumulate")
 
 
 def validate_processes(cfg: Config) -> None:
-    processes = cfg.trainer.processes
+    processes, parallel = cfg.trainer.processes, plain(cfg.trainer.parallel)
     if processes < 1:
         raise ConfigError(f"trainer.processes={processes} is not allowed: expected an integer >= 1")
+    if parallel == "fsdp" and cfg.backward.name not in DDP_STRATEGIES:
+        raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
+                          f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
+    rank_normalize = plain(cfg.loss.rank_normalize)
+    if rank_normalize != "global" and cfg.loss.name not in ("lm", "custom"):
+        raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with loss={cfg.loss.name}: it "
+                          "divides a token loss by a token count, expected loss=lm (or loss.rank_normalize=global)")
+    if cfg.data.sort_lengths and cfg.data.name != "seq":
+        raise ConfigError(f"data.sort_lengths=true is not allowed with data={cfg.data.name}: expected data=seq")
     if processes == 1:
         return
     name = cfg.backward.name
@@ -317,7 +354,13 @@ def validate_processes(cfg: Config) -> None:
                           f"{cfg.data.micro_batch_size}): expected data.micro_batch_size=null")
     if plain(cfg.backward.grad_accum_dtype) == "float32":
         raise ConfigError(f"backward.grad_accum_dtype=float32 is not allowed with trainer.processes={processes}: "
-                          "expected backward.grad_accum_dtype=param (DDP all-reduces .grad itself)")
+                          f"expected backward.grad_accum_dtype=param ({parallel} reduces .grad itself)")
+    if parallel == "fsdp" and plain(cfg.trainer.autocast) == "fp16":
+        raise ConfigError("trainer.autocast=fp16 is not allowed with trainer.parallel=fsdp: GradScaler does not "
+                          "unscale sharded gradients, expected trainer.autocast=bf16 or off")
+    if parallel == "fsdp" and cfg.trainer.checkpoint_every:
+        raise ConfigError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every} is not allowed with "
+                          "trainer.parallel=fsdp: sharded checkpoints are not written yet, expected 0")
     accumulation = cfg.backward.accumulation if name != "full" else 1
     if cfg.data.batch_size < processes * accumulation:
         raise ConfigError(f"trainer.processes={processes} is not allowed with data.batch_size={cfg.data.batch_size} "
@@ -327,7 +370,7 @@ def validate_processes(cfg: Config) -> None:
 
 def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
                 optional: Optional[Dict[str, Any]] = None) -> Any:
-    """Build a `_target_` (loss._target_, model._target_) with hydra.utils.instantiate.
+    """Build a `_target_` (loss._target_, model._target_, optim._target_) with hydra.utils.instantiate.
 
     `optional` arguments are passed only where the constructor's signature names them (a custom
     model's `hidden`, say, which the schema declares for the built-in models too). Import errors

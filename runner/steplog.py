@@ -8,7 +8,7 @@ batched after it are not written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -16,9 +16,12 @@ from runner import record
 
 
 class StepLog:
-    def __init__(self, model: torch.nn.Module, run_dir: Path, append: bool, extra_columns: List[str]):
+    def __init__(self, model: torch.nn.Module, run_dir: Path, append: bool, extra_columns: List[str],
+                 param_sums: Optional[Callable[[List[torch.Tensor]], List[torch.Tensor]]] = None):
+        """`param_sums`: each parameter's sum (the parallel unit's: a sharded parameter's shards add up)."""
         self.run_dir, self.append, self.extra_columns = run_dir, append, extra_columns
         self.params = list(model.parameters())
+        self.param_sums = param_sums or (lambda params: [p.detach().sum() for p in params])
         self.writer: Optional[record.MetricsWriter] = None
         self.columns: Optional[List[str]] = None
         self.steps: List[int] = []
@@ -35,7 +38,7 @@ class StepLog:
         named.update(result.extras)
         if self.columns is None:
             self.columns = list(named)
-        values = [named[c] for c in self.columns] + [p.detach().sum() for p in self.params]
+        values = [named[c] for c in self.columns] + self.param_sums(self.params)
         try:  # one op when every value has the run's dtype (the common case)
             self.values.append(torch.stack(values))
         except RuntimeError:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from runner.data import micro_batches
-from runner.losses import MultiPartLoss, TokenLoss, is_sum_reduced, loss_parts, offers
-from runner.passes import Passes
+from runner.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
+from runner.parallel import Single
+from runner.precision import FirstGradient, Precision
 from runner.record import TOKENS_COLUMN
 
 
@@ -53,7 +54,7 @@ class Sync(str, Enum):
 
 @dataclass
 class PassOptions:
-    """backward.* keys every strategy reads: how its passes run (runner.passes, runner.recompute)."""
+    """backward.* keys every strategy reads: how its passes run (runner.precision, runner.recompute)."""
 
     grad_accum_dtype: GradAccumDType = GradAccumDType.param
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -103,15 +104,6 @@ class StrategyMismatch(ValueError):
         self.misfit = misfit  # "model", "loss" or None (the message names the key itself)
 
 
-def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # One fused kernel for the per-tensor norms where torch has it (as clip_grad_norm_ does).
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 def parameters_of(optimizers) -> List[nn.Parameter]:
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
@@ -141,10 +133,15 @@ class Strategy:
     backward_per_micro_batch = False
 
     def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None,
-                 passes: Optional[Passes] = None):
+                 precision: Optional[Precision] = None, parallel=None,
+                 first_gradient: Optional[FirstGradient] = None):
+        """`precision` and `parallel` wrap the passes (runner.precision, runner.parallel): the
+        strategy calls them and never asks which ones it holds."""
         self.options = options
         self.updates = updates or Updates()
-        self.passes = passes or Passes()
+        self.precision = precision or Precision()
+        self.parallel = parallel or Single(None)
+        self.first_gradient = first_gradient or FirstGradient(enabled=False)
 
     @property
     def accumulation(self) -> int:
@@ -159,13 +156,24 @@ class Strategy:
         """Raise StrategyMismatch when the strategy does not fit the model, loss or batch size."""
 
     def ignored_switches(self, backward_conf) -> List[str]:
-        """Switches set for another strategy. Like `full` ignoring backward.accumulation, they are
-        ignored (with a warning) so that one sweep can cross strategies with every switch."""
+        """Options set (to a value other than their default) for another strategy. Like `full`
+        ignoring backward.accumulation, they are ignored with a warning, so that one sweep can cross
+        strategies with every option. backward.accumulation itself is the sweep's axis: no warning."""
         mine = {f.name for f in fields(self.Options)} | {f.name for f in fields(PassOptions)}
-        return [f"backward.{switch}=true is ignored by backward={self.name}: it applies to backward="
-                + " or ".join(readers_of(switch))
-                for switch in sorted(readers_by_option())
-                if switch not in mine and getattr(backward_conf, switch, None) is True]
+        defaults = option_defaults()
+        warnings = []
+        for option in sorted(readers_by_option()):
+            value = getattr(backward_conf, option, None)
+            if option in mine or option == "accumulation" or value == defaults[option]:
+                continue
+            shown = str(value.value if isinstance(value, Enum) else value).lower()
+            warnings.append(f"backward.{option}={shown} is ignored by backward={self.name}: it applies to "
+                            f"backward=" + " or ".join(readers_of(option)))
+        return warnings
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """backward() of a loss, weighted for this rank and scaled for its precision."""
+        self.precision.backward(self.parallel.weighted(loss), retain_graph=retain_graph)
 
     def forward(self, model: nn.Module, inputs):
         """The forward pass as this strategy runs it (the gradient-flow table replays it)."""
@@ -179,22 +187,22 @@ class Strategy:
     def apply(self, model: nn.Module, optimizers, micro_batches: int = 1) -> torch.Tensor:
         """Clip (once per step unless clipped per micro-batch), step every optimizer, advance their
         schedules (once, or once per micro-batch). Returns the gradient norm before clipping."""
-        updates, passes = self.updates, self.passes
+        updates, precision = self.updates, self.precision
         params = parameters_of(optimizers)
-        passes.before_step(optimizers, params)  # float32 buffers back into .grad; GradScaler's unscale_
+        precision.before_step(optimizers, params)  # float32 buffers back into .grad; GradScaler's unscale_
         if updates.clip_norm and not (updates.clip_every == "micro_batch" and self.backward_per_micro_batch):
-            norm = torch.nn.utils.clip_grad_norm_(params, updates.clip_norm)
+            norm = self.parallel.plain(torch.nn.utils.clip_grad_norm_(params, updates.clip_norm))
         else:
-            norm = grad_norm(params)
-        passes.take_first_grad(params)
+            norm = self.parallel.grad_norm(params)
+        self.first_gradient.keep(params)
         for opt in optimizers:
-            passes.step(opt)
+            precision.step(opt)
             scheduler = updates.schedulers.get(id(opt))
             if scheduler is not None:
                 # Per micro-batch, the schedule runs k times too fast (what Accelerate's adjust_scheduler avoids).
                 for _ in range(micro_batches if updates.scheduler_every == "micro_batch" else 1):
                     scheduler.step()
-        passes.after_step()  # GradScaler's update: once per optimizer step
+        precision.after_step()  # GradScaler's update: once per optimizer step
         return norm
 
     def clip_after_backward(self, optimizers) -> None:
@@ -230,6 +238,11 @@ def readers_of(option: str) -> List[str]:
     return readers_by_option().get(option, [])
 
 
+def option_defaults() -> Dict[str, object]:
+    """backward.* option -> its declared default (the strategies declare each alike)."""
+    return {f.name: f.default for cls in STRATEGIES.values() for f in fields(cls.Options)}
+
+
 @register
 class Full(Strategy):
     """One forward and one backward over the whole batch."""
@@ -238,9 +251,9 @@ class Full(Strategy):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
-        with self.passes.forward():
+        with self.precision.forward():
             loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
-        self.passes.backward(loss)
+        self.backward(loss)
         norm = self.apply(model, optimizers)
         return StepResult(loss.detach(), norm, parts, token_count(loss_fn, targets))
 
@@ -248,16 +261,6 @@ class Full(Strategy):
 def token_count(loss_fn, targets) -> Dict[str, torch.Tensor]:
     """The `tokens` column (scored tokens of the step) for a token loss, else nothing."""
     return {TOKENS_COLUMN: loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
-
-
-def exact_share(loss_fn, targets, batch_tokens, row_share: float):
-    """A part's exact share of the batch's loss, the part normalised by itself: of the batch's
-    scored tokens for a token mean (`batch_tokens`: the batch's count, None for other losses),
-    all of it for a sum-reduced loss, else its share of the rows (sequences). Micro-batches and
-    ranks (runner.processes) are weighted by it. A tensor for a token loss: no host sync."""
-    if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch"):
-        return loss_fn.count_tokens(targets) / batch_tokens
-    return 1.0 if is_sum_reduced(loss_fn) else row_share
 
 
 @dataclass
@@ -309,8 +312,8 @@ class MicroBatched(Strategy):
         for index, mb in enumerate(mbs):
             # Open across the yield, so that a strategy's backward of this micro-batch runs inside
             # it too (DDP's no_sync must cover both).
-            with self.passes.micro_batch(index, len(mbs)):
-                with self.passes.forward():
+            with self.parallel.sync(index, len(mbs)):
+                with self.precision.forward():
                     outputs = model(mb.inputs)
                     if normalization == "tokens":
                         loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
@@ -337,7 +340,7 @@ class Sum(MicroBatched):
         for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
             total, logged = total + scored.loss, logged + scored.logged
             parts, count = add_parts(parts, scored.parts), count + 1
-        self.passes.backward(total)
+        self.backward(total)
         norm = self.apply(model, optimizers, count)
         return StepResult(logged, norm, parts, extras)
 
@@ -358,7 +361,7 @@ class Accumulate(MicroBatched):
         logged, parts = [], {}
         extras = token_count(loss_fn, targets)
         for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
-            self.passes.backward(scored.loss)  # the graph of this micro-batch is freed here
+            self.backward(scored.loss)  # the graph of this micro-batch is freed here
             self.clip_after_backward(optimizers)
             logged.append(scored.logged)
             parts = add_parts(parts, scored.parts)
@@ -410,17 +413,17 @@ class Separate(Strategy):
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         shared = model.shared_parameters() if offers(model, SharedTrunk) else []
         self.zero_grad(optimizers)
-        with self.passes.forward():
+        with self.precision.forward():
             parts = loss_fn.parts(model(inputs), targets)
         names = list(parts)
         values, task_grads, norms = {}, {}, []
         for i, name in enumerate(names):
             if i > 0 and self.options.reforward:
-                with self.passes.forward():
+                with self.precision.forward():
                     parts = loss_fn.parts(model(inputs), targets)  # a fresh graph on the stepped weights
             before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in shared]
             last = i == len(names) - 1
-            self.passes.backward(parts[name], retain_graph=not last and not self.options.reforward)
+            self.backward(parts[name], retain_graph=not last and not self.options.reforward)
             values[name] = parts[name].detach()
             task_grads[name] = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
                                 for p, b in zip(shared, before)]
@@ -463,14 +466,14 @@ class Chained(Strategy):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         optimizer1, optimizer2 = optimizers
-        with self.passes.forward():
+        with self.precision.forward():
             parts = loss_fn.parts(self.forward(model, inputs), targets)
         l1, l2 = parts["stage1"], parts["stage2"]
         optimizer2.zero_grad()
-        self.passes.backward(l2, retain_graph=self.retain_graph)
+        self.backward(l2, retain_graph=self.retain_graph)
         norm2 = self.apply(model, [optimizer2])
         optimizer1.zero_grad()
-        self.passes.backward(l1)
+        self.backward(l1)
         norm1 = self.apply(model, [optimizer1])
         values = {"stage1": l1.detach(), "stage2": l2.detach()}
         return StepResult(values["stage1"] + values["stage2"], combined_norm([norm1, norm2]), values)
@@ -497,10 +500,11 @@ class Detach(Chained):
     detach = True
 
 
-def build_strategy(backward_conf, updates: Optional[Updates] = None, passes: Optional[Passes] = None) -> Strategy:
+def build_strategy(backward_conf, updates: Optional[Updates] = None, precision: Optional[Precision] = None,
+                   parallel=None, first_gradient: Optional[FirstGradient] = None) -> Strategy:
     """The strategy `backward.name` picks, given the backward.* options it declares."""
     cls = STRATEGIES.get(backward_conf.name)
     if cls is None:
         raise ValueError(f"backward={backward_conf.name} is unknown: expected one of {sorted(STRATEGIES)}")
     return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}), updates,
-               passes)
+               precision, parallel, first_gradient)

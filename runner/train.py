@@ -24,11 +24,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from runner import checkpoint, processes, record
+from runner import checkpoint, record
 from runner.build import Training
 from runner.checks import first_line
 from runner.evaluate import evaluate
-from runner.gradflow import gradient_flow
 from runner.memory import SavedTensorsMeter
 from runner.record import Summary
 from runner.schema import ConfigError, plain
@@ -112,12 +111,9 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
 def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict[str, Any]]):
     run_dir.mkdir(parents=True, exist_ok=True)
     world = t.config.trainer.processes
-    if world > 1 and t.ranks is None:
-        if not processes.under_torchrun():
-            raise ConfigError(f"trainer.processes={world} needs its ranks started: run it with python -m runner "
-                              f"(which launches them) or torchrun --nproc-per-node={world} -m runner")
-        t.ranks = processes.join(t.model, t.device)
-        t.strategy.passes.ddp = t.ranks.ddp
+    if world > 1 and t.parallel.world == 1:
+        raise ConfigError(f"trainer.processes={world} needs its ranks started: run it with python -m runner "
+                          f"(which launches them) or torchrun --nproc-per-node={world} -m runner")
     start_step, elapsed = 0, 0.0
     if resume is not None:
         checkpoint.check_matches(resume, t.config_record(), run_dir)
@@ -128,18 +124,18 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
     summary = replace(
         summary, status="running", steps_done=start_step, device=str(t.device),
         dtype=plain(t.config.trainer.dtype), seed=t.config.seed, accumulation=t.strategy.accumulation,
-        params_without_grad=t.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
-        processes=world,
+        params_without_grad=t.findings.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
+        processes=world, parallel=t.parallel.name,
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
         training_id=checkpoint.training_id(t.config_record()))
-    if t.coupling is not None:
-        summary.batch_coupled, summary.stochastic = t.coupling.batch_coupled, t.coupling.stochastic
-        summary.coupling_modules = t.coupling.modules
-    if t.not_differentiable:  # the loss probe's finding is this run's result
-        summary.status, summary.error = "error", t.not_differentiable
+    coupling = t.findings.coupling
+    if coupling is not None:
+        summary.batch_coupled, summary.stochastic = coupling.batch_coupled, coupling.stochastic
+        summary.coupling_modules = coupling.modules
+    if t.findings.not_differentiable:  # the loss probe's finding is this run's result
+        summary.status, summary.error = "error", t.findings.not_differentiable
     else:
-        window = t.batches.window(start_step)
-        summary.gradient_flow = gradient_flow(t.strategy, t.model, t.loss_fn, window.inputs, window.targets)
+        summary.gradient_flow = t.findings.gradient_flow
         record.write_gradient_flow(run_dir, summary.gradient_flow)
     record.write_summary(run_dir, summary)
     return summary, started
@@ -153,13 +149,10 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     scheduled = bool(t.schedulers)
     host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
         + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
-    log = StepLog(t.model, run_dir, append, extra_columns=host_columns)
+    parallel, precision = t.parallel, t.precision
+    log = StepLog(t.model, run_dir, append, extra_columns=host_columns, param_sums=parallel.param_sums)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
-    passes = t.strategy.passes
-    if start > 0:  # a resumed run's first gradient was taken (and written) before
-        passes.first_grad = None
-    model, ranks = (t.ranks.ddp, t.ranks) if t.ranks is not None else (t.model, None)
     loop_started, step = time.perf_counter(), start
     with StopOnSignal() as stop, ProgressBar(trainer.progress, trainer.steps, start) as bar:
         try:
@@ -169,18 +162,15 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 host = window.columns()  # loader mode's epoch and window_size
                 if scheduled:  # the learning rate this step uses
                     host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
-                inputs, targets = window.inputs, window.targets
-                if ranks is not None:  # this rank's share of the batch, weighted by it (DDP averages)
-                    inputs, targets, share = ranks.shard(inputs, targets, t.loss_fn)
-                    passes.loss_factor = ranks.world * share
+                # This rank's share of the batch, and of its loss (all of it in one process).
+                inputs, targets, share = parallel.shard(window.inputs, window.targets, t.loss_fn)
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
-                    result = t.strategy.step(model, t.loss_fn, t.optimizers, inputs, targets, window.sizes)
-                if ranks is not None:
-                    result = ranks.gather(result, share)  # the batch's loss, from every rank's share
-                result.extras.update(passes.columns())  # grad_scale, step_skipped (fp16)
-                if passes.first_grad is not None:
-                    record.write_first_grad(run_dir, _named_grads(t, passes.first_grad))
-                    passes.first_grad = None
+                    result = t.strategy.step(parallel.module, t.loss_fn, t.optimizers, inputs, targets,
+                                             window.sizes)
+                result = parallel.gather(result, share)  # the batch's loss, from every rank's share
+                result.extras.update(precision.columns())  # grad_scale, step_skipped (fp16)
+                if step == start:
+                    _write_first_grad(t, run_dir, resumed=start > 0)
                 if measure:
                     host[record.MEMORY_COLUMN] = meter.peak
                 log.add(step, result, time.perf_counter() - started, host)
@@ -213,17 +203,21 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     summary.wall_s = time.perf_counter() - started
     summary.peak_saved_bytes = log.peak_saved
     summary.final_loss = float(log.last_loss) if log.last_loss is not None else None
-    if ranks is not None:
-        summary.allreduce_calls_per_step = ranks.rounds_per_step(summary.steps_done - start)
+    for key, value in parallel.figures(summary.steps_done - start).items():  # rounds, gradient bytes
+        setattr(summary, key, value)
     return stop.signum
 
 
-def _named_grads(t: Training, grads: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """first_grad.pt's content: parameter name -> gradient (a learnable loss's parameters as loss.NAME)."""
+def _write_first_grad(t: Training, run_dir: Path, resumed: bool) -> None:
+    """first_grad.pt: parameter name -> the gradient the first optimizer step applied (a learnable
+    loss's parameters as loss.NAME), as full tensors. A resumed run wrote it before."""
+    grads = t.strategy.first_gradient.take()
+    if not grads or resumed:
+        return
     named = list(t.model.named_parameters())
     if isinstance(t.loss_fn, torch.nn.Module):
         named += [(f"loss.{name}", p) for name, p in t.loss_fn.named_parameters()]
-    return {name: grads[id(p)] for name, p in named if id(p) in grads}
+    record.write_first_grad(run_dir, t.parallel.full({name: grads[id(p)] for name, p in named if id(p) in grads}))
 
 
 def _diverged(summary: Summary, step: int) -> None:
@@ -237,15 +231,13 @@ def _finish(t: Training, run_dir: Path, summary: Summary) -> None:
     if t.device.type == "cuda":
         summary.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(t.device)
     if summary.status != "error":
-        record.write_params(run_dir, t.model)
-        summary.param_sum = record.param_sum(t.model)
-        summary.param_sha256 = record.param_sha256(t.model)
-        summary.param_names = [name for name, _ in record.named_parameters_in_order(t.model)]
-    if t.ranks is not None:  # every rank takes part, whatever its status, so that none waits
-        try:
-            summary.ranks_agree = t.ranks.agree(summary.param_sha256)
-        except RuntimeError:  # a rank is gone
-            summary.ranks_agree = None
+        params, state = t.parallel.full_state(t.model)  # full tensors, however the ranks hold them
+        record.write_params(run_dir, state)
+        summary.param_sum = record.param_sum(params)
+        summary.param_sha256 = record.param_sha256(params)
+        summary.param_names = sorted(params)
+    # Every rank takes part, whatever its status, so that none waits (None in one process).
+    summary.ranks_agree = t.parallel.agree(summary.param_sha256)
     if summary.status == "ok" and t.config.trainer.eval:
         metrics = evaluate(t.model, t.dataset.eval_inputs, t.dataset.eval_targets, t.spec.kind)
         if metrics:

@@ -8,13 +8,19 @@ from runner.train import run
 from tests.conftest import make_config, train
 
 
+def reprobe(training):
+    """The checks before training again, on a model changed after it was built."""
+    return probe(training.config, training.strategy, training.model, training.loss_fn, training.batches,
+                 training.spec)
+
+
 def test_probe_reports_parameters_without_gradient_and_leaves_no_trace():
     training = build_training(make_config(model__batchnorm=True))
     training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
     stats = training.model.norm.running_mean.clone()
     rng = torch.get_rng_state()
-    probe(training)
-    assert training.params_without_grad == ["unused"]
+    findings = reprobe(training)
+    assert findings.params_without_grad == ["unused"]
     assert torch.equal(training.model.norm.running_mean, stats)
     assert training.model.norm.num_batches_tracked.item() == 0
     assert torch.equal(torch.get_rng_state(), rng)
@@ -24,7 +30,7 @@ def test_probe_reports_parameters_without_gradient_and_leaves_no_trace():
 def test_unused_parameter_is_named_in_the_summary(tmp_path):
     training = build_training(make_config(trainer__steps=2))
     training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
-    probe(training)
+    training.findings = reprobe(training)
     outcome = run(training, tmp_path)
     assert outcome.status == "ok" and outcome.summary.params_without_grad == ["unused"]
 

@@ -1,50 +1,42 @@
-"""How a strategy's passes run: autocast, loss scaling, float32 accumulation of low-precision
-gradients, a rank's loss weight and DDP's gradient synchronisation.
+"""Precision: how a strategy's passes run in reduced precision, built once from the config.
 
-A strategy calls these hooks where it would call `model(...)`, `loss.backward()` and
-`optimizer.step()`. With the defaults they are exactly those calls, so each strategy stays one
-unit and every wrapper applies to all of them (DESIGN: wrappers, not copies of each strategy).
+    trainer.autocast=bf16|fp16, trainer.dtype=bfloat16, backward.grad_accum_dtype=float32
+
+A strategy calls these where it would call `model(...)`, `loss.backward()` and
+`optimizer.step()`; with the defaults they are exactly those calls.
 
 - `forward()` wraps a forward and its loss: torch.autocast (trainer.autocast=bf16|fp16).
-- `micro_batch(i, count)` wraps micro-batch i's forward and backward: under DDP, `model.no_sync()`
-  where this micro-batch must not synchronise (backward.sync).
-- `backward(loss)`: the rank's weight, GradScaler's scale (fp16), then backward; with
-  backward.grad_accum_dtype=float32 the new gradient moves into a float32 buffer.
-- `before_step(optimizers)`, once per optimizer step: the float32 buffer back into .grad, then
-  GradScaler's unscale_, so clipping and the optimizer see true gradients.
+- `backward(loss)`: GradScaler's scale (fp16), then backward; with grad_accum_dtype=float32 the
+  new low-precision gradient moves into a float32 buffer.
+- `before_step(optimizers, params)`, once per optimizer step: the float32 buffers back into
+  .grad, then GradScaler's unscale_, so clipping and the optimizer see true gradients.
 - `step(optimizer)`, `after_step()`: GradScaler's step (skipped when a gradient overflowed) and
   one update per optimizer step, never inside an accumulation window (PyTorch's AMP examples).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List, Sequence
 
 import torch
 
 from runner.record import GRAD_SCALE_COLUMN, STEP_SKIPPED_COLUMN
 
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SYNC_POLICIES = ("last", "every", "first")
 
 
-class Passes:
+class Precision:
     def __init__(self, device_type: str = "cpu", autocast: str = "off", grad_accum_dtype: str = "param",
-                 init_scale: float = 2.0 ** 16, sync: str = "last", first_grad: bool = True):
+                 init_scale: float = 2.0 ** 16, params: Sequence[torch.nn.Parameter] = ()):
+        """`params`: every parameter an optimizer steps (the float32 buffers are theirs)."""
         self.device_type = device_type
         self.autocast_dtype = AUTOCAST_DTYPES[autocast]
         # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
         self.scaler = torch.amp.GradScaler(device_type, init_scale=init_scale) if autocast == "fp16" else None
         self.float32_grads = grad_accum_dtype == "float32"
+        self.params: List[torch.nn.Parameter] = list(params)
         self._buffers: Dict[int, torch.Tensor] = {}  # id(parameter) -> its float32 running gradient
-        self.sync = sync
-        self.ddp: Optional[torch.nn.Module] = None  # the DistributedDataParallel wrapper (runner.processes)
-        # A rank's weight, world size x its share of the batch (runner.processes); None in one process.
-        self.loss_factor = None
-        # id(parameter) -> the gradient its optimizer first applied; None once written (or off)
-        self.first_grad: Optional[Dict[int, torch.Tensor]] = {} if first_grad else None
         self._columns: Dict[str, torch.Tensor] = {}
-        self.params: List[torch.nn.Parameter] = []  # every optimizer's parameters (set by runner.build)
 
     def forward(self):
         """The context of a forward and its loss."""
@@ -52,18 +44,7 @@ class Passes:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
-    def micro_batch(self, index: int, count: int):
-        """The context of micro-batch `index` of `count` (its forward and, where the strategy
-        backwards it, its backward): DDP synchronises gradients only in the micro-batch that
-        backward.sync picks; the others run under no_sync and add up locally."""
-        if self.ddp is None:
-            return nullcontext()
-        synced = {"last": index == count - 1, "every": True, "first": index == 0}[self.sync]
-        return nullcontext() if synced else self.ddp.no_sync()
-
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        if self.loss_factor is not None:
-            loss = loss * self.loss_factor
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward(retain_graph=retain_graph)
@@ -91,14 +72,6 @@ class Passes:
             for opt in optimizers:
                 self.scaler.unscale_(opt)
 
-    def take_first_grad(self, params: List[torch.nn.Parameter]) -> None:
-        """Keep each parameter's gradient the first time an optimizer is about to apply it."""
-        if self.first_grad is None:
-            return
-        for p in params:
-            if p.grad is not None and id(p) not in self.first_grad:
-                self.first_grad[id(p)] = p.grad.detach().clone()
-
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
             optimizer.step()
@@ -118,3 +91,24 @@ class Passes:
     def columns(self) -> Dict[str, torch.Tensor]:
         """This step's metrics.csv columns (grad_scale, step_skipped under fp16), as tensors."""
         return dict(self._columns)
+
+
+class FirstGradient:
+    """first_grad.pt's content: each parameter's gradient the first time an optimizer is about
+    to apply it (after unscaling and clipping). Taken once; `take()` hands it over and stops."""
+
+    def __init__(self, enabled: bool = True):
+        self._grads: Dict[int, torch.Tensor] = {}
+        self._open = enabled
+
+    def keep(self, params: List[torch.nn.Parameter]) -> None:
+        if not self._open:
+            return
+        for p in params:
+            if p.grad is not None and id(p) not in self._grads:
+                self._grads[id(p)] = p.grad.detach().clone()
+
+    def take(self) -> Dict[int, torch.Tensor]:
+        """id(parameter) -> gradient, once (after the first optimizer step); {} afterwards."""
+        grads, self._grads, self._open = self._grads, {}, False
+        return grads

@@ -1,0 +1,238 @@
+"""Parallel: how one training spreads over ranks, built once from the config and never patched.
+
+    trainer.parallel=ddp|fsdp with trainer.processes=N (or under torchrun); one process: none
+
+A strategy and the loop call the same few methods whichever unit they hold:
+
+    module         what the strategy trains (the model, its DDP wrapper, or the fully_shard-ed model)
+    sync(i, k)     the context of micro-batch i of k: gradients synchronise in the micro-batch
+                   backward.sync picks (DDP's no_sync, FSDP2's set_requires_gradient_sync(False))
+    shard(...)     this rank's share of the batch (tensor_split, uneven allowed) and its exact share
+                   of the batch's loss; `weighted(loss)` then applies the rank's loss weight
+    gather(...)    the logged loss, parts and token count of the whole batch (one all-reduce)
+    full_state()   full tensors for the records (params.pt, param_sha256, first_grad.pt)
+    figures(steps) summary figures: parallel, communication rounds per step, peak gradient bytes
+    agree(sha)     whether every rank ends with bit-identical parameters
+
+Exact weights (DESIGN, Numerics): DDP and FSDP average gradients over ranks, so a rank's loss is
+weighted by world x its share of the batch (rows, or scored tokens for a token loss counted over
+every rank). loss.rank_normalize reproduces the two cross-rank bugs of token losses: `local`
+divides by the rank's own token count (transformers #34242), `no_world` divides by the global
+count without undoing the mean over ranks, 1/world of the gradient (torchtitan #1842).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from runner.processes import local_rank
+from runner.record import TOKENS_COLUMN
+
+# Per-step columns that count over the batch: the ranks' counts add up.
+ADDITIVE_COLUMNS = (TOKENS_COLUMN,)
+SYNC_POLICIES = ("last", "every", "first")
+
+
+def synced(policy: str, index: int, count: int) -> bool:
+    """Does micro-batch `index` of `count` synchronise gradients under backward.sync=policy?"""
+    return {"last": index == count - 1, "every": True, "first": index == 0}[policy]
+
+
+def grad_bytes(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.grad.nbytes for p in params if p.grad is not None)
+
+
+class Single:
+    """One process: every method is the plain call."""
+
+    name = "none"
+    rank, world = 0, 1
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def sync(self, index: int, count: int):
+        return nullcontext()
+
+    def shard(self, inputs, targets, loss_fn):
+        """(inputs, targets, the share of the batch's loss they carry)."""
+        return inputs, targets, 1.0
+
+    def weighted(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def gather(self, result, share: float):
+        return result
+
+    def grad_norm(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        # One fused kernel for the per-tensor norms where torch has it (as clip_grad_norm_ does).
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def plain(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A value computed from this rank's tensors, as the whole model's (0-dim, on this rank)."""
+        return tensor
+
+    def param_sums(self, params: Sequence[nn.Parameter]) -> List[torch.Tensor]:
+        """Each parameter's sum (metrics.csv's param_sum), without a host sync."""
+        return [p.detach().sum() for p in params]
+
+    def full_state(self, model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """(parameters by name, the state_dict), as full tensors on every rank."""
+        return dict(model.named_parameters()), model.state_dict()
+
+    def full(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return tensors
+
+    def figures(self, steps: int) -> Dict[str, object]:
+        return {"parallel": self.name}
+
+    def agree(self, sha256: Optional[str]) -> Optional[bool]:
+        return None
+
+
+class Ranks(Single):
+    """What DDP and FSDP share: joining the ranks, sharding a batch, weighting, gathering."""
+
+    def __init__(self, model: nn.Module, device: torch.device, sync: str, rank_normalize: str,
+                 token_loss: bool):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device, self.policy, self.token_loss = device, sync, token_loss
+        self.rank_normalize = rank_normalize
+        self.rounds = [0]  # synchronised backwards, counted by the engine's own communication hook
+        self._weight: Optional[torch.Tensor] = None
+        self._peak_grad_bytes = 0
+        self._measuring = True  # gradient bytes are measured on the first optimizer step
+        self.module = self.wrap(model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def held_grad_bytes(self) -> int:
+        """Bytes of gradients this rank holds now."""
+        return grad_bytes(list(self.module.parameters()))
+
+    def _measure(self) -> None:
+        if self._measuring:
+            self._peak_grad_bytes = max(self._peak_grad_bytes, self.held_grad_bytes())
+
+    def shard(self, inputs, targets, loss_fn):
+        from runner.data import micro_batches
+        from runner.losses import exact_share
+
+        mine = micro_batches(inputs, targets, self.world)[self.rank]
+        batch_tokens = loss_fn.count_tokens(targets) if self.token_loss else None
+        share = exact_share(loss_fn, mine.targets, batch_tokens, mine.share)
+        # Ranks average their gradients: world x share undoes the mean exactly. `local` keeps the
+        # rank's own normalisation (weight 1); `no_world` forgets the mean (weight = share).
+        weight = {"global": self.world * share, "local": None, "no_world": share}[self.rank_normalize]
+        self._weight = weight
+        return mine.inputs, mine.targets, share
+
+    def weighted(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self._weight is None else loss * self._weight
+
+    def gather(self, result, share: float):
+        """The batch's loss, parts and counts from every rank's share of them (one all-reduce)."""
+        import torch.distributed as dist
+
+        self._measure()
+        self._measuring = False
+        counts = [k for k in result.extras if k in ADDITIVE_COLUMNS]
+        names = list(result.parts) + counts
+        values = [result.loss * share] + [result.parts[n] * share for n in result.parts] + \
+                 [result.extras[k] for k in counts]
+        stacked = torch.stack([v.reshape(()).to(result.loss.dtype) for v in values])
+        dist.all_reduce(stacked)
+        result.loss = stacked[0]
+        for i, name in enumerate(names, start=1):
+            if name in result.parts:
+                result.parts[name] = stacked[i]
+            else:
+                result.extras[name] = stacked[i]
+        return result
+
+    def agree(self, sha256: Optional[str]) -> Optional[bool]:
+        """Do all ranks end with bit-identical parameters? None when a rank is gone."""
+        import torch.distributed as dist
+
+        hashes: List[Optional[str]] = [None] * self.world
+        try:
+            dist.all_gather_object(hashes, sha256)
+        except RuntimeError:
+            return None
+        return len(set(hashes)) == 1
+
+    def rounds_per_step(self, steps: int) -> Optional[float]:
+        return self.rounds[0] / steps if steps > 0 else None
+
+    def figures(self, steps: int) -> Dict[str, object]:
+        return {"parallel": self.name, "peak_grad_bytes": self._peak_grad_bytes or None}
+
+
+def _counting_allreduce(rounds: List[int], bucket):  # no annotation: DDP checks it literally
+    """DDP's own all-reduce hook, counting rounds: one per synchronised backward, however many
+    buckets the gradients fill."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if bucket.is_last():
+        rounds[0] += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+class DDP(Ranks):
+    """DistributedDataParallel: every rank holds the whole model and its whole gradient."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        cuda = self.device.type == "cuda"
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index if self.device.index is not None else local_rank()] if cuda else None)
+        ddp.register_comm_hook(self.rounds, _counting_allreduce)
+        return ddp
+
+    @contextmanager
+    def sync(self, index: int, count: int):
+        """DDP synchronises only in the micro-batch backward.sync picks; the others run under
+        no_sync and add up locally."""
+        with nullcontext() if synced(self.policy, index, count) else self.module.no_sync():
+            yield
+        self._measure()
+
+    def figures(self, steps: int) -> Dict[str, object]:
+        return {**super().figures(steps), "allreduce_calls_per_step": self.rounds_per_step(steps)}
+
+
+# The parallel units by trainer.parallel (one process is always Single).
+ENGINES = {"ddp": DDP}
+
+
+def register(cls):
+    ENGINES[cls.name] = cls
+    return cls
+
+
+def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last",
+                   rank_normalize: str = "global", token_loss: bool = False, **options):
+    """The unit trainer.parallel names, joined to the ranks torchrun started (world > 1)."""
+    if world <= 1:
+        return Single(model)
+    return ENGINES[name](model, device, sync, rank_normalize, token_loss, **options)
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,92 @@
+"""Optimizers from `_target_` YAML (optim=adamw, optim._target_=torch.optim.X, +optim.KEY=VALUE),
+and the Config built in Python, whose optim.name picks the class."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runner.build import build_training
+from runner.optim import build_optimizers
+from runner.schema import ConfigError, OptimConf
+from tests.conftest import make_config, read_summary, run_cli
+
+SMALL = ["data.train_size=256", "data.eval_size=32", "model.hidden=8"]
+
+
+def composed(*overrides):
+    """The training the command line builds for these overrides (the group's YAML applied)."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.cli import CONF_DIR, config_from_omegaconf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer.progress=false", *SMALL, *overrides])
+    config, extras = config_from_omegaconf(cfg)
+    return build_training(config, extras["loss"], model_kwargs=extras["model"], optim_kwargs=extras["optim"])
+
+
+def test_optim_adamw_trains_from_the_command_line(tmp_path):
+    result = run_cli("optim=adamw", "trainer.steps=3", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "ok" and summary["choices"]["optim"] == "adamw"
+    assert summary["config"]["optim"]["_target_"] == "torch.optim.AdamW"
+    [optimizer] = composed("optim=adamw").optimizers
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.param_groups[0]["lr"] == 0.001 and optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_another_target_from_the_command_line_takes_only_the_keys_it_accepts(tmp_path):
+    """optim=sgd's momentum and the schema's betas stay behind; +optim.alpha is RMSprop's own."""
+    overrides = ["optim._target_=torch.optim.RMSprop", "optim.lr=0.01", "+optim.alpha=0.9"]
+    result = run_cli(*overrides, "trainer.steps=3", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "ok" and summary["config"]["optim"]["alpha"] == 0.9
+    [optimizer] = composed(*overrides).optimizers
+    assert type(optimizer) is torch.optim.RMSprop
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["alpha"], group["momentum"]) == (0.01, 0.9, 0.0) and "betas" not in group
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim._target_=torch.optim.Nope", "optim._target_=torch.optim.Nope: cannot import it"),
+    ("+optim.bogus=1", "optim._target_=torch.optim.SGD: cannot build it"),
+])
+def test_an_optimizer_that_cannot_be_built_is_one_line_naming_its_target(tmp_path, override, needle):
+    result = run_cli(override, "trainer.steps=3", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # bad input leaves nothing behind
+
+
+def test_a_resume_keeps_the_optimizers_own_arguments(tmp_path):
+    run = ["optim=rmsprop", "+optim.alpha=0.9", "trainer.checkpoint_every=2", *SMALL]
+    assert run_cli(*run, "trainer.steps=4", f"hydra.run.dir={tmp_path / 'run'}").returncode == 0
+    other = run_cli(*[o.replace("0.9", "0.5") for o in run], "trainer.steps=6", f"trainer.resume={tmp_path / 'run'}")
+    assert other.returncode == 2 and "optim.alpha=0.9, this command optim.alpha=0.5" in other.stderr
+    resumed = run_cli(*run, "trainer.steps=6", f"trainer.resume={tmp_path / 'run'}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_summary(tmp_path / "run")["steps_done"] == 6
+
+
+def test_a_python_config_picks_the_optimizer_by_name():
+    """Config() without Hydra has no _target_: optim.name picks the class, betas as a tuple."""
+    training = build_training(make_config(optim__name="adam", optim__lr=0.001, optim__betas=[0.5, 0.999],
+                                          data__train_size=256, data__eval_size=32, model__hidden=8))
+    [optimizer] = training.optimizers
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.999) and optimizer.param_groups[0]["lr"] == 0.001
+    [sgd] = build_optimizers(OptimConf(), [[torch.nn.Parameter(torch.zeros(2))]])
+    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["lr"] == 0.5
+
+
+def test_a_target_wins_over_the_name_and_an_unknown_name_is_refused():
+    params = [[torch.nn.Parameter(torch.zeros(2))]]
+    [adam] = build_optimizers(OptimConf(name="sgd", _target_="torch.optim.Adam", momentum=0.9), params)
+    assert type(adam) is torch.optim.Adam
+    with pytest.raises(ConfigError, match=r"optim=nope is unknown: expected one of \['adam', 'adamw'"):
+        build_optimizers(OptimConf(name="nope"), params)
+    with pytest.raises(ConfigError, match=r"optim._target_=torch.nn.Linear built|optim._target_=torch.nn.Linear: "):
+        build_optimizers(OptimConf(_target_="torch.nn.Linear"), params)
