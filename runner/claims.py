@@ -4,7 +4,8 @@ An experiment lists what it expects under `claims:`. Each claim selects runs by 
 (`runs: {backward: [sum, accumulate], backward.scale: size}`) and states one of:
 equivalent / identical / differs (final parameters against the run `reference:` selects),
 within_drift (the distance to the reference at most `factor` times the reference's own distance
-to its float64 oracle), fails (status error, with `message` in the error), succeeds, summary (a
+to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
+`rel`: a bug that scales the gradient, 1/world of it say), fails (status error, with `message` in the error), succeeds, summary (a
 summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
 from runner.record import SUMMARY_KEYS
-from runner.runs import Run, compare_to, describe, find_oracle, pick_reference
+from runner.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference
 
 # Comparison columns a `smaller` / `about` claim may name as its metric (runner.runs.Verdict).
 COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle")
@@ -38,7 +39,7 @@ class ClaimResult:
 
 def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any],
                    sweep_reference: Any = None) -> ClaimResult:
-    """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift,
+    """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift, grad_scaled,
     fails (status error, error text containing `message`), succeeds, summary (`key` is `value`),
     smaller / about (a `metric`
     against `factor` times the reference's: smaller than it, or within `rel` of it).
@@ -86,6 +87,12 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
                            f"{sorted({v.verdict for v in verdicts})}")
     if kind == "within_drift":
         return _within_drift(name, claim, chosen, reference, runs, cache)
+    if kind == "grad_scaled":
+        factor, rel = float(claim.get("factor", 1.0)), float(claim.get("rel", 1e-5))
+        errors = [grad_rel_diff(r, reference, cache, factor) for r in chosen]
+        holds = all(e <= rel for e in errors)  # NaN (no first gradient to compare) never holds
+        return ClaimResult(name, kind, holds, f"{len(chosen)} runs: first gradient vs {factor:g} x the reference's, "
+                           f"relative difference up to {max(errors):.3g} (at most {rel:g})")
     if kind in ("smaller", "about"):
         metric = claim.get("metric", "")
         if metric in COMPARISON_METRICS:
@@ -114,7 +121,7 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
         return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of "
                            f"{factor:g} x {ref_value:g}")
     return ClaimResult(name, kind, False, f"unknown claim kind {kind!r}: expected equivalent, identical, "
-                       "differs, within_drift, fails, succeeds, summary, smaller or about")
+                       "differs, within_drift, grad_scaled, fails, succeeds, summary, smaller or about")
 
 
 def _within_drift(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run],

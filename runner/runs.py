@@ -189,17 +189,18 @@ def _comparable(run: Run, other: Optional[Run], cache: Dict[Any, Any], load) -> 
     return mine, theirs
 
 
-def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
-    """||g - g_other|| / ||g_other|| of the first gradients over every parameter (float64), or NaN
-    where they cannot be compared (no first_grad.pt, other parameters)."""
+def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any], factor: float = 1.0) -> float:
+    """||g - f·g_other|| / ||f·g_other|| of the first gradients over every parameter (float64), or
+    NaN where they cannot be compared (no first_grad.pt, other parameters). `factor` f: 1, or the
+    scale a bug is expected to put on the gradient (1/world, say)."""
     pair = _comparable(run, other, cache, first_grad)
     if pair is None:
         return math.nan
     import torch
 
     mine, theirs = pair
-    diff = torch.sqrt(sum(((mine[k].double() - theirs[k].double()) ** 2).sum() for k in mine))
-    norm = torch.sqrt(sum((theirs[k].double() ** 2).sum() for k in theirs))
+    diff = torch.sqrt(sum(((mine[k].double() - factor * theirs[k].double()) ** 2).sum() for k in mine))
+    norm = torch.sqrt(sum(((factor * theirs[k].double()) ** 2).sum() for k in theirs))
     return float(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
 
 
