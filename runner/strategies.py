@@ -45,9 +45,10 @@ class GradAccumDType(str, Enum):
 
 
 class Sync(str, Enum):
-    """Under DDP (trainer.processes > 1): which micro-batch's backward all-reduces the gradients."""
+    """With several processes (trainer.processes > 1): which micro-batch's backward synchronises
+    the gradients across ranks (runner.parallel)."""
 
-    last = "last"  # the last: the others run under no_sync and add up locally (one round per step)
+    last = "last"  # the last: the others add up locally (one round per step)
     every = "every"  # each one: the same gradient, k rounds of traffic per step
     first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
 
@@ -311,7 +312,7 @@ class MicroBatched(Strategy):
         normalization = loss_fn.normalization() if batch_tokens is not None else None
         for index, mb in enumerate(mbs):
             # Open across the yield, so that a strategy's backward of this micro-batch runs inside
-            # it too (DDP's no_sync must cover both).
+            # it too (a parallel unit's sync context must cover both).
             with self.parallel.sync(index, len(mbs)):
                 with self.precision.forward():
                     outputs = model(mb.inputs)
@@ -354,7 +355,7 @@ class Accumulate(MicroBatched):
 
     @dataclass
     class Options(MicroBatched.Options):
-        sync: Sync = Sync.last  # under DDP: the micro-batch whose backward all-reduces (see Sync)
+        sync: Sync = Sync.last  # several processes: the micro-batch whose backward synchronises (see Sync)
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad

@@ -12,14 +12,17 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 # sweeps to seconds; the claims do not depend on either.
 EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward.accumulation=2,8"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
-         "memory": ["data.train_size=512", "data.eval_size=64"]}
-# The precision claims are on the first optimizer step's gradient: two steps show them.
-STEPS = {"precision": 2}
+         "memory": ["data.train_size=512", "data.eval_size=64"],
+         "ranks_tokens": ["data.train_size=256", "data.eval_size=64"]}
+# The precision claims are on the first optimizer step's gradient: two steps show them; the
+# two-process sweeps show theirs in a few steps.
+STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5}
 
 
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "focal",
-                           "memory", "multitask", "partial_window", "precision", "schedule", "tokens", "uneven"]
+                           "fsdp", "memory", "multitask", "partial_window", "precision", "ranks_tokens", "schedule",
+                           "tokens", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 

@@ -1,5 +1,6 @@
 """The shape of the package: one owner per concern, no import cycle, Hydra only at the edge."""
 import ast
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def test_backward_options_are_the_strategies_own():
     assert full.ignored_switches(conf) == [
         "backward.joint=true is ignored by backward=full: it applies to backward=naive or retain_graph or detach",
         "backward.step_per_task=true is ignored by backward=full: it applies to backward=separate"]
+    # Every non-default value of another strategy's option, not only booleans; accumulation is the
+    # axis a sweep crosses strategies on, so it never warns.
+    conf = schema.BackwardConf(name="full", scale="mean", accumulation=4)
+    assert full.ignored_switches(conf) == [
+        "backward.scale=mean is ignored by backward=full: it applies to backward=sum or accumulate"]
+    total = STRATEGIES["sum"](STRATEGIES["sum"].Options())
+    assert total.ignored_switches(schema.BackwardConf(name="sum", sync="first")) == [
+        "backward.sync=first is ignored by backward=sum: it applies to backward=accumulate"]
+
+
+def test_strategies_and_the_loop_do_not_know_which_parallel_unit_they_hold():
+    """DDP and FSDP live in their units (runner.parallel, runner.fsdp): adding one edits neither."""
+    for module in ("strategies", "train", "steplog"):
+        words = set(re.findall(r"[a-z_]+", (PACKAGE / f"{module}.py").read_text().lower()))
+        assert not words & {"fsdp", "ddp", "distributed", "no_sync", "dtensor", "fully_shard"}, module
 
 
 def test_key_roles_are_declared_once_on_the_schema():

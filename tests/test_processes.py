@@ -69,6 +69,37 @@ def test_two_processes_a_lost_rank_fails_the_job_with_one_line_and_the_sweep_goe
     assert len(pd.read_csv(sweep / "comparison.csv")) == 2
 
 
+def test_parallel_bad_input_from_the_command_line_is_one_line(tmp_path):
+    for overrides, needle in ((["trainer.parallel=zero"], "trainer.parallel"),
+                              (["trainer.parallel=fsdp", "model=two_stage", "loss=ce", "backward=detach"],
+                               "trainer.parallel=fsdp is not allowed with backward=detach"),
+                              (["loss=focal", "loss.rank_normalize=no_world"], "loss.rank_normalize=no_world")):
+        result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'never'}", cwd=tmp_path)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_two_processes_fsdp_records_full_tensors(tmp_path):
+    """Sharded parameters and gradients are gathered for the records: params.pt and first_grad.pt
+    hold full tensors, the hash is the full model's, and the sums per step are the whole model's."""
+    run_dir = tmp_path / "fsdp"
+    result = run_cli("trainer.processes=2", "trainer.parallel=fsdp", "backward=accumulate", "backward.accumulation=2",
+                     "trainer.steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["parallel"] == "fsdp" and summary["ranks_agree"] is True
+    assert summary["reduce_scatter_calls_per_step"] == 1.0 and summary["peak_grad_bytes"] > 0
+    _, reference, reference_dir = train(tmp_path, trainer__steps=3)
+    params, grads = params_of(run_dir), record.load_first_grad(run_dir)
+    assert set(grads) == set(reference) and all(grads[n].shape == reference[n].shape for n in reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(params[name], value)
+    assert summary["param_sha256"] == record.param_sha256({n: params[n] for n in reference})
+    mine, theirs = pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(reference_dir / "metrics.csv")
+    assert abs(mine["param_sum"] - theirs["param_sum"]).max() < 1e-4
+    assert abs(mine["grad_norm"] - theirs["grad_norm"]).max() < 1e-5
+
+
 def test_processes_need_ranks_outside_the_command_line(tmp_path):
     training = build_training(make_config(trainer__processes=2, trainer__steps=1))
     with pytest.raises(ConfigError, match="trainer.processes=2 needs its ranks started"):
@@ -79,6 +110,12 @@ def test_processes_need_ranks_outside_the_command_line(tmp_path):
     (dict(trainer__processes=2, backward__name="separate"),
      "trainer.processes=2 is not allowed with backward=separate"),
     (dict(trainer__processes=2, data__micro_batch_size=4), "data.micro_batch_size"),
+    (dict(trainer__parallel="fsdp", backward__name="separate"),
+     "trainer.parallel=fsdp is not allowed with backward=separate: expected backward=full or sum or accumulate"),
+    (dict(trainer__processes=2, trainer__parallel="fsdp", trainer__autocast="fp16"),
+     "trainer.autocast=fp16 is not allowed with trainer.parallel=fsdp"),
+    (dict(loss__rank_normalize="local"), "loss.rank_normalize=local is not allowed with loss=bce"),
+    (dict(data__sort_lengths=True), "data.sort_lengths=true is not allowed with data=default"),
 ])
 def test_processes_bad_input(overrides, needle):
     from runner.schema import validate
