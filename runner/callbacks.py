@@ -15,7 +15,11 @@ class PrepareRun(Callback):
     creates its output folder, and hands it to the task function, so bad input exits with one line
     on stderr, leaves no folder behind, and the run is built once. Sweep jobs prepare themselves
     instead, so that a bad combination becomes that job's error row and the other jobs still run.
+    The prepared run reaches the task function (runner.cli.Command) as its job starts.
     """
+
+    def __init__(self):
+        self.prepared = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from runner import cli
@@ -27,10 +31,15 @@ class PrepareRun(Callback):
                 _resume_in_place(config, resume)
             else:
                 _refuse_existing_run(Path(str(config.hydra.run.dir)))
-            cli.hand_over(cli.prepare(config, config.hydra))
+            self.prepared = cli.prepare(config, config.hydra)
         except ConfigError as exc:
             cli.report_bad_input(exc)
             sys.exit(2)
+
+    def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
+        if self.prepared is not None and hasattr(task_function, "take"):
+            task_function.take(self.prepared)
+            self.prepared = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from runner import record
@@ -94,7 +103,7 @@ class SweepComparison(Callback):
             print(f"warning: {record.COMPARISON} not updated: {exc}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner import cli
+        from runner.cli import Exit
         from runner.compare import summarise_sweep
 
-        cli.EXIT_CODE = summarise_sweep(Path(config.hydra.sweep.dir))
+        raise Exit(summarise_sweep(Path(config.hydra.sweep.dir)))  # the sweep's exit code, to runner.cli.entry

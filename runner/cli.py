@@ -39,11 +39,16 @@ def _conf_dir() -> Path:
 
 
 CONF_DIR = _conf_dir()
-# Hydra's own report of an exception it caught (a composition error: an unknown option, a wrong
-# type) ends in exit 1; bad input exits 2 here, so `entry` maps it. Our own code never exits 1
-# through sys.exit: the outcome's code is kept here and returned by `entry`.
-EXIT_CODE = 0
 schema.register()
+
+
+class Exit(BaseException):
+    """A sweep's exit code, raised from its last callback past Hydra (which catches Exception and
+    exits 1 itself: bad input exits 2 here, so `entry` maps Hydra's 1; ours never use it)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
@@ -185,15 +190,6 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
                     summary, resume, run_dir)
 
 
-# The single run's preparation, handed from the PrepareRun callback to the task function.
-_prepared: Optional[Prepared] = None
-
-
-def hand_over(prepared: Prepared) -> None:
-    global _prepared
-    _prepared = prepared
-
-
 def exit_code(status: str, signum: Optional[int]) -> int:
     if status == "interrupted" and signum is not None:
         return 128 + signum
@@ -244,24 +240,44 @@ def print_summary(summary: Summary, multirun: bool) -> None:
         console.print(flow)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    global EXIT_CODE, _prepared
+class Command:
+    """The task function `python -m runner` hands Hydra: one run, or one job of a sweep.
+
+    A single run arrives prepared: the PrepareRun callback prepared it before Hydra created its
+    folder and hands it over (`take`) as the job starts. A sweep's job prepares itself, and bad
+    input is its recorded result. The single run's exit code is kept here for `entry`."""
+
+    def __init__(self):
+        self.prepared: Optional[Prepared] = None
+        self.exit_code = 0
+
+    def take(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+
+    def __call__(self, cfg: DictConfig) -> None:
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:
+            run_dir = Path(hc.runtime.output_dir)
+            try:
+                prepared = prepare(cfg, hc)
+            except ConfigError as exc:
+                report_bad_input(exc)
+                record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
+                                                      run_dir=str(run_dir.resolve())))
+                self.exit_code = 2 if not multirun else self.exit_code
+                return
+        code = run_prepared(prepared, hc, multirun)
+        if code is not None:
+            self.exit_code = code
+
+
+def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
+    """Train what was prepared, print its outcome; the exit code of a single run (None in a sweep)."""
     from runner.train import run
 
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
-    prepared, _prepared = _prepared, None
-    if prepared is None:  # a sweep's job: it prepares itself, and bad input is its recorded result
-        try:
-            prepared = prepare(cfg, hc)
-        except ConfigError as exc:
-            report_bad_input(exc)
-            record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
-                                                  run_dir=str(run_dir.resolve())))
-            EXIT_CODE = 2 if not multirun else EXIT_CODE
-            return
     training = prepared.training
     for warning in training.strategy.ignored_switches(training.config.backward):
         print(f"warning: {warning}", file=sys.stderr)
@@ -282,15 +298,13 @@ def main(cfg: DictConfig) -> None:
             outcome = run(training, target, prepared.summary, resume=prepared.resume)
     except ConfigError as exc:  # a checkpoint that does not fit the folder it is resumed in
         report_bad_input(exc)
-        EXIT_CODE = 2
-        return
+        return 2
     if outcome.status == "error" and not multirun:
         print(f"error: {outcome.summary.error}", file=sys.stderr)
     print_summary(outcome.summary, multirun)
     if multirun and outcome.status == "interrupted" and in_process_launcher(hc):
         stop_sweep(run_dir, exit_code(outcome.status, outcome.signum))
-    if not multirun:
-        EXIT_CODE = exit_code(outcome.status, outcome.signum)
+    return None if multirun else exit_code(outcome.status, outcome.signum)
 
 
 def run_ranks(count: int, hc, run_dir: Path, known: Summary):
@@ -324,7 +338,7 @@ def stop_sweep(run_dir: Path, code: int) -> None:
     append_job_row(sweep_dir, run_dir)
     summarise_sweep(sweep_dir)
     print(f"sweep stopped: {run_dir.name} was interrupted; the jobs after it did not run", file=sys.stderr)
-    sys.exit(code)
+    raise Exit(code)
 
 
 def entry() -> None:
@@ -334,8 +348,11 @@ def entry() -> None:
     sys.argv = sys.argv[:1] + argv
     if processes.quiet():
         sys.stdout = open(os.devnull, "w")
+    command = Command()
     try:
-        main()
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(command)()
+    except Exit as exc:  # a sweep's verdict, or a sweep stopped by a signal
+        command.exit_code = exc.code
     except SystemExit as exc:
         # Hydra reports an exception it caught (a composition error) with exit 1; ours never use 1.
         sys.exit(2 if exc.code == 1 else exc.code)
@@ -344,4 +361,4 @@ def entry() -> None:
         from runner.parallel import leave
 
         leave()
-    sys.exit(EXIT_CODE)
+    sys.exit(command.exit_code)

@@ -5,8 +5,8 @@ list, so each group option (conf/model/*.yaml, ...) merges into a typed node: a 
 unknown enum value fails during composition with Hydra's message naming the key. Range checks
 that types cannot express live in `validate()`, which runs before anything is written.
 
-`backward.*` is not declared here: it is `name` plus the options every strategy declares with
-itself (runner.strategies), so a new strategy with a new option is one class and one YAML file.
+`backward.*` is not declared here: it is `name` plus the options each strategy reads, declared in
+runner.backward_options, so the config side never imports the training code.
 
 Each key declares its role once, as field metadata (see `Role`); resume, checkpoints and the
 comparison read the roles instead of keeping their own lists of keys.
@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.strategies import STRATEGIES, PassOptions
+from runner.backward_options import OPTIONS, PassOptions
 
 
 class Role(str, Enum):
@@ -155,9 +155,9 @@ class LossConf:
 def _backward_conf() -> type:
     """backward.*: `name`, the union of the options every registered strategy declares (two
     strategies that read one key must declare it alike), and the options of every strategy's
-    passes (runner.strategies.PassOptions)."""
+    passes (runner.backward_options)."""
     declared: Dict[str, Tuple[str, Any, Any]] = {}
-    for name, options in [(s.name, s.Options) for s in STRATEGIES.values()] + [("*", PassOptions)]:
+    for name, options in list(OPTIONS.items()) + [("*", PassOptions)]:
         hints = typing.get_type_hints(options)
         for f in fields(options):
             spec = (f.name, hints[f.name], f.default)

@@ -1,8 +1,9 @@
 """Backward strategies: the only code that calls backward() or optimizer.step().
 
-A strategy is one small class registered by name, declaring the backward.* options it reads as
-its own `Options` dataclass (the config schema is built from them); adding one, with new options
-or not, is a class here plus a YAML file in conf/backward/. `step()` runs one optimizer step on
+A strategy is one small class registered by name; the backward.* options it reads are its
+`Options`, declared by its name in runner.backward_options (the config schema is built from
+them without importing this module); adding one is a class here, its options entry there, and a
+YAML file in conf/backward/. `step()` runs one optimizer step on
 one batch and returns detached tensors only (no .item(): on a GPU the loop reads them back in
 batches, never once per step). What a strategy needs from a model or a loss beyond
 `model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
@@ -17,48 +18,14 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_c
 import torch
 from torch import nn
 
+from runner.backward_options import (OPTIONS, AccumulateOptions, ChainedOptions, MicroBatchOptions, NoOptions,
+                                     PartialWindow, PassOptions, Scale, SeparateOptions, option_defaults,
+                                     readers_by_option, readers_of)
 from runner.data import micro_batches
 from runner.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
 from runner.parallel import Single
 from runner.precision import FirstGradient, Precision
 from runner.record import TOKENS_COLUMN
-
-
-class Scale(str, Enum):
-    size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
-    mean = "mean"  # divide by the number of micro-batches, as common frameworks do
-
-
-class PartialWindow(str, Enum):
-    """Loader mode: an epoch's last window may hold fewer than backward.accumulation micro-batches."""
-
-    exact = "exact"  # weight by what the window holds (examples, or tokens for loss=lm)
-    k = "k"  # divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)
-    drop = "drop"  # skip it: the next epoch starts
-
-
-class GradAccumDType(str, Enum):
-    """Where micro-batch gradients add up when parameters are bf16 (trainer.dtype=bfloat16)."""
-
-    param = "param"  # in .grad, in the parameters' dtype (bf16 rounding at every addition)
-    float32 = "float32"  # in a float32 buffer, copied back into .grad before the step
-
-
-class Sync(str, Enum):
-    """With several processes (trainer.processes > 1): which micro-batch's backward synchronises
-    the gradients across ranks (runner.parallel)."""
-
-    last = "last"  # the last: the others add up locally (one round per step)
-    every = "every"  # each one: the same gradient, k rounds of traffic per step
-    first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
-
-
-@dataclass
-class PassOptions:
-    """backward.* keys every strategy reads: how its passes run (runner.precision, runner.recompute)."""
-
-    grad_accum_dtype: GradAccumDType = GradAccumDType.param
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
@@ -126,9 +93,7 @@ class Strategy:
     # A one-line hint shown with an error this strategy is known to provoke.
     hint = ""
 
-    @dataclass
-    class Options:
-        """The backward.* keys this strategy reads (besides backward.name)."""
+    Options = NoOptions  # the backward.* keys this strategy reads (runner.backward_options)
 
     # True where a strategy backwards each micro-batch by itself (clip_every=micro_batch clips between them).
     backward_per_micro_batch = False
@@ -222,26 +187,11 @@ STRATEGIES: Dict[str, Callable[..., Strategy]] = {}
 
 
 def register(cls):
+    """A strategy by its name; it reads the backward.* options declared for that name."""
+    if cls.Options is not OPTIONS.get(cls.name):
+        raise TypeError(f"backward={cls.name}: declare its options in runner.backward_options.OPTIONS")
     STRATEGIES[cls.name] = cls
     return cls
-
-
-def readers_by_option() -> Dict[str, List[str]]:
-    """backward.* option -> the strategies that read it (from their declared Options)."""
-    readers: Dict[str, List[str]] = {}
-    for name, cls in STRATEGIES.items():
-        for f in fields(cls.Options):
-            readers.setdefault(f.name, []).append(name)
-    return readers
-
-
-def readers_of(option: str) -> List[str]:
-    return readers_by_option().get(option, [])
-
-
-def option_defaults() -> Dict[str, object]:
-    """backward.* option -> its declared default (the strategies declare each alike)."""
-    return {f.name: f.default for cls in STRATEGIES.values() for f in fields(cls.Options)}
 
 
 @register
@@ -276,11 +226,7 @@ class Scored:
 class MicroBatched(Strategy):
     """Shared by the strategies that split the batch into `backward.accumulation` micro-batches."""
 
-    @dataclass
-    class Options:
-        accumulation: int = 1  # micro-batches per optimizer step
-        scale: Scale = Scale.size
-        partial_window: PartialWindow = PartialWindow.exact  # loader mode: an epoch's short last window
+    Options = MicroBatchOptions
 
     @property
     def accumulation(self) -> int:
@@ -353,9 +299,7 @@ class Accumulate(MicroBatched):
     name = "accumulate"
     backward_per_micro_batch = True
 
-    @dataclass
-    class Options(MicroBatched.Options):
-        sync: Sync = Sync.last  # several processes: the micro-batch whose backward synchronises (see Sync)
+    Options = AccumulateOptions
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
@@ -397,10 +341,7 @@ class Separate(Strategy):
             "all task backwards (backward.step_per_task=false), re-run the forward after each step "
             "(backward.reforward=true), or backward the summed loss")
 
-    @dataclass
-    class Options:
-        step_per_task: bool = False  # step the optimizer after each task's backward
-        reforward: bool = False  # run the forward again after each step (so also step per task)
+    Options = SeparateOptions
 
     def check(self, model, loss_fn, batch_size: int) -> None:
         if not offers(loss_fn, MultiPartLoss):
@@ -450,9 +391,7 @@ class Chained(Strategy):
     retain_graph = False
     detach = False
 
-    @dataclass
-    class Options:
-        joint: bool = False  # the stage-2 optimizer owns both stages' parameters
+    Options = ChainedOptions
 
     def check(self, model, loss_fn, batch_size: int) -> None:
         if not isinstance(model, TwoStageModel):

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import torch
 
+# One torch thread per test process, and for the runs it starts: two test workers at torch's
+# default threads on 2 cores spin-wait on each other (a step runs 3x slower, much worse under load).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 from runner.build import build_training
 from runner.record import Summary
 from runner.schema import GROUPS, Config

@@ -5,7 +5,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from runner import record, schema
-from runner.strategies import STRATEGIES, PassOptions, readers_by_option
+from runner.backward_options import PassOptions, readers_by_option
+from runner.strategies import STRATEGIES
 
 PACKAGE = Path(record.__file__).parent
 MODULES = {p.stem: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
@@ -94,6 +95,18 @@ def test_backward_options_are_the_strategies_own():
     total = STRATEGIES["sum"](STRATEGIES["sum"].Options())
     assert total.ignored_switches(schema.BackwardConf(name="sum", sync="first")) == [
         "backward.sync=first is ignored by backward=sum: it applies to backward=accumulate"]
+
+
+def test_reading_runs_imports_no_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, runner.compare, runner.report, runner.claims, runner.runs, runner.schema; "
+            "print(sorted(m for m in sys.modules if m.startswith('runner')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout
+    for training in ("strategies", "build", "train", "models", "losses", "data", "parallel", "precision"):
+        assert f"'runner.{training}'" not in loaded, loaded
 
 
 def test_strategies_and_the_loop_do_not_know_which_parallel_unit_they_hold():

@@ -11,7 +11,7 @@ from runner.build import build_training
 from runner.claims import evaluate_claim
 from runner.runs import find_oracle, grad_rel_diff, load_run
 from runner.schema import Autocast, ConfigError, DType, validate
-from runner.strategies import GradAccumDType
+from runner.backward_options import GradAccumDType
 from runner.train import run
 
 from tests.conftest import make_config, train

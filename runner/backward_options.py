@@ -1,0 +1,104 @@
+"""backward.* keys: the options each strategy reads, declared apart from the training code so that
+the config side (runner.schema) and the analysis side read them without importing torch's models.
+
+A strategy (runner.strategies) names its options class here by its own name in OPTIONS; the
+config schema's `backward` node is the union of them all plus PassOptions, which every strategy
+reads. Adding a strategy is its class, its entry here, and its YAML file in conf/backward/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Dict, List
+
+
+class Scale(str, Enum):
+    size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
+    mean = "mean"  # divide by the number of micro-batches, as common frameworks do
+
+
+class PartialWindow(str, Enum):
+    """Loader mode: an epoch's last window may hold fewer than backward.accumulation micro-batches."""
+
+    exact = "exact"  # weight by what the window holds (examples, or tokens for loss=lm)
+    k = "k"  # divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)
+    drop = "drop"  # skip it: the next epoch starts
+
+
+class GradAccumDType(str, Enum):
+    """Where micro-batch gradients add up when parameters are bf16 (trainer.dtype=bfloat16)."""
+
+    param = "param"  # in .grad, in the parameters' dtype (bf16 rounding at every addition)
+    float32 = "float32"  # in a float32 buffer, copied back into .grad before the step
+
+
+class Sync(str, Enum):
+    """With several processes (trainer.processes > 1): which micro-batch's backward synchronises
+    the gradients across ranks (runner.parallel)."""
+
+    last = "last"  # the last: the others add up locally (one round per step)
+    every = "every"  # each one: the same gradient, k rounds of traffic per step
+    first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
+
+
+@dataclass
+class PassOptions:
+    """backward.* keys every strategy reads: how its passes run (runner.precision, runner.recompute)."""
+
+    grad_accum_dtype: GradAccumDType = GradAccumDType.param
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+
+
+@dataclass
+class NoOptions:
+    """A strategy that reads no backward.* key besides backward.name (full)."""
+
+
+@dataclass
+class MicroBatchOptions:
+    """The strategies that split the batch into backward.accumulation micro-batches."""
+
+    accumulation: int = 1  # micro-batches per optimizer step
+    scale: Scale = Scale.size
+    partial_window: PartialWindow = PartialWindow.exact  # loader mode: an epoch's short last window
+
+
+@dataclass
+class AccumulateOptions(MicroBatchOptions):
+    sync: Sync = Sync.last  # several processes: the micro-batch whose backward synchronises (see Sync)
+
+
+@dataclass
+class SeparateOptions:
+    step_per_task: bool = False  # step the optimizer after each task's backward
+    reforward: bool = False  # run the forward again after each step (so also step per task)
+
+
+@dataclass
+class ChainedOptions:
+    joint: bool = False  # the stage-2 optimizer owns both stages' parameters
+
+
+# backward.name -> the options that strategy reads.
+OPTIONS: Dict[str, type] = {
+    "full": NoOptions, "sum": MicroBatchOptions, "accumulate": AccumulateOptions, "separate": SeparateOptions,
+    "naive": ChainedOptions, "retain_graph": ChainedOptions, "detach": ChainedOptions,
+}
+
+
+def readers_by_option() -> Dict[str, List[str]]:
+    """backward.* option -> the strategies that read it."""
+    readers: Dict[str, List[str]] = {}
+    for name, options in OPTIONS.items():
+        for f in fields(options):
+            readers.setdefault(f.name, []).append(name)
+    return readers
+
+
+def readers_of(option: str) -> List[str]:
+    return readers_by_option().get(option, [])
+
+
+def option_defaults() -> Dict[str, object]:
+    """backward.* option -> its declared default (the strategies declare each alike)."""
+    return {f.name: f.default for options in OPTIONS.values() for f in fields(options)}
