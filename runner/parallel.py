@@ -29,11 +29,7 @@ import torch
 from torch import nn
 
 from runner.processes import local_rank
-from runner.record import TOKENS_COLUMN
-
-# Per-step columns that count over the batch: the ranks' counts add up.
-ADDITIVE_COLUMNS = (TOKENS_COLUMN,)
-SYNC_POLICIES = ("last", "every", "first")
+from runner.record import ADDITIVE_COLUMNS
 
 
 def synced(policy: str, index: int, count: int) -> bool:

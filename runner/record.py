@@ -42,6 +42,24 @@ TOKENS_COLUMN = "tokens"  # loss=lm: the scored (non-ignored) tokens of the step
 GRAD_SCALE_COLUMN = "grad_scale"  # trainer.autocast=fp16: the loss scale this step's backwards used
 STEP_SKIPPED_COLUMN = "step_skipped"  # trainer.autocast=fp16: 1 where GradScaler skipped the step (overflow)
 INTEGER_COLUMNS = (TOKENS_COLUMN, STEP_SKIPPED_COLUMN)  # counts, written as integers
+ADDITIVE_COLUMNS = (TOKENS_COLUMN,)  # counts over the batch: several ranks' counts add up
+LOSS_PART_PREFIX = "loss_"  # loss_<name>: each named part of a multi-part loss
+GRAD_COS_PREFIX = "grad_cos_"  # grad_cos_<a>_<b>: backward=separate, two tasks' gradient cosine on the trunk
+METRICS_COLUMNS = (*BASE_COLUMNS, MEMORY_COLUMN, *LOADER_COLUMNS, LR_COLUMN, TOKENS_COLUMN, GRAD_SCALE_COLUMN,
+                   STEP_SKIPPED_COLUMN)
+
+
+def loss_part_column(part: str) -> str:
+    return LOSS_PART_PREFIX + part
+
+
+def grad_cos_column(a: str, b: str) -> str:
+    return f"{GRAD_COS_PREFIX}{a}_{b}"
+
+
+def is_metrics_column(name: str) -> bool:
+    """Is `name` a metrics.csv column declared here (by name, or by its prefix)?"""
+    return name in METRICS_COLUMNS or name.startswith((LOSS_PART_PREFIX, GRAD_COS_PREFIX))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from runner.data import micro_batches
 from runner.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
 from runner.parallel import Single
 from runner.precision import FirstGradient, Precision
-from runner.record import TOKENS_COLUMN
+from runner.record import TOKENS_COLUMN, grad_cos_column
 
 
 @dataclass
@@ -378,7 +378,7 @@ class Separate(Strategy):
         if shared:
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
-                    extras[f"grad_cos_{a}_{b}"] = cosine(task_grads[a], task_grads[b]).detach()
+                    extras[grad_cos_column(a, b)] = cosine(task_grads[a], task_grads[b]).detach()
         return StepResult(sum(values.values()), combined_norm(norms), values, extras)
 
 

@@ -14,7 +14,6 @@ to an exit code is the command line's business (runner.cli).
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from runner.evaluate import evaluate
 from runner.memory import SavedTensorsMeter
 from runner.record import Summary
 from runner.schema import ConfigError, plain
+from runner.sinks import MetricsFile, Progress
 from runner.steplog import StepLog
 
 
@@ -64,31 +64,6 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class ProgressBar:
-    """A rich progress bar on a terminal; a no-op otherwise (rich is only imported then)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
-            self.task = self.bar.add_task("training", total=total, completed=start)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def update(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
@@ -150,11 +125,12 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
         + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
     parallel, precision = t.parallel, t.precision
-    log = StepLog(t.model, run_dir, append, extra_columns=host_columns, param_sums=parallel.param_sums)
+    metrics = MetricsFile(run_dir, append, host_columns)
+    log = StepLog(t.model, [metrics, Progress(trainer.progress, trainer.steps, start)], parallel.param_sums)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
-    with StopOnSignal() as stop, ProgressBar(trainer.progress, trainer.steps, start) as bar:
+    with StopOnSignal() as stop:
         try:
             for step in range(start, trainer.steps):
                 window = t.batches.window(step)
@@ -175,7 +151,6 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                     host[record.MEMORY_COLUMN] = meter.peak
                 log.add(step, result, time.perf_counter() - started, host)
                 done = step + 1
-                bar.update(done)
                 checkpoint_due = trainer.checkpoint_every and done % trainer.checkpoint_every == 0 \
                     and done < trainer.steps
                 if done % log_every == 0 or done == trainer.steps or stop.signum or checkpoint_due:
@@ -185,7 +160,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                         break
                     summary.steps_done = done
                     if checkpoint_due:
-                        checkpoint.save(run_dir, t, done, log.position(), time.perf_counter() - started)
+                        checkpoint.save(run_dir, t, done, metrics.position(), time.perf_counter() - started)
                 if stop.signum is not None:
                     summary.status = "interrupted"
                     summary.error = f"stopped by {signal.Signals(stop.signum).name} after step {done}"

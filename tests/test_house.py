@@ -123,3 +123,21 @@ def test_key_roles_are_declared_once_on_the_schema():
     ignored = schema.ignored_by_comparison()
     assert {"claims", "trainer.progress", "trainer.threads", "trainer.resume"} <= set(ignored)
     assert not {"trainer.steps", "trainer.device", "trainer.dtype", "backward.scale"} & set(ignored)
+
+
+def test_every_metrics_column_is_declared_in_record(tmp_path):
+    """One recording seam: the columns that reach metrics.csv are record.py's, by name or prefix."""
+    import pandas as pd
+
+    from tests.conftest import train
+
+    runs = [dict(model__name="multitask", loss__name="multitask", backward__name="separate"),
+            dict(model__name="seq", data__name="seq", loss__name="lm", model__vocab=8, data__max_length=8,
+                 backward__name="accumulate", backward__accumulation=2, optim__scheduler="linear"),
+            dict(data__micro_batch_size=8, backward__name="accumulate", backward__accumulation=2)]
+    for overrides in runs:
+        _, _, run_dir = train(tmp_path, trainer__steps=2, data__train_size=64, data__eval_size=16, **overrides)
+        columns = list(pd.read_csv(run_dir / record.METRICS).columns)
+        assert all(record.is_metrics_column(c) for c in columns), columns
+        assert any(c.startswith((record.LOSS_PART_PREFIX, record.GRAD_COS_PREFIX)) or c in record.LOADER_COLUMNS
+                   or c == record.TOKENS_COLUMN for c in columns), columns
