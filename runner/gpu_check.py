@@ -86,6 +86,14 @@ def read_rows(sweep_dir: Path) -> List[Dict[str, Any]]:
     return table[columns].astype(object).where(table[columns].notna(), None).to_dict("records")
 
 
+# Sweeps that start two ranks: nccl needs a GPU per rank, so on one GPU they run on the CPU (gloo).
+TWO_RANK_EXPERIMENTS = ("ddp", "fsdp", "ranks_tokens")
+
+
+def device_for(name: str, gpus: int) -> str:
+    return "cuda" if name not in TWO_RANK_EXPERIMENTS or gpus >= 2 else "cpu"
+
+
 def run_experiment(name: str, out: Path, timeout: float, device: str = "cuda") -> Step:
     if not resources.files("runner.experiments").joinpath(f"{name}.yaml").is_file():
         return Step(name, note=f"no experiments/{name}.yaml here: skipped", required=False)
@@ -94,8 +102,10 @@ def run_experiment(name: str, out: Path, timeout: float, device: str = "cuda") -
     rc, wall, text = run_logged(cmd, out / f"{name}.log", timeout)
     claims = [line.strip() for line in text.splitlines()
               if line.strip().startswith(("holds", "FAILS")) or "claim" in line.lower()]
-    return Step(name, rc, wall, "" if rc is not None else f"timed out after {timeout:.0f} s",
-                rows=read_rows(out / name), claims=claims)
+    note = "" if rc is not None else f"timed out after {timeout:.0f} s"
+    if device != "cuda":
+        note = (note + "; " if note else "") + "two ranks on one GPU: ran on the CPU (gloo)"
+    return Step(name, rc, wall, note, rows=read_rows(out / name), claims=claims)
 
 
 def _cell(value: Any) -> str:
@@ -155,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     experiments = []
     for name in filter(None, args.experiments.split(",")):
         left = deadline - time.monotonic()
-        step = (run_experiment(name, out, min(args.timeout, left)) if left >= MIN_SLOT_S else
+        device = device_for(name, torch.cuda.device_count())
+        step = (run_experiment(name, out, min(args.timeout, left), device) if left >= MIN_SLOT_S else
                 Step(name, note=f"skipped: {max(left, 0):.0f} s left of the {args.budget:.0f} s budget"))
         print(f"gpu-check: {name}: exit {step.rc}, {step.wall_s:.0f} s {step.note}".rstrip(), flush=True)
         experiments.append(step)

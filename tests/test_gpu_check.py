@@ -110,3 +110,10 @@ def test_a_step_that_runs_over_is_killed_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the grandchild {pid} outlived the timeout")
+
+
+def test_two_rank_experiments_run_on_the_cpu_with_one_gpu():
+    from runner.gpu_check import device_for
+
+    assert device_for("fsdp", gpus=1) == "cpu" and device_for("fsdp", gpus=2) == "cuda"
+    assert device_for("precision", gpus=1) == "cuda"
