@@ -16,7 +16,10 @@ Rounds are counted by a reduce-scatter that counts its calls (FSDPModule.set_cus
 one round is one reduce-scatter per sharded block. Gradient bytes are what this rank holds after
 each micro-batch of the first optimizer step: sharded gradients plus unsharded ones kept for later.
 Mixed precision: with bf16 parameters (trainer.dtype=bfloat16) the blocks compute in bf16 and
-reduce in float32 (MixedPrecisionPolicy), as FSDP2 intends.
+reduce in float32 (MixedPrecisionPolicy), as FSDP2 intends. There, a parameter that sits out a
+deferred micro-batch (first used on the last one) crashes FSDP2 itself in torch 2.13 (pytorch
+#196996; the AttributeError of never-gathered parameters, pytorch PR #194058): the run records the
+error with that reference as its hint.
 """
 from __future__ import annotations
 
@@ -106,6 +109,14 @@ class FSDP(Ranks):
 
     def full(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {name: self.plain(t) for name, t in tensors.items()}
+
+    def hint(self, error: BaseException) -> Optional[str]:
+        text = str(error)
+        if "_unsharded_param" in text or "uniform gradient dtype" in text:
+            return ("a known FSDP2 bug: a parameter that sits out a micro-batch under a bf16 MixedPrecisionPolicy "
+                    "with deferred gradient sync (pytorch #196996, PR #194058); use backward.sync=every or "
+                    "float32 parameters")
+        return None
 
     def figures(self, steps: int) -> Dict[str, object]:
         rounds: Optional[float] = self.calls[0] / len(self.sharded) / steps if steps > 0 and self.sharded else None

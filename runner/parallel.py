@@ -92,6 +92,10 @@ class Single:
     def agree(self, sha256: Optional[str]) -> Optional[bool]:
         return None
 
+    def hint(self, error: BaseException) -> Optional[str]:
+        """A known cause of `error` in this engine, in a line, or None."""
+        return None
+
 
 class Ranks(Single):
     """What DDP and FSDP share: joining the ranks, sharding a batch, weighting, gathering."""

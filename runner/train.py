@@ -170,7 +170,8 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
         except Exception as exc:  # a strategy's failure is a result, recorded with its message
             log.flush()
             summary.status, summary.steps_done = "error", step
-            summary.error, summary.hint = f"{type(exc).__name__}: {first_line(exc)}", t.strategy.hint or None
+            summary.error = f"{type(exc).__name__}: {first_line(exc)}"
+            summary.hint = t.parallel.hint(exc) or t.strategy.hint or None
         finally:
             log.close()
     ran = summary.steps_done - start

@@ -100,6 +100,18 @@ def test_two_processes_fsdp_records_full_tensors(tmp_path):
     assert abs(mine["grad_norm"] - theirs["grad_norm"]).max() < 1e-5
 
 
+def test_two_processes_fsdp_bf16_with_a_late_parameter_is_recorded_with_its_reference(tmp_path):
+    """A parameter first used on the last micro-batch, sync deferred, bf16 policy: FSDP2 itself
+    fails (pytorch #196996); the run is status=error with the reference as its hint."""
+    run_dir = tmp_path / "late"
+    result = run_cli("model=custom", "model._target_=tests.custom_models.LateParameter", "precision=pure_bf16",
+                     "trainer.processes=2", "trainer.parallel=fsdp", "backward=accumulate", "backward.accumulation=4",
+                     "trainer.steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    summary = read_summary(run_dir)
+    assert result.returncode == 1 and summary["status"] == "error", result.stderr[-2000:]
+    assert "#196996" in summary["hint"] and "Traceback" not in result.stderr
+
+
 def test_processes_need_ranks_outside_the_command_line(tmp_path):
     training = build_training(make_config(trainer__processes=2, trainer__steps=1))
     with pytest.raises(ConfigError, match="trainer.processes=2 needs its ranks started"):
