@@ -9,7 +9,7 @@ the same conf/), then validates and builds through the command line's own `runne
 the same overrides build the same model, data and loss, bit for bit. `run` records into a folder as
 a command-line run does (summary.json with its choices, overrides and config; metrics.csv;
 params.pt), so runner.compare compares notebook runs with command-line runs. Bad input raises
-runner.schema.ConfigError with one line, Hydra's composition errors included.
+runner.config.schema.ConfigError with one line, Hydra's composition errors included.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from runner.build import Training
+from runner.config.schema import ConfigError
 from runner.record import Summary
-from runner.schema import ConfigError
+from runner.training.build import Training
 
 
 @dataclass
@@ -63,7 +63,7 @@ def compose(overrides: Sequence[str] = (), config_dir: Union[str, Path, None] = 
     from hydra import compose as hydra_compose
     from hydra.errors import HydraException
 
-    from runner import cli  # its import registers base_config (runner.schema.register)
+    from runner import cli  # its import registers base_config (runner.config.schema.register)
 
     overrides = list(overrides)
     folder = Path(config_dir).resolve() if config_dir is not None else cli.CONF_DIR
@@ -86,8 +86,8 @@ def run(training: Training, run_dir: Union[str, Path], summary: Optional[Summary
     """Train and record into run_dir as the command line does; returns the Outcome (status,
     summary). A composed training's choices, overrides and config are recorded (a `summary`
     given here wins); a Training built by hand records its config and its groups' names."""
-    from runner.schema import GROUPS
-    from runner.train import run as train_run
+    from runner.config.schema import GROUPS
+    from runner.training.train import run as train_run
 
     if summary is None:
         if isinstance(training, Composed):

@@ -35,10 +35,10 @@ from typing import Callable, Dict, List
 
 import torch
 
-from runner.build import build_training
 from runner import record
-from runner.schema import Config
-from runner.train import run
+from runner.config.schema import Config
+from runner.training.build import build_training
+from runner.training.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,7 +236,7 @@ MINIMAL_HYDRA_APP = textwrap.dedent('''
 # without the runner's sweep callback: what Hydra itself spends per job on this config.
 SAME_CONFIG_HYDRA_APP = textwrap.dedent('''
     import hydra, torch
-    from runner import schema
+    from runner.config import schema
     schema.register()
     @hydra.main(version_base="1.3", config_path=%r, config_name="config")
     def app(cfg):
@@ -288,9 +288,9 @@ def bench_cold_start(rows: List[Dict], repeats: int, workdir: Path) -> None:
 
 
 def bench_probe(rows: List[Dict], repeats: int, device: str) -> None:
-    """What the coupling probe (runner.checks.probe_coupling) adds to start-up, against one
+    """What the coupling probe (runner.training.checks.probe_coupling) adds to start-up, against one
     forward and backward of the run's own batch; on the plain models and with BatchNorm."""
-    from runner.checks import probe_coupling
+    from runner.training.checks import probe_coupling
 
     for model in ("mlp", "cnn"):
         for batchnorm in (False, True):

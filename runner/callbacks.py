@@ -23,7 +23,7 @@ class PrepareRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from runner import cli
-        from runner.schema import ConfigError
+        from runner.config.schema import ConfigError
 
         try:
             resume = config.trainer.resume
@@ -59,7 +59,7 @@ class PrepareRun(Callback):
 def _refuse_existing_run(run_dir: Path) -> None:
     """Outputs are never overwritten: a run directory that holds a run is refused."""
     from runner import record
-    from runner.schema import ConfigError
+    from runner.config.schema import ConfigError
 
     if record.holds_a_run(run_dir):
         raise ConfigError(f"hydra.run.dir={run_dir} already holds a run: choose another directory, "
@@ -69,8 +69,9 @@ def _refuse_existing_run(run_dir: Path) -> None:
 def _resume_in_place(config: DictConfig, resume: str) -> None:
     """A resumed run continues in its own directory: point Hydra there (before it creates any
     folder) and keep the run's original .hydra/ record untouched."""
-    from runner import processes, record
-    from runner.schema import ConfigError
+    from runner import record
+    from runner.config.schema import ConfigError
+    from runner.execution import processes
 
     run_dir = Path(resume).resolve()
     if not record.checkpoint_path(run_dir).exists():

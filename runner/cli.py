@@ -23,10 +23,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import processes, record, schema
+from runner import record
+from runner.analysis.runs import flatten
+from runner.config import schema
+from runner.config.schema import GROUPS, Config, ConfigError, LossConf, ModelConf, OptimConf
+from runner.execution import processes
 from runner.record import Summary
-from runner.runs import flatten
-from runner.schema import GROUPS, Config, ConfigError, LossConf, ModelConf, OptimConf
 
 
 def _conf_dir() -> Path:
@@ -137,7 +139,7 @@ def parallel_job_threads(hydra_node) -> int:
 class Prepared:
     """One run, validated and built: what the task function runs."""
 
-    training: Any  # runner.build.Training
+    training: Any  # runner.training.build.Training
     summary: Summary  # what is known before training: choices, overrides, config
     resume: Optional[Dict[str, Any]] = None  # the loaded checkpoint of a resumed run
     run_dir: Optional[Path] = None  # a resumed run's own folder
@@ -158,8 +160,8 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
     Raises ConfigError (bad input, the user's code raising included)."""
     import torch
 
-    from runner import checkpoint
-    from runner.build import build_training
+    from runner.training import checkpoint
+    from runner.training.build import build_training
 
     summary = origin(cfg, hydra_node)
     choices = summary.choices
@@ -275,7 +277,7 @@ class Command:
 
 def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
     """Train what was prepared, print its outcome; the exit code of a single run (None in a sweep)."""
-    from runner.train import run
+    from runner.training.train import run
 
     run_dir = Path(hc.runtime.output_dir)
     training = prepared.training
@@ -308,10 +310,10 @@ def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
 
 
 def run_ranks(count: int, hc, run_dir: Path, known: Summary):
-    """trainer.processes=N: the same command as N ranks (runner.processes.launch), recording into
+    """trainer.processes=N: the same command as N ranks (runner.execution.processes.launch), recording into
     run_dir; the outcome is what rank 0 recorded. A rank that dies (a signal, an exit code other
     than a run's own 0 or 1) fails the run with one line, and its summary says so."""
-    from runner.train import Outcome
+    from runner.training.train import Outcome
 
     launched = processes.launch(count, list(hc.overrides.task), run_dir)
     summary = record.read_summary(run_dir) if record.has_summary(run_dir) else \
@@ -358,7 +360,7 @@ def entry() -> None:
         sys.exit(2 if exc.code == 1 else exc.code)
     finally:
         processes.remove_folder(throwaway)
-        from runner.parallel import leave
+        from runner.execution.parallel import leave
 
         leave()
     sys.exit(command.exit_code)

@@ -4,7 +4,7 @@
                              [--format table|markdown|csv] [--claims FILE.yaml]
 
 PATH is a run directory, a sweep directory or any folder above them. Reads only what
-runner.record wrote, through runner.runs. Exit 0 when every claim holds (and every run that is
+runner.record wrote, through runner.analysis.runs. Exit 0 when every claim holds (and every run that is
 not claimed to fail finished), 1 otherwise, 2 for bad paths.
 """
 from __future__ import annotations
@@ -17,9 +17,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner import record
-from runner.claims import ClaimResult, SweepVerdicts, sweep_verdicts
-from runner.runs import (DTYPE_KEY, ORACLE_DTYPE, Run, compare_to, find_oracle, find_runs, parse_selector,
-                         pick_reference, varying_keys)
+from runner.analysis.claims import ClaimResult, SweepVerdicts, sweep_verdicts
+from runner.analysis.runs import (
+    DTYPE_KEY,
+    ORACLE_DTYPE,
+    Run,
+    compare_to,
+    find_oracle,
+    find_runs,
+    parse_selector,
+    pick_reference,
+    varying_keys,
+)
 
 # Columns that are not config keys (in the order shown); the varying config keys come first.
 DISPLAY = list(record.SHOWN_COLUMNS)
@@ -279,7 +288,7 @@ def append_job_row(sweep_dir: Path, run_dir: Path) -> None:
 
 def summarise_sweep(sweep_dir: Path) -> int:
     """The end of a sweep: comparison.csv with verdicts, the table, the claims, loss_curves.png.
-    Returns the sweep's exit code (runner.claims.sweep_verdicts)."""
+    Returns the sweep's exit code (runner.analysis.claims.sweep_verdicts)."""
     runs = find_runs([sweep_dir])
     if not runs:
         return 0

@@ -71,6 +71,7 @@ def read_rows(sweep_dir: Path) -> List[Dict[str, Any]]:
     """comparison.csv reduced to the jobs' names and a few figure columns; the CUDA memory and
     all-reduce counts come from each job's summary, which the comparison does not carry."""
     import pandas as pd
+
     from runner import record
     path = sweep_dir / record.COMPARISON
     if not path.is_file():
@@ -134,7 +135,7 @@ def report(facts: Dict[str, str], tests: Step, experiments: List[Step]) -> str:
              f"- device: {facts['device']} (torch {facts['torch']}, CUDA {facts['cuda']})",
              f"- tests (`pytest -k \"{TESTS}\"`): {tests.line or 'no summary line'} "
              f"(exit {tests.rc}, {tests.wall_s:.0f} s{'; ' + tests.note if tests.note else ''})",
-             f"- result: {'everything ran and passed' if passed(tests, experiments) else 'NOT everything ran and passed'}",
+             f"- result: {'everything' if passed(tests, experiments) else 'NOT everything'} ran and passed",
              "", "| experiment | exit | wall s | jobs | note |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {s.name} | {_cell(s.rc)} | {s.wall_s:.0f} | {len(s.rows)} | {_cell(s.note)} |" for s in experiments]
     for s in experiments:

@@ -77,7 +77,7 @@ class Summary:
     param_sum: Optional[float] = None  # the sum of all parameters, as the accumulation answer prints it
     param_sha256: Optional[str] = None  # bit-exact hash of the parameters, in name order
     param_names: List[str] = field(default_factory=list)
-    peak_saved_bytes: Optional[int] = None  # the saved-tensor meter's peak (runner.memory)
+    peak_saved_bytes: Optional[int] = None  # the saved-tensor meter's peak (runner.execution.memory)
     cuda_max_memory_allocated: Optional[int] = None
     wall_s: Optional[float] = None
     time_per_step_s: Optional[float] = None
@@ -90,14 +90,14 @@ class Summary:
     # communication rounds per optimizer step the engine's own hook counted, and whether every rank
     # ended bit-identical.
     processes: int = 1
-    parallel: Optional[str] = None  # none | ddp | fsdp (runner.parallel)
+    parallel: Optional[str] = None  # none | ddp | fsdp (runner.execution.parallel)
     allreduce_calls_per_step: Optional[float] = None  # ddp
     reduce_scatter_calls_per_step: Optional[float] = None  # fsdp: rounds of a reduce-scatter per sharded block
     # ddp, fsdp: the most bytes of gradients one rank held after a micro-batch of the first step
     peak_grad_bytes: Optional[int] = None
     ranks_agree: Optional[bool] = None
     params_without_grad: List[str] = field(default_factory=list)
-    # The coupling probe (runner.checks): does an example's output depend on another example's
+    # The coupling probe (runner.training.checks): does an example's output depend on another example's
     # input (None: not tested), does the forward draw random numbers, and which modules do it.
     batch_coupled: Optional[bool] = None
     stochastic: Optional[bool] = None
@@ -106,7 +106,7 @@ class Summary:
     run_dir: Optional[str] = None
     resumed_from_step: Optional[int] = None
     diverged_at_step: Optional[int] = None
-    training_id: Optional[str] = None  # a hash of the keys that define the training (runner.checkpoint)
+    training_id: Optional[str] = None  # a hash of the keys that define the training (runner.training.checkpoint)
     gradient_flow: List[Dict[str, Any]] = field(default_factory=list)
     choices: Dict[str, Any] = field(default_factory=dict)  # group -> option (model=mlp, ...)
     overrides: List[str] = field(default_factory=list)  # as typed on the command line
@@ -294,7 +294,7 @@ def load_first_grad(run_dir: Path) -> Optional[Dict[str, torch.Tensor]]:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
-# ---- checkpoints (their content is runner.checkpoint's; the file is this module's) ---------------
+# ---- checkpoints (their content is runner.training.checkpoint's; the file is this module's) ---------------
 
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT

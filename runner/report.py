@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from runner import compare, record
-from runner.claims import sweep_verdicts
-from runner.runs import find_runs
+from runner.analysis.claims import sweep_verdicts
+from runner.analysis.runs import find_runs
 
 
 def machine() -> str:

@@ -16,10 +16,10 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from runner.build import build_training
+from runner.config.schema import GROUPS, Config
 from runner.record import Summary
-from runner.schema import GROUPS, Config
-from runner.train import run
+from runner.training.build import build_training
+from runner.training.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
@@ -45,7 +45,7 @@ def train(tmp_path: Path, loss_kwargs=None, **overrides):
     run_dir = tmp_path / f"run{next(_counter)}"
     run_dir.mkdir(parents=True)
     training = build_training(make_config(**overrides), loss_kwargs)
-    # The config and choices as the command line records them, so runner.runs can compare the runs.
+    # The config and choices as the command line records them, so runner.analysis.runs can compare the runs.
     choices = {group: getattr(training.config, group).name for group in GROUPS}
     outcome = run(training, run_dir, Summary(choices=choices, config=training.config_record()))
     params = {n: p.detach().clone() for n, p in training.model.named_parameters()}

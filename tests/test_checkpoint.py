@@ -4,9 +4,9 @@ import io
 import pytest
 import torch
 
-from runner import checkpoint
-from runner.build import build_training
-from runner.train import run
+from runner.training import checkpoint
+from runner.training.build import build_training
+from runner.training.train import run
 from tests.conftest import make_config, read_summary, run_cli
 
 

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from runner import claims as claim_checks, compare, record
+from runner import compare, record
+from runner.analysis import claims as claim_checks
+from runner.analysis.runs import find_runs, pick_reference
 from runner.record import Summary
-from runner.runs import find_runs, pick_reference
 from tests.conftest import train
 
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from runner import record
-from runner.checks import probe_coupling
-from runner.claims import evaluate_claims
+from runner.analysis.claims import evaluate_claims
+from runner.analysis.runs import compare_to, find_runs
 from runner.experiments.examples.tabular import TabularNet
 from runner.record import Summary
-from runner.runs import compare_to, find_runs
+from runner.training.checks import probe_coupling
 from tests.conftest import ROOT, read_summary, run_cli, train
 
 

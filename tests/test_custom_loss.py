@@ -35,7 +35,7 @@ def test_requires_grad_on_a_rewrapped_value_trains_nothing_and_is_refused(tmp_pa
     import torch
 
     from runner.experiments.custom_loss import RewrappedF1Loss
-    from runner.build import build_training
+    from runner.training.build import build_training
     from tests.conftest import make_config
 
     training = build_training(make_config(trainer__steps=3))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runner.evaluate import average_precision
+from runner.training.evaluate import average_precision
 
 
 def test_hand_computed_example():

@@ -4,7 +4,6 @@ import pytest
 import yaml
 
 from runner.report import build_report
-
 from tests.conftest import ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))

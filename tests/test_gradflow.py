@@ -4,8 +4,8 @@ import csv
 import pytest
 import torch
 
-from runner.gradflow import COLUMNS, gradient_flow
-from runner.build import build_training
+from runner.training.build import build_training
+from runner.training.gradflow import COLUMNS, gradient_flow
 from tests.conftest import make_config, run_cli, train
 
 MT = dict(model__name="multitask", loss__name="multitask")

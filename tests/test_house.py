@@ -4,12 +4,15 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from runner import record, schema
-from runner.backward_options import PassOptions, readers_by_option
-from runner.strategies import STRATEGIES
+from runner import record
+from runner.config import schema
+from runner.config.backward_options import PassOptions, readers_by_option
+from runner.training.strategies import STRATEGIES
 
 PACKAGE = Path(record.__file__).parent
-MODULES = {p.stem: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+# Every module by its dotted name under runner (config.schema, training.strategies, cli, ...).
+MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text())
+           for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and "conf" not in p.relative_to(PACKAGE).parts}
 
 
 def imported(tree: ast.Module):
@@ -18,13 +21,28 @@ def imported(tree: ast.Module):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
-            if node.module == "runner":
-                yield from (f"runner.{alias.name}" for alias in node.names)
+            # `from runner.training import checks` imports runner.training.checks
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def runner_modules(tree: ast.Module):
+    """The runner modules a module imports, by dotted name under runner."""
+    return {m[len("runner."):] for m in imported(tree) if m.startswith("runner.")} & set(MODULES)
+
+
+def test_the_folders_show_the_sides():
+    """Entry points and commands at the top; config, training, execution units and analysis in folders."""
+    sides = {name.split(".")[0] for name in MODULES if "." in name}
+    assert sides == {"config", "training", "execution", "analysis"}
+    top = {name for name in MODULES if "." not in name}
+    assert top == {"__main__", "cli", "callbacks", "api", "record", "compare", "report", "bench", "gpu_check"}
+    for name, tree in MODULES.items():  # the analysis side reads records, never the training code
+        if name.startswith("analysis.") or name in ("compare", "report"):
+            assert not {m for m in runner_modules(tree) if m.startswith(("training.", "execution."))}, name
 
 
 def test_runner_has_no_import_cycle():
-    graph = {name: {m.split(".")[1] for m in imported(tree) if m.startswith("runner.")} - {name}
-             for name, tree in MODULES.items()}
+    graph = {name: runner_modules(tree) - {name} for name, tree in MODULES.items()}
     done, path = set(), []
 
     def visit(name):
@@ -41,10 +59,10 @@ def test_runner_has_no_import_cycle():
         visit(name)
 
 
-def test_only_cli_api_schema_and_callbacks_import_hydra_or_omegaconf():
+def test_only_the_entry_points_and_the_schema_import_hydra_or_omegaconf():
     edge = {name for name, tree in MODULES.items()
             if any(m.split(".")[0] in ("hydra", "omegaconf") for m in imported(tree))}
-    assert edge <= {"cli", "api", "schema", "callbacks"}, edge
+    assert edge <= {"cli", "config.schema", "callbacks", "api"}, edge
 
 
 def string_constants(tree: ast.Module):
@@ -101,7 +119,8 @@ def test_reading_runs_imports_no_training_code():
     import subprocess
     import sys
 
-    code = ("import sys, runner.compare, runner.report, runner.claims, runner.runs, runner.schema; "
+    code = ("import sys, runner.compare, runner.report, runner.analysis.claims, runner.analysis.runs, "
+            "runner.config.schema; "
             "print(sorted(m for m in sys.modules if m.startswith('runner')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=PACKAGE.parent).stdout
@@ -110,9 +129,9 @@ def test_reading_runs_imports_no_training_code():
 
 
 def test_strategies_and_the_loop_do_not_know_which_parallel_unit_they_hold():
-    """DDP and FSDP live in their units (runner.parallel, runner.fsdp): adding one edits neither."""
+    """DDP and FSDP live in their units (runner.execution.parallel, runner.execution.fsdp): adding one edits neither."""
     for module in ("strategies", "train", "steplog"):
-        words = set(re.findall(r"[a-z_]+", (PACKAGE / f"{module}.py").read_text().lower()))
+        words = set(re.findall(r"[a-z_]+", (PACKAGE / "training" / f"{module}.py").read_text().lower()))
         assert not words & {"fsdp", "ddp", "distributed", "no_sync", "dtensor", "fully_shard"}, module
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runner.memory import SavedTensorsMeter
+from runner.execution.memory import SavedTensorsMeter
 from tests.conftest import train
 
 

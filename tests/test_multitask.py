@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.losses import MultiTaskLoss
-from runner.build import build_training
+from runner.training.build import build_training
+from runner.training.losses import MultiTaskLoss
 from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)
@@ -121,7 +121,7 @@ def test_fixed_weights_and_uncertainty_weighting_formulas():
 def test_uncertainty_weights_are_trained(tmp_path):
     training = build_training(make_config(**MT, loss__weighting="uncertainty", optim__name="adam",
                                     optim__lr=0.01, trainer__steps=30))
-    from runner.train import run
+    from runner.training.train import run
 
     assert run(training, tmp_path).status == "ok"
     assert training.loss_fn.log_vars.detach().abs().min() > 0.05  # moved away from their start at 0
@@ -231,8 +231,8 @@ def test_step_per_task_single_run_exits_non_zero_with_the_hint(tmp_path):
     (dict(loss__weighting="learned"), "loss.weighting=learned is not allowed"),
 ])
 def test_more_misfits_are_refused_before_training(overrides, needle):
-    from runner.build import build_training
-    from runner.schema import ConfigError
+    from runner.config.schema import ConfigError
+    from runner.training.build import build_training
 
     with pytest.raises(ConfigError, match=re.escape(needle)):
         build_training(make_config(**{**MT, **overrides}))

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from runner import record
-from runner.build import build_training
-from runner.claims import evaluate_claim
-from runner.runs import find_oracle, grad_rel_diff, load_run
-from runner.schema import Autocast, ConfigError, DType, validate
-from runner.backward_options import GradAccumDType
-from runner.train import run
-
+from runner.analysis.claims import evaluate_claim
+from runner.analysis.runs import find_oracle, grad_rel_diff, load_run
+from runner.config.backward_options import GradAccumDType
+from runner.config.schema import Autocast, ConfigError, DType, validate
+from runner.training.build import build_training
+from runner.training.train import run
 from tests.conftest import make_config, train
 
 

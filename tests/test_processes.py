@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from runner import record
-from runner.build import build_training
-from runner.schema import ConfigError
-from runner.train import run
-
+from runner.config.schema import ConfigError
+from runner.training.build import build_training
+from runner.training.train import run
 from tests.conftest import ROOT, make_config, read_summary, run_cli, train
 
 
@@ -130,7 +129,7 @@ def test_processes_need_ranks_outside_the_command_line(tmp_path):
     (dict(data__sort_lengths=True), "data.sort_lengths=true is not allowed with data=default"),
 ])
 def test_processes_bad_input(overrides, needle):
-    from runner.schema import validate
+    from runner.config.schema import validate
 
     with pytest.raises(ConfigError, match=needle):
         validate(make_config(**overrides))

@@ -15,9 +15,9 @@ import time
 import pandas as pd
 import pytest
 
-from runner import train
 from runner.cli import exit_code
-from runner.build import build_training
+from runner.training import train
+from runner.training.build import build_training
 from tests.conftest import ROOT, make_config, run_cli
 
 TINY = ["data.train_size=256", "data.eval_size=64", "model.hidden=8", "trainer.threads=1"]

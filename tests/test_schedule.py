@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from runner.build import build_training
-from runner.train import run
+from runner.training.build import build_training
+from runner.training.train import run
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
 SCHEDULED = dict(optim__scheduler="cosine", optim__warmup_steps=5, trainer__steps=30, backward__accumulation=4,

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.build import build_training
-from runner.data import IGNORE_INDEX, markov_sequences
-from runner.losses import TokenCrossEntropy
-from runner.schema import ConfigError
-from runner.train import run
+from runner.config.schema import ConfigError
+from runner.training.build import build_training
+from runner.training.data import IGNORE_INDEX, markov_sequences
+from runner.training.losses import TokenCrossEntropy
+from runner.training.train import run
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
 # A small causal LM on short sequences: 100 steps take about a second.

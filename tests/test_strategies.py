@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runner.build import build_training
+from runner.training.build import build_training
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults

@@ -2,9 +2,9 @@
 import pandas as pd
 import torch
 
-from runner.build import build_training, probe
 from runner.cli import exit_code
-from runner.train import run
+from runner.training.build import build_training, probe
+from runner.training.train import run
 from tests.conftest import make_config, train
 
 

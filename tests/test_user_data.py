@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from runner.build import build_training
-from runner.schema import ConfigError
+from runner.config.schema import ConfigError
+from runner.training.build import build_training
 from tests.conftest import assert_params_close, make_config, read_summary, run_cli
 
 TABULAR = "runner.experiments.examples.tabular.TabularNet"
@@ -31,7 +31,7 @@ def csv_config(path, **overrides):
 
 
 def run_custom(tmp_path, path, model_kwargs, **overrides):
-    from runner.train import run
+    from runner.training.train import run
 
     training = build_training(csv_config(path, **overrides), model_kwargs=model_kwargs)
     outcome = run(training, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
@@ -74,7 +74,7 @@ def test_tensor_files_work_like_tables(tmp_path):
     torch.save({"inputs": x, "targets": (x[:, :1] > 0).float()}, tmp_path / "d.pt")
     config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
                          data__path=str(tmp_path / "d.pt"), trainer__steps=20)
-    from runner.train import run
+    from runner.training.train import run
 
     training = build_training(config, model_kwargs={"in_features": 4})
     assert run(training, tmp_path / "run").status == "ok"
@@ -154,7 +154,7 @@ def test_a_regression_target_trains_with_your_loss_and_is_scored_by_mse(tmp_path
     config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
                          data__path=str(tmp_path / "r.pt"), loss__name="custom",
                          loss___target_="torch.nn.MSELoss", trainer__steps=30, optim__lr=0.05)
-    from runner.train import run
+    from runner.training.train import run
 
     training = build_training(config, model_kwargs={"in_features": 3})
     assert training.spec.kind == "regression"

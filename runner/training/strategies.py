@@ -1,31 +1,41 @@
 """Backward strategies: the only code that calls backward() or optimizer.step().
 
 A strategy is one small class registered by name; the backward.* options it reads are its
-`Options`, declared by its name in runner.backward_options (the config schema is built from
+`Options`, declared by its name in runner.config.backward_options (the config schema is built from
 them without importing this module); adding one is a class here, its options entry there, and a
 YAML file in conf/backward/. `step()` runs one optimizer step on
 one batch and returns detached tensors only (no .item(): on a GPU the loop reads them back in
 batches, never once per step). What a strategy needs from a model or a loss beyond
 `model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
-TwoStageModel here; MultiPartLoss in runner.losses).
+TwoStageModel here; MultiPartLoss in runner.training.losses).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from runner.backward_options import (OPTIONS, AccumulateOptions, ChainedOptions, MicroBatchOptions, NoOptions,
-                                     PartialWindow, PassOptions, Scale, SeparateOptions, option_defaults,
-                                     readers_by_option, readers_of)
-from runner.data import micro_batches
-from runner.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
-from runner.parallel import Single
-from runner.precision import FirstGradient, Precision
+from runner.config.backward_options import (
+    OPTIONS,
+    AccumulateOptions,
+    ChainedOptions,
+    MicroBatchOptions,
+    NoOptions,
+    PartialWindow,
+    PassOptions,
+    SeparateOptions,
+    option_defaults,
+    readers_by_option,
+    readers_of,
+)
+from runner.execution.parallel import Single
+from runner.execution.precision import FirstGradient, Precision
 from runner.record import TOKENS_COLUMN, grad_cos_column
+from runner.training.data import micro_batches
+from runner.training.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
 
 
 @dataclass
@@ -93,7 +103,7 @@ class Strategy:
     # A one-line hint shown with an error this strategy is known to provoke.
     hint = ""
 
-    Options = NoOptions  # the backward.* keys this strategy reads (runner.backward_options)
+    Options = NoOptions  # the backward.* keys this strategy reads (runner.config.backward_options)
 
     # True where a strategy backwards each micro-batch by itself (clip_every=micro_batch clips between them).
     backward_per_micro_batch = False
@@ -101,7 +111,7 @@ class Strategy:
     def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None,
                  precision: Optional[Precision] = None, parallel=None,
                  first_gradient: Optional[FirstGradient] = None):
-        """`precision` and `parallel` wrap the passes (runner.precision, runner.parallel): the
+        """`precision` and `parallel` wrap the passes (runner.execution.precision, runner.execution.parallel): the
         strategy calls them and never asks which ones it holds."""
         self.options = options
         self.updates = updates or Updates()
@@ -189,7 +199,7 @@ STRATEGIES: Dict[str, Callable[..., Strategy]] = {}
 def register(cls):
     """A strategy by its name; it reads the backward.* options declared for that name."""
     if cls.Options is not OPTIONS.get(cls.name):
-        raise TypeError(f"backward={cls.name}: declare its options in runner.backward_options.OPTIONS")
+        raise TypeError(f"backward={cls.name}: declare its options in runner.config.backward_options.OPTIONS")
     STRATEGIES[cls.name] = cls
     return cls
 

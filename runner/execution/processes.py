@@ -1,4 +1,4 @@
-"""Processes: one training over trainer.processes ranks (DDP or FSDP2: runner.parallel).
+"""Processes: one training over trainer.processes ranks (DDP or FSDP2: runner.execution.parallel).
 
     torchrun --nproc-per-node=2 -m runner backward=accumulate backward.accumulation=4
     python -m runner trainer.processes=2 backward=accumulate ...   (the same, launched for you)
@@ -6,7 +6,7 @@
 `trainer.processes=N` from a plain command launches `python -m runner` with the same overrides as
 N ranks through torch.distributed.run's own API (what torchrun runs), into this run's folder, and
 reads back what rank 0 recorded. Every rank builds the same seeded data and takes its share of
-each batch (runner.parallel). Rank 0 writes the records; the other ranks run in throwaway
+each batch (runner.execution.parallel). Rank 0 writes the records; the other ranks run in throwaway
 folders. gloo on CPU, nccl on CUDA.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-# ---- a rank's side (the parallel units themselves are runner.parallel) ------------------------
+# ---- a rank's side (the parallel units themselves are runner.execution.parallel) ------------------------
 
 # Set for the ranks `launch` starts: the launching process speaks for them (they print nothing on stdout).
 LAUNCHED = "BACKWARD_LAB_LAUNCHED"

@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from runner.schema import ConfigError
+from runner.config.schema import ConfigError
 
 
 class NotDifferentiable(ValueError):

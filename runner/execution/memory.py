@@ -8,7 +8,7 @@ view counts its own bytes, not its whole storage, so a micro-batch slice of the 
 of it. Parameters saved by autograd count too. The number is exact and device-independent.
 The meter changes nothing else: it repeats autograd's in-place modification check on unpack.
 
-Under activation checkpointing (runner.recompute; torch.utils.checkpoint, non-reentrant),
+Under activation checkpointing (runner.execution.recompute; torch.utils.checkpoint, non-reentrant),
 saved-tensor hooks nest and the innermost wins, so the meter sees what checkpoint itself keeps:
 each checkpointed block's inputs (checkpoint saves them outside its own hooks), and nothing of
 what the block saves inside (checkpoint's hooks keep an empty holder instead). What the meter

@@ -23,15 +23,16 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from runner import checkpoint, record
-from runner.build import Training
-from runner.checks import first_line
-from runner.evaluate import evaluate
-from runner.memory import SavedTensorsMeter
+from runner import record
+from runner.config.schema import ConfigError, plain
+from runner.execution.memory import SavedTensorsMeter
 from runner.record import Summary
-from runner.schema import ConfigError, plain
-from runner.sinks import MetricsFile, Progress
-from runner.steplog import StepLog
+from runner.training import checkpoint
+from runner.training.build import Training
+from runner.training.checks import first_line
+from runner.training.evaluate import evaluate
+from runner.training.sinks import MetricsFile, Progress
+from runner.training.steplog import StepLog
 
 
 @dataclass
@@ -71,7 +72,7 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
     """Train, record, and return the outcome. Never raises for a failure of the run itself.
 
     `summary` may carry what the caller knows of the run (choices, overrides, config). `resume` is
-    a loaded checkpoint (runner.checkpoint.load) of this run: training continues from its step
+    a loaded checkpoint (runner.training.checkpoint.load) of this run: training continues from its step
     with its states, and metrics.csv is cut back to the rows it had then.
     """
     run_dir = Path(run_dir)

@@ -1,7 +1,7 @@
 """Config -> the plain Python objects of one training (no Hydra here: usable from a notebook).
 
 `build_training(cfg)` builds the model, data, loss, strategy and optimizers, checks that they fit,
-and probes the loss on the first batch (runner.checks), once. Order matters for reproducibility:
+and probes the loss on the first batch (runner.training.checks), once. Order matters for reproducibility:
 the global RNG is seeded, then the model is built (its initial parameters depend on `seed` and
 the model choice alone), then the data set is drawn from its own generators. Loss and strategy
 are built afterwards and draw nothing; the probe leaves no trace.
@@ -16,20 +16,28 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner import checks, fsdp, user_data  # fsdp registers trainer.parallel=fsdp
-from runner.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
-from runner.gradflow import gradient_flow
-from runner.loader import Batches, LoaderWindows
-from runner.losses import TokenLoss, build_loss, offers, per_stage
-from runner.models import IMAGE_SHAPE, build_model
-from runner.optim import build_optimizers, build_schedulers
-from runner.parallel import build_parallel
-from runner.precision import FirstGradient, Precision
-from runner.processes import under_torchrun
-from runner.recompute import recompute_blocks
-from runner.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
-from runner.strategies import (PartialWindow, Strategy, StrategyMismatch, Updates, build_strategy, parameters_of,
-                               readers_of)
+from runner.config.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
+from runner.execution import fsdp  # noqa: F401  (registers trainer.parallel=fsdp)
+from runner.execution.parallel import build_parallel
+from runner.execution.precision import FirstGradient, Precision
+from runner.execution.processes import under_torchrun
+from runner.execution.recompute import recompute_blocks
+from runner.training import checks, user_data
+from runner.training.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
+from runner.training.gradflow import gradient_flow
+from runner.training.loader import Batches, LoaderWindows
+from runner.training.losses import TokenLoss, build_loss, offers, per_stage
+from runner.training.models import IMAGE_SHAPE, build_model
+from runner.training.optim import build_optimizers, build_schedulers
+from runner.training.strategies import (
+    PartialWindow,
+    Strategy,
+    StrategyMismatch,
+    Updates,
+    build_strategy,
+    parameters_of,
+    readers_of,
+)
 
 
 @dataclass
@@ -43,7 +51,7 @@ class Training:
     strategy: Strategy
     optimizers: List[torch.optim.Optimizer]
     dataset: Dataset
-    batches: Any  # step -> its examples (runner.loader: Batches, or LoaderWindows in loader mode)
+    batches: Any  # step -> its examples (runner.training.loader: Batches, or LoaderWindows in loader mode)
     device: torch.device
     dtype: torch.dtype
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
@@ -53,7 +61,7 @@ class Training:
 
     @property
     def parallel(self):
-        """How the training spreads over ranks (runner.parallel): the strategy's unit."""
+        """How the training spreads over ranks (runner.execution.parallel): the strategy's unit."""
         return self.strategy.parallel
 
     @property
@@ -126,7 +134,7 @@ def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
 def build_dataset(cfg: Config, spec: TaskSpec):
     """The data set, and the TaskSpec it describes (the user's files describe themselves)."""
     data = cfg.data
-    # In loader mode the data set's own batches are not drawn: micro-batches are (runner.loader).
+    # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
     if data.name == "seq" or spec.kind == "sequence":
         if data.name != "seq" or cfg.model.name not in ("seq", "custom"):
@@ -162,7 +170,7 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
 
 
 def build_parallel_unit(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device):
-    """The parallel unit (runner.parallel): one process, or this rank of the ranks torchrun started.
+    """The parallel unit (runner.execution.parallel): one process, or this rank of the ranks torchrun started.
     A command that launches its ranks itself (trainer.processes=N, not under torchrun) trains in
     none of them: it builds for its checks and hands the run to the ranks (runner.cli)."""
     token_loss = offers(loss_fn, TokenLoss)
@@ -245,18 +253,18 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
 
 @dataclass
 class Findings:
-    """What the checks before training found on the first batch (runner.checks)."""
+    """What the checks before training found on the first batch (runner.training.checks)."""
 
     # Parameters the loss never reaches, or why it cannot train at all.
     params_without_grad: List[str] = field(default_factory=list)
     not_differentiable: Optional[str] = None
-    # Can micro-batches equal the batch? (runner.checks.Coupling)
+    # Can micro-batches equal the batch? (runner.training.checks.Coupling)
     coupling: Optional[checks.Coupling] = None
     gradient_flow: List[Dict[str, Any]] = field(default_factory=list)  # per module and loss component
 
 
 def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec) -> Findings:
-    """The checks before training, on the first batch (runner.checks): does the model's output fit
+    """The checks before training, on the first batch (runner.training.checks): does the model's output fit
     the targets, can the loss train it, does the model couple examples, where does the gradient flow?"""
     window = batches.window(0)
     inputs, targets = window.inputs, window.targets

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from runner.processes import local_rank
+from runner.execution.processes import local_rank
 from runner.record import ADDITIVE_COLUMNS
 
 
@@ -127,8 +127,8 @@ class Ranks(Single):
             self._peak_grad_bytes = max(self._peak_grad_bytes, self.held_grad_bytes())
 
     def shard(self, inputs, targets, loss_fn):
-        from runner.data import micro_batches
-        from runner.losses import exact_share
+        from runner.training.data import micro_batches
+        from runner.training.losses import exact_share
 
         mine = micro_batches(inputs, targets, self.world)[self.rank]
         batch_tokens = loss_fn.count_tokens(targets) if self.token_loss else None

@@ -5,14 +5,14 @@ activations in backward instead of keeping them.
 original through torch.utils.checkpoint.checkpoint(use_reentrant=False): the block keeps only its
 inputs for backward and runs its forward again when backward reaches it. Nothing is renamed or
 wrapped, so the state_dict's names, the parameters and their hashes stay as they are. (Not to be
-confused with runner.checkpoint, which writes a run's state for resuming.)
+confused with runner.training.checkpoint, which writes a run's state for resuming.)
 
 Which blocks: the model's own `checkpoint_blocks()` (CheckpointBlocks) where it declares them; else
 its direct children that hold parameters, descending into a lone nn.Sequential or nn.ModuleList.
 A block saves memory only when it keeps more than its inputs: a Transformer layer (attention
 scores, the feed-forward's activations) does; one Linear+ReLU layer, whose ReLU keeps its output,
 the next layer's input, does not, and one block around all of a model saves nothing either: in
-backward it holds all it recomputes at once (runner.memory counts that).
+backward it holds all it recomputes at once (runner.execution.memory counts that).
 
 What recomputing could change, and why it does not:
 - BatchNorm in train mode would update its running statistics again (momentum applied twice,
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from runner.memory import recomputation
+from runner.execution.memory import recomputation
 
 
 @runtime_checkable

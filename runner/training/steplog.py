@@ -1,5 +1,5 @@
 """The per-step log: each optimizer step's numbers kept on the device and handed to the sinks
-(runner.sinks: metrics.csv, the terminal's progress) in batches, one host transfer per batch, so
+(runner.training.sinks: metrics.csv, the terminal's progress) in batches, one host transfer per batch, so
 logging never forces a sync per step on a GPU.
 
 A row's columns are declared in runner.record: loss, grad_norm, loss_<name> for each part of the
@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from runner import record
-from runner.sinks import Sink
+from runner.training.sinks import Sink
 
 
 class StepLog:

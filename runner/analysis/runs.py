@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from runner import record
+from runner.config.schema import ignored_by_comparison
 from runner.record import Summary
-from runner.schema import ignored_by_comparison
 
 # torch.testing's defaults for float32; float64 gets a tolerance far tighter than float32 rounding.
 TOLERANCES = {"float32": (1.3e-6, 1e-5), "float64": (1e-7, 1e-7)}

@@ -10,8 +10,8 @@ from functools import lru_cache
 from typing import Callable, Dict, Optional, Protocol, runtime_checkable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -244,9 +244,9 @@ def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
-# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.build)
+# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.training.build)
 BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask, "lm": _lm}
-# The task kinds (runner.data.TaskSpec.kind) each loss can score; custom losses fit any.
+# The task kinds (runner.training.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
         "multitask": {"multitask"}, "lm": {"sequence"}}
 
@@ -280,7 +280,7 @@ def exact_share(loss_fn, targets, batch_tokens, row_share: float):
     """A part's exact share of the batch's loss, the part normalised by itself: of the batch's
     scored tokens for a token mean (`batch_tokens`: the batch's count, None for other losses),
     all of it for a sum-reduced loss, else its share of the rows (sequences). Micro-batches and
-    ranks (runner.parallel) are weighted by it. A tensor for a token loss: no host sync."""
+    ranks (runner.execution.parallel) are weighted by it. A tensor for a token loss: no host sync."""
     if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch"):
         return loss_fn.count_tokens(targets) / batch_tokens
     return 1.0 if is_sum_reduced(loss_fn) else row_share

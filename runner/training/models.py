@@ -10,10 +10,10 @@ import math
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from runner.data import TaskSpec
+from runner.training.data import TaskSpec
 
 IMAGE_SHAPE = (3, 10, 10)
 

@@ -17,7 +17,7 @@ from typing import Any, Dict
 import torch
 
 from runner import record
-from runner.schema import ConfigError, Role, keys_with_roles
+from runner.config.schema import ConfigError, Role, keys_with_roles
 
 FORMAT = 1
 CHECKPOINT = record.CHECKPOINT
@@ -35,7 +35,7 @@ def lookup(config: Dict[str, Any], dotted: str) -> Any:
 
 
 def identity(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The keys that define the training (Role.training in runner.schema) and a custom loss's,
+    """The keys that define the training (Role.training in runner.config.schema) and a custom loss's,
     model's and the optimizer's arguments: a checkpoint only resumes the same training."""
     plain = json.loads(json.dumps(config, default=str))
     ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(Role.training)}

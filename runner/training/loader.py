@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from runner import record
-from runner.data import Dataset, Targets, map_targets
+from runner.training.data import Dataset, Targets, map_targets
 
 _LOADER_STREAM = 4_000_037  # keeps the loader's shuffles independent of the data's other generators
 

@@ -1,6 +1,6 @@
 """The user's own data: a CSV table (pandas) or a file of tensors (torch.load, weights only).
 
-Each reader returns (inputs, targets) as tensors and the TaskSpec they describe; runner.data
+Each reader returns (inputs, targets) as tensors and the TaskSpec they describe; runner.training.data
 splits them into train and held-out parts by `seed` and draws batches in seeded order. Every
 problem is a ValueError whose message names the key and what was found, and becomes one line
 and exit code 2 before anything is written.
@@ -12,7 +12,7 @@ from typing import Any, List, Tuple
 
 import torch
 
-from runner.data import TaskSpec
+from runner.training.data import TaskSpec
 
 
 def _existing(path: Any) -> Path:

@@ -1,7 +1,7 @@
 """backward.* keys: the options each strategy reads, declared apart from the training code so that
-the config side (runner.schema) and the analysis side read them without importing torch's models.
+the config side (runner.config.schema) and the analysis side read them without importing torch's models.
 
-A strategy (runner.strategies) names its options class here by its own name in OPTIONS; the
+A strategy (runner.training.strategies) names its options class here by its own name in OPTIONS; the
 config schema's `backward` node is the union of them all plus PassOptions, which every strategy
 reads. Adding a strategy is its class, its entry here, and its YAML file in conf/backward/.
 """
@@ -34,7 +34,7 @@ class GradAccumDType(str, Enum):
 
 class Sync(str, Enum):
     """With several processes (trainer.processes > 1): which micro-batch's backward synchronises
-    the gradients across ranks (runner.parallel)."""
+    the gradients across ranks (runner.execution.parallel)."""
 
     last = "last"  # the last: the others add up locally (one round per step)
     every = "every"  # each one: the same gradient, k rounds of traffic per step
@@ -43,7 +43,8 @@ class Sync(str, Enum):
 
 @dataclass
 class PassOptions:
-    """backward.* keys every strategy reads: how its passes run (runner.precision, runner.recompute)."""
+    """backward.* keys every strategy reads: how its passes run (runner.execution.precision,
+    runner.execution.recompute)."""
 
     grad_accum_dtype: GradAccumDType = GradAccumDType.param
     activation_checkpointing: bool = False  # recompute each block's activations in backward

@@ -1,6 +1,6 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) as a parallel unit: trainer.parallel=fsdp.
 
-Each block (the blocks activation checkpointing uses, runner.recompute.blocks_of) and then the root
+Each block (the blocks activation checkpointing uses, runner.execution.recompute.blocks_of) and then the root
 are sharded over a 1-D mesh of every rank (gloo on CPU, nccl on CUDA): each rank keeps 1/world of
 every parameter, its optimizer state and, after a reduce-scatter, its gradient.
 
@@ -29,8 +29,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from runner.parallel import Ranks, register, synced
-from runner.recompute import blocks_of
+from runner.execution.parallel import Ranks, register, synced
+from runner.execution.recompute import blocks_of
 
 
 def _counting_reduce_scatter(calls: List[int]):

@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from runner.data import IGNORE_INDEX
+from runner.training.data import IGNORE_INDEX
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:

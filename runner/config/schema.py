@@ -6,13 +6,13 @@ unknown enum value fails during composition with Hydra's message naming the key.
 that types cannot express live in `validate()`, which runs before anything is written.
 
 `backward.*` is not declared here: it is `name` plus the options each strategy reads, declared in
-runner.backward_options, so the config side never imports the training code.
+runner.config.backward_options, so the config side never imports the training code.
 
 Each key declares its role once, as field metadata (see `Role`); resume, checkpoints and the
 comparison read the roles instead of keeping their own lists of keys.
 
 The dataclasses are plain Python: a notebook can build `Config(...)` and call
-`runner.build.build_training` without Hydra.
+`runner.training.build.build_training` without Hydra.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.backward_options import OPTIONS, PassOptions
+from runner.config.backward_options import OPTIONS, PassOptions
 
 
 class Role(str, Enum):
@@ -155,7 +155,7 @@ class LossConf:
 def _backward_conf() -> type:
     """backward.*: `name`, the union of the options every registered strategy declares (two
     strategies that read one key must declare it alike), and the options of every strategy's
-    passes (runner.backward_options)."""
+    passes (runner.config.backward_options)."""
     declared: Dict[str, Tuple[str, Any, Any]] = {}
     for name, options in list(OPTIONS.items()) + [("*", PassOptions)]:
         hints = typing.get_type_hints(options)
@@ -173,7 +173,7 @@ BackwardConf = _backward_conf()
 @dataclass
 class OptimConf:
     # The optimizer's label in choices and comparisons; without a _target_ (a Config built in
-    # Python) it picks the class (runner.optim.TARGETS: sgd, adam, adamw, rmsprop).
+    # Python) it picks the class (runner.training.optim.TARGETS: sgd, adam, adamw, rmsprop).
     name: str = "sgd"
     # The optimizer class (torch.optim.AdamW, or your own), built as a partial and called with each
     # parameter group; it gets optim.lr, and momentum, weight_decay and betas where its signature
@@ -228,7 +228,7 @@ class Config:
     optim: OptimConf = field(default_factory=OptimConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
-    # Declared expectations of a sweep (see runner.claims); ignored by single runs.
+    # Declared expectations of a sweep (see runner.analysis.claims); ignored by single runs.
     claims: List[Any] = key(role=Role.operational, default_factory=list)
     # What an experiment shows, in a sentence or two with its public reference (the report prints it).
     about: Optional[str] = key(None, Role.operational)
@@ -381,7 +381,8 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
     import inspect
 
     from hydra.errors import InstantiationException
-    from hydra.utils import get_object, instantiate as hydra_instantiate
+    from hydra.utils import get_object
+    from hydra.utils import instantiate as hydra_instantiate
 
     if not target or target == "???":
         raise ConfigError(f"{dotted} is missing: expected {dotted}=package.module.Class")

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from runner.schema import Config, ConfigError, OptimConf, _first_line, instantiate, plain
+from runner.config.schema import Config, ConfigError, OptimConf, _first_line, instantiate, plain
 
 # optim.name -> its class, used only when optim._target_ is unset.
 TARGETS = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW",

@@ -5,7 +5,8 @@ An experiment lists what it expects under `claims:`. Each claim selects runs by 
 equivalent / identical / differs (final parameters against the run `reference:` selects),
 within_drift (the distance to the reference at most `factor` times the reference's own distance
 to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
-`rel`: a bug that scales the gradient, 1/world of it say), fails (status error, with `message` in the error), succeeds, summary (a
+`rel`: a bug that scales the gradient, 1/world of it say), fails (status error, with `message` in
+the error), succeeds, summary (a
 summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
@@ -20,10 +21,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
+from runner.analysis.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference
 from runner.record import SUMMARY_KEYS
-from runner.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference
 
-# Comparison columns a `smaller` / `about` claim may name as its metric (runner.runs.Verdict).
+# Comparison columns a `smaller` / `about` claim may name as its metric (runner.analysis.runs.Verdict).
 COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle")
 # within_drift's distances: final parameters (max |Δθ|) or the first gradient (relative).
 DRIFT_MEASURES = {"params": "max_abs_diff", "first_grad": "grad_rel_diff"}

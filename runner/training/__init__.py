@@ -1,0 +1,2 @@
+"""The training side: config -> objects (build: data, models, losses, optimizers, strategies), the
+checks before training, the strategies, and the loop with its step log and sinks."""
