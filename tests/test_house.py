@@ -160,3 +160,18 @@ def test_every_metrics_column_is_declared_in_record(tmp_path):
         assert all(record.is_metrics_column(c) for c in columns), columns
         assert any(c.startswith((record.LOSS_PART_PREFIX, record.GRAD_COS_PREFIX)) or c in record.LOADER_COLUMNS
                    or c == record.TOKENS_COLUMN for c in columns), columns
+
+
+def test_built_in_choices_come_through_one_registry():
+    """Models, losses, strategies and parallel engines: one mechanism; the user's own use `_target_`."""
+    import pytest
+
+    from runner.config.registry import Registry
+    from runner.execution.parallel import ENGINES
+    from runner.training.losses import LOSSES
+    from runner.training.models import MODELS
+
+    assert all(isinstance(r, Registry) for r in (MODELS, LOSSES, STRATEGIES, ENGINES))
+    assert set(ENGINES) == {"ddp", "fsdp"} and {"mlp", "seq"} <= set(MODELS) and "lm" in LOSSES
+    with pytest.raises(ValueError, match=r"loss=nope is unknown: expected one of \[.*'custom'"):
+        LOSSES.get("nope")

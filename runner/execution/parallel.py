@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from runner.config.registry import Registry
 from runner.execution.processes import local_rank
 from runner.record import ADDITIVE_COLUMNS
 
@@ -215,12 +216,12 @@ class DDP(Ranks):
 
 
 # The parallel units by trainer.parallel (one process is always Single).
-ENGINES = {"ddp": DDP}
+ENGINES = Registry("trainer.parallel")
+ENGINES.register("ddp")(DDP)
 
 
 def register(cls):
-    ENGINES[cls.name] = cls
-    return cls
+    return ENGINES.register(cls.name)(cls)
 
 
 def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last",
@@ -228,7 +229,7 @@ def build_parallel(name: str, model: nn.Module, device: torch.device, world: int
     """The unit trainer.parallel names, joined to the ranks torchrun started (world > 1)."""
     if world <= 1:
         return Single(model)
-    return ENGINES[name](model, device, sync, rank_normalize, token_loss, **options)
+    return ENGINES.get(name)(model, device, sync, rank_normalize, token_loss, **options)
 
 
 def leave() -> None:

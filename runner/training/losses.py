@@ -7,11 +7,13 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Dict, Optional, Protocol, runtime_checkable
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runner.config.registry import Registry
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -224,28 +226,35 @@ class MultiTaskLoss(nn.Module):
         return sum(self.parts(outputs, targets).values())
 
 
+# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.training.build)
+LOSSES = Registry("loss", also=["custom"])
+
+
+@LOSSES.register("bce")
 def _bce(cfg):
     return nn.BCEWithLogitsLoss(reduction=cfg.reduction)
 
 
+@LOSSES.register("focal")
 def _focal(cfg):
     return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, reduction=cfg.reduction)
 
 
+@LOSSES.register("ce")
 def _ce(cfg):
     return nn.CrossEntropyLoss(reduction=cfg.reduction)
 
 
+@LOSSES.register("lm")
 def _lm(cfg):
     return TokenCrossEntropy(normalize=getattr(cfg.normalize, "value", cfg.normalize))
 
 
+@LOSSES.register("multitask")
 def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
-# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.training.build)
-BUILDERS: Dict[str, Callable] = {"bce": _bce, "focal": _focal, "ce": _ce, "multitask": _multitask, "lm": _lm}
 # The task kinds (runner.training.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
         "multitask": {"multitask"}, "lm": {"sequence"}}
@@ -253,13 +262,12 @@ FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"mu
 
 def build_loss(cfg, spec, model_name: str) -> nn.Module:
     """A built-in loss for `cfg`, checked against what the model predicts (its TaskSpec)."""
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"loss={cfg.name} is unknown: expected one of {sorted([*BUILDERS, 'custom'])}")
+    builder = LOSSES.get(cfg.name)
     if spec.kind not in FITS[cfg.name]:
         fitting = sorted(name for name, kinds in FITS.items() if spec.kind in kinds)
         raise ValueError(f"loss={cfg.name} does not fit model={model_name} ({spec.kind} targets): "
                          f"expected loss={' or loss='.join(fitting + ['custom'])}")
-    return BUILDERS[cfg.name](cfg)
+    return builder(cfg)
 
 
 def per_stage(loss, spec):

@@ -7,12 +7,13 @@ building, so initial parameters depend on the seed and the model choice alone.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.config.registry import Registry
 from runner.training.data import TaskSpec
 
 IMAGE_SHAPE = (3, 10, 10)
@@ -142,21 +143,29 @@ def init_prior_bias(layer: nn.Linear, prior: float) -> None:
         layer.bias.fill_(-math.log((1 - prior) / prior))
 
 
+# name -> builder(model_cfg) -> (model, TaskSpec); model=custom is the user's `model._target_`.
+MODELS = Registry("model")
+
+
+@MODELS.register("mlp")
 def _mlp(cfg) -> Tuple[nn.Module, TaskSpec]:
     return (MLP(cfg.hidden, cfg.outputs, cfg.batchnorm),
             TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs))
 
 
+@MODELS.register("cnn")
 def _cnn(cfg) -> Tuple[nn.Module, TaskSpec]:
     return ConvNet(cfg.outputs, cfg.batchnorm), TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs)
 
 
+@MODELS.register("multitask")
 def _multitask(cfg) -> Tuple[nn.Module, TaskSpec]:
     if cfg.depth < 1:
         raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
     return MultiTaskNet(cfg.hidden, cfg.depth), TaskSpec(IMAGE_SHAPE, "multitask", 1)
 
 
+@MODELS.register("two_stage")
 def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
     # The answer scores both stages' outputs with cross-entropy against the same labels, so stage
     # 1's width is the number of classes (2 by default: Linear(10, 2) -> Linear(2, 2)).
@@ -169,20 +178,14 @@ def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
 TWO_STAGE_FEATURES = 10
 
 
+@MODELS.register("seq")
 def _seq(cfg) -> Tuple[nn.Module, TaskSpec]:
     if cfg.depth < 1:
         raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
     return CausalLM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell), TaskSpec((), "sequence", cfg.vocab)
 
-# name -> builder(model_cfg) -> (model, TaskSpec). Add a model by adding a builder here.
-BUILDERS: Dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn, "multitask": _multitask,
-                                 "two_stage": _two_stage, "seq": _seq}
-
-
 def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"model={cfg.name} is unknown: expected one of {sorted(BUILDERS)}")
-    model, spec = BUILDERS[cfg.name](cfg)
+    model, spec = MODELS.get(cfg.name)(cfg)
     if cfg.prior_bias:
         init_prior_bias(output_layer(model), cfg.prior)
     return model, spec

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Callable, Dict, List, Optional, Protocol, runtime_checkable
+from typing import Dict, List, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from runner.config.backward_options import (
     readers_by_option,
     readers_of,
 )
+from runner.config.registry import Registry
 from runner.execution.parallel import Single
 from runner.execution.precision import FirstGradient, Precision
 from runner.record import TOKENS_COLUMN, grad_cos_column
@@ -193,15 +194,14 @@ class Strategy:
             opt.zero_grad(set_to_none=True)
 
 
-STRATEGIES: Dict[str, Callable[..., Strategy]] = {}
+STRATEGIES = Registry("backward")
 
 
 def register(cls):
     """A strategy by its name; it reads the backward.* options declared for that name."""
     if cls.Options is not OPTIONS.get(cls.name):
         raise TypeError(f"backward={cls.name}: declare its options in runner.config.backward_options.OPTIONS")
-    STRATEGIES[cls.name] = cls
-    return cls
+    return STRATEGIES.register(cls.name)(cls)
 
 
 @register
@@ -454,7 +454,5 @@ def build_strategy(backward_conf, updates: Optional[Updates] = None, precision: 
                    parallel=None, first_gradient: Optional[FirstGradient] = None) -> Strategy:
     """The strategy `backward.name` picks, given the backward.* options it declares."""
     cls = STRATEGIES.get(backward_conf.name)
-    if cls is None:
-        raise ValueError(f"backward={backward_conf.name} is unknown: expected one of {sorted(STRATEGIES)}")
     return cls(cls.Options(**{f.name: getattr(backward_conf, f.name) for f in fields(cls.Options)}), updates,
                precision, parallel, first_gradient)
