@@ -18,6 +18,17 @@ from typing import Any, Dict, List, Optional
 
 from runner import record
 from runner.analysis.claims import ClaimResult, SweepVerdicts, sweep_verdicts
+from runner.analysis.replicates import (
+    IMPACT_METRICS,
+    SEED_KEY,
+    SPREAD_FIGURES,
+    configuration,
+    crosses_seeds,
+    groups,
+    impact,
+    same_seed_reference,
+    spread,
+)
 from runner.analysis.runs import (
     DTYPE_KEY,
     ORACLE_DTYPE,
@@ -46,12 +57,13 @@ def build_table(runs: List[Run], reference: Optional[Run]):
     across = [k for k in varying if len(sweeps) > 1 and
               all(len({r.keys.get(k) for r in runs if r.sweep == s}) == 1 for s in sweeps)]
     cache: Dict[Any, Any] = {}
-    oracle = find_oracle(runs, reference)  # a float64 run of the reference's configuration, if any
     rows = []
     for run in runs:
         row: Dict[str, Any] = {key: run.keys.get(key) for key in varying}
         row.update({key: getattr(run.summary, key) for key in record.COMPARED_KEYS})
-        row.update(asdict(compare_to(run, reference, cache, oracle)))
+        paired = same_seed_reference(run, reference, runs)  # seeds are replicates: same seed, same reference
+        # A float64 run of the reference's configuration, if any: its oracle.
+        row.update(asdict(compare_to(run, paired, cache, find_oracle(runs, paired))))
         row.update(param_sha256=(run.summary.param_sha256 or "")[:12],
                    config_key=",".join(f"{k}={run.keys.get(k)}" for k in varying if k not in across),
                    sweep=run.sweep, run_dir=str(run.path))
@@ -61,6 +73,55 @@ def build_table(runs: List[Run], reference: Optional[Run]):
         # Same config in several sweeps: put them next to each other.
         table = table.sort_values(["config_key", "sweep"], kind="stable").reset_index(drop=True)
     return table
+
+
+def build_replicates(table, runs: List[Run], reference: Optional[Run]):
+    """replicates.csv: one row per configuration without the seed (the varying keys but `seed`),
+    n, mean, std, min and max of the compared figures, and the impact on the final loss and the
+    held-out metric against the reference configuration, in its seed-to-seed σ."""
+    import pandas as pd
+
+    figures = table.set_index("run_dir")
+    reference_runs = groups(runs).get(configuration(reference), []) if reference is not None else []
+    varying = [k for k in varying_keys(runs) if k != SEED_KEY]
+    rows = []
+    for members in groups(runs).values():
+        row: Dict[str, Any] = {key: members[0].keys.get(key) for key in varying}
+        row["n"] = len(members)
+        for figure in SPREAD_FIGURES:
+            values = [figures.at[str(r.path), figure] for r in members if str(r.path) in figures.index]
+            stats = spread([float(v) for v in values if v is not None and not pd.isna(v)])
+            row.update({f"{figure}_{name}": value for name, value in stats.items() if name != "n"})
+        for metric, column in zip(IMPACT_METRICS, ("impact", "impact_eval")):
+            found = impact(members, reference_runs, metric)
+            row[column] = found.value
+            if metric == IMPACT_METRICS[0]:
+                row["impact_verdict"], row["impact_seeds"] = found.verdict, found.seeds
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_replicates(replicates) -> None:
+    """The replicates' table on the terminal: mean ± std over the seeds, and the impact."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    keys = [c for c in replicates.columns if c != "n" and not c.startswith((*SPREAD_FIGURES, "impact"))]
+    view = Table(title="replicates: mean ± std over seeds; impact in the reference's seed σ")
+    for column in keys + ["n", *SPREAD_FIGURES, "impact"]:
+        view.add_column(column, overflow="fold")
+    for _, row in replicates.iterrows():
+        spreads = [f"{_fmt(row[f'{f}_mean'], 4)} ± {_fmt(row[f'{f}_std'], 2)}".strip(" ±") for f in SPREAD_FIGURES]
+        shown = "" if pd_isna(row["impact"]) or row["impact_verdict"] == "reference" else f"{row['impact']:+.3g}σ "
+        view.add_row(*[escape(_fmt(row[k])) for k in keys], str(row["n"]), *spreads,
+                     escape(f"{shown}{row['impact_verdict']}"))
+    console.print(view)
+
+
+def pd_isna(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -166,12 +227,11 @@ def divergence(runs: List[Run], reference: Optional[Run]) -> Dict[Path, Any]:
     """Per step, |param_sum - the reference's param_sum| (a pandas Series indexed by step)."""
     if reference is None:
         return {}
-    ref = record.param_sum_curve(reference.path)
-    if ref is None:
-        return {}
     curves = {}
     for run in runs:
-        mine = record.param_sum_curve(run.path) if run is not reference else None
+        paired = same_seed_reference(run, reference, runs)  # seeds are replicates
+        ref = record.param_sum_curve(paired.path) if paired is not None and paired is not run else None
+        mine = record.param_sum_curve(run.path) if ref is not None else None
         if mine is not None:
             curves[run.path] = (mine - ref).abs().dropna()
     return curves
@@ -214,7 +274,8 @@ def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], swe
     bottom.set_xlabel("optimizer step")
     bottom.set_ylabel("|param_sum − reference's|")
     ref_label = labels.get(reference.path, reference.path.name) if reference is not None else "none"
-    bottom.set_title(f"divergence from the reference ({ref_label})")
+    same_seed = " at each run's own seed" if crosses_seeds(runs) else ""
+    bottom.set_title(f"divergence from the reference ({ref_label}){same_seed}")
     if top.lines:
         top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if bottom.lines:
@@ -296,6 +357,11 @@ def summarise_sweep(sweep_dir: Path) -> int:
     table = build_table(runs, verdicts.reference)
     record.write_comparison(sweep_dir, table)
     print_rich(table, verdicts, title=f"sweep {sweep_dir} ({len(runs)} jobs)")
+    if crosses_seeds(runs):
+        replicates = build_replicates(table, runs, verdicts.reference)
+        record.write_replicates(sweep_dir, replicates)
+        print_replicates(replicates)
+        print(f"replicates: {Path(sweep_dir) / record.REPLICATES}")
     picture = draw(runs, verdicts.reference, run_labels(table), sweep_dir)
     print(f"comparison: {Path(sweep_dir) / record.COMPARISON}\npicture: {picture}")
     drift = draw_oracle_drift(table, sweep_dir)

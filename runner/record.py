@@ -29,6 +29,7 @@ CHECKPOINT = "checkpoint.pt"
 GRADIENT_FLOW = "gradient_flow.csv"
 # Per sweep
 COMPARISON = "comparison.csv"
+REPLICATES = "replicates.csv"  # a sweep crossing seeds: one row per configuration without the seed
 LOSS_CURVES = "loss_curves.png"
 ORACLE_DRIFT = "grad_diff_to_oracle.png"  # first-gradient error against the float64 oracle, per accumulation
 SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
@@ -398,6 +399,12 @@ def append_comparison_row(sweep_dir: Path, columns: List[str], row: Mapping[str,
 def write_comparison(sweep_dir: Path, table) -> None:
     """The sweep's full comparison (a pandas DataFrame)."""
     write_table_csv(table, Path(sweep_dir) / COMPARISON)
+
+
+def write_replicates(sweep_dir: Path, table) -> None:
+    """Per configuration (the seed set aside): n, mean, std, min and max of the compared figures,
+    and its impact against the reference configuration (a pandas DataFrame)."""
+    write_table_csv(table, Path(sweep_dir) / REPLICATES)
 
 
 def write_table_csv(table, path: Path) -> None:

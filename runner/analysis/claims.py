@@ -5,9 +5,10 @@ An experiment lists what it expects under `claims:`. Each claim selects runs by 
 equivalent / identical / differs (final parameters against the run `reference:` selects),
 within_drift (the distance to the reference at most `factor` times the reference's own distance
 to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
-`rel`: a bug that scales the gradient, 1/world of it say), fails (status error, with `message` in
-the error), succeeds, summary (a
-summary `key` equals `value` in every run: ranks_agree true, say), and
+`rel`: a bug that scales the gradient, 1/world of it say), impact (a configuration's mean paired
+difference of `metric` from the reference's over seeds, in the reference's seed σ: `at_least` or
+`at_most`; runner.analysis.replicates), fails (status error, with `message` in the error),
+succeeds, summary (a summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
 (grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle).
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
+from runner.analysis.replicates import configuration, groups, impact, same_seed_reference
 from runner.analysis.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference
 from runner.record import SUMMARY_KEYS
 
@@ -75,8 +77,11 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
                                    for pool in ([r for r in runs if r not in chosen], runs))), None)
     if reference is None:
         return ClaimResult(name, kind, False, f"no reference run matches {describe(ref_selector)}")
+    def paired(run):  # seeds are replicates: each run against the reference's run at its seed
+        return same_seed_reference(run, reference, runs)
+
     if kind in ("equivalent", "identical", "differs"):
-        verdicts = [compare_to(r, reference, cache) for r in chosen]
+        verdicts = [compare_to(r, paired(r), cache) for r in chosen]
         wanted = {"equivalent": {"equivalent", "identical", "reference"}, "identical": {"identical", "reference"},
                   "differs": {"differs"}}[kind]
         holds = all(v.verdict.split(" (")[0] in wanted for v in verdicts)
@@ -90,10 +95,12 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
         return _within_drift(name, claim, chosen, reference, runs, cache)
     if kind == "grad_scaled":
         factor, rel = float(claim.get("factor", 1.0)), float(claim.get("rel", 1e-5))
-        errors = [grad_rel_diff(r, reference, cache, factor) for r in chosen]
+        errors = [grad_rel_diff(r, paired(r), cache, factor) for r in chosen]
         holds = all(e <= rel for e in errors)  # NaN (no first gradient to compare) never holds
         return ClaimResult(name, kind, holds, f"{len(chosen)} runs: first gradient vs {factor:g} x the reference's, "
                            f"relative difference up to {max(errors):.3g} (at most {rel:g})")
+    if kind == "impact":
+        return _impact(name, claim, chosen, reference, runs)
     if kind in ("smaller", "about"):
         metric = claim.get("metric", "")
         if metric in COMPARISON_METRICS:
@@ -101,7 +108,8 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
             oracle = find_oracle(runs, sweep_reference)
 
             def value_of(run):
-                value = getattr(compare_to(run, sweep_reference, cache, oracle), metric)
+                value = getattr(compare_to(run, same_seed_reference(run, sweep_reference, runs), cache, oracle),
+                                metric)
                 return None if math.isnan(value) else value
         else:
             def value_of(run):
@@ -122,7 +130,25 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
         return ClaimResult(name, kind, holds, f"{metric} {sorted(set(values))} within {rel:g} of "
                            f"{factor:g} x {ref_value:g}")
     return ClaimResult(name, kind, False, f"unknown claim kind {kind!r}: expected equivalent, identical, "
-                       "differs, within_drift, grad_scaled, fails, succeeds, summary, smaller or about")
+                       "differs, within_drift, grad_scaled, impact, fails, succeeds, summary, smaller or about")
+
+
+def _impact(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run]) -> ClaimResult:
+    """Each chosen configuration's impact on `metric` (final_loss by default) against the
+    reference configuration, paired by seed, in the reference's seed-to-seed σ: at least
+    `at_least` σ (a bug that costs), or at most `at_most` σ in size (one that does not)."""
+    metric = claim.get("metric", "final_loss")
+    at_least, at_most = claim.get("at_least"), claim.get("at_most")
+    if at_least is None and at_most is None:
+        return ClaimResult(name, "impact", False, "an impact claim needs at_least or at_most (in σ)")
+    reference_runs = groups(runs).get(configuration(reference), [])
+    found = [impact(members, reference_runs, metric) for members in groups(chosen).values()]
+    holds = all(f.verdict not in ("unknown", "reference") and
+                (at_least is None or f.value >= float(at_least)) and (at_most is None or abs(f.value) <= float(at_most))
+                for f in found)
+    bound = " and ".join(b for b in (f"at least {at_least}σ" if at_least is not None else "",
+                                      f"at most {at_most}σ in size" if at_most is not None else "") if b)
+    return ClaimResult(name, "impact", holds, f"{metric}: {', '.join(f.describe() for f in found)}; expected {bound}")
 
 
 def _within_drift(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run],
@@ -140,7 +166,7 @@ def _within_drift(name: str, claim: Dict[str, Any], chosen: List[Run], reference
                            "(trainer.dtype=float64) to measure the reference's drift against")
     column, factor = DRIFT_MEASURES[measure], float(claim.get("factor", 1.0))
     drift = getattr(compare_to(reference, oracle, cache), column)
-    distances = [getattr(compare_to(r, reference, cache), column) for r in chosen]
+    distances = [getattr(compare_to(r, same_seed_reference(r, reference, runs), cache), column) for r in chosen]
     holds = not math.isnan(drift) and all(d <= factor * drift for d in distances)
     label = "max |Δθ|" if measure == "params" else "first-gradient relative difference"
     return ClaimResult(name, "within_drift", holds, f"{len(chosen)} runs: {label} to the reference up to "
