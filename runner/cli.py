@@ -124,15 +124,19 @@ def report_bad_input(exc: Exception) -> None:
 
 
 def parallel_job_threads(hydra_node) -> int:
-    """Torch threads for one job of a parallel sweep, so that jobs don't oversubscribe the cores:
-    the cores divided by the launcher's workers (0 = leave torch's default)."""
-    launcher = hydra_node.launcher.get("_target_", "") if hydra_node.launcher else ""
-    if "Joblib" not in launcher:
-        return 0
+    """trainer.threads=0 (auto): torch threads for a training process that shares the cores, so
+    that concurrent processes don't oversubscribe them (two at 2 threads on 2 cores run 3-4x
+    slower than at 1 each): the cores divided by a parallel sweep's workers (joblib), or by the
+    ranks on this node (torchrun, whose own default is 1); 0 = one process: torch's default."""
     cores = os.cpu_count() or 1
-    workers = hydra_node.launcher.get("n_jobs", -1)
-    workers = cores if workers in (None, -1) or workers > cores else max(1, workers)
-    return max(1, cores // workers)
+    launcher = hydra_node.launcher.get("_target_", "") if hydra_node.launcher else ""
+    if "Joblib" in launcher:
+        workers = hydra_node.launcher.get("n_jobs", -1)
+        workers = cores if workers in (None, -1) or workers > cores else max(1, workers)
+        return max(1, cores // workers)
+    if processes.under_torchrun():
+        return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", processes.rank_and_world()[1])))
+    return 0
 
 
 @dataclass

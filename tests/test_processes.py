@@ -133,3 +133,18 @@ def test_processes_bad_input(overrides, needle):
 
     with pytest.raises(ConfigError, match=needle):
         validate(make_config(**overrides))
+
+
+def test_auto_threads_share_the_cores_between_ranks_and_sweep_workers(monkeypatch):
+    from types import SimpleNamespace
+
+    from runner.cli import parallel_job_threads
+
+    cores = os.cpu_count() or 1
+    basic = SimpleNamespace(launcher={"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})
+    assert parallel_job_threads(basic) == 0  # one process: torch's default
+    joblib = SimpleNamespace(launcher={"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher", "n_jobs": 2})
+    assert parallel_job_threads(joblib) == max(1, cores // 2)
+    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    assert parallel_job_threads(basic) == max(1, cores // 2)  # the ranks on this node, not torchrun's 1

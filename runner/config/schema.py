@@ -211,7 +211,8 @@ class TrainerConf:
     memory: MemoryMeter = key(MemoryMeter.first, Role.operational)
     progress: bool = key(True, Role.operational)  # a rich progress bar when stdout is a terminal
     eval: bool = key(True, Role.extent)
-    # torch intra-op threads; 0 = torch's default (set 1 for parallel sweep jobs)
+    # torch intra-op threads; 0 = auto: the cores shared out between concurrent training processes
+    # (joblib sweep workers, ranks on a node), torch's default for one process
     threads: int = key(0, Role.operational)
     checkpoint_every: int = key(0, Role.operational)
     resume: Optional[str] = key(None, Role.operational)
@@ -307,7 +308,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "an integer >= 1"),
         (cfg.model.outputs >= 1, "model.outputs", cfg.model.outputs, "an integer >= 1"),
         (cfg.trainer.init_scale > 0, "trainer.init_scale", cfg.trainer.init_scale, "> 0"),
-        (cfg.trainer.threads >= 0, "trainer.threads", cfg.trainer.threads, ">= 0 (0 = torch's default)"),
+        (cfg.trainer.threads >= 0, "trainer.threads", cfg.trainer.threads, ">= 0 (0 = auto)"),
         (cfg.trainer.log_every >= 0, "trainer.log_every", cfg.trainer.log_every, ">= 0"),
         (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
          cfg.trainer.checkpoint_every, ">= 0 (0 = no checkpoints)"),
