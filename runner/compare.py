@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from runner import record
 from runner.analysis.claims import ClaimResult, SweepVerdicts, sweep_verdicts
+from runner.analysis.pictures import draw
 from runner.analysis.replicates import (
     IMPACT_METRICS,
     SEED_KEY,
@@ -223,68 +224,6 @@ def run_labels(table) -> Dict[Path, str]:
     return labels
 
 
-def divergence(runs: List[Run], reference: Optional[Run]) -> Dict[Path, Any]:
-    """Per step, |param_sum - the reference's param_sum| (a pandas Series indexed by step)."""
-    if reference is None:
-        return {}
-    curves = {}
-    for run in runs:
-        paired = same_seed_reference(run, reference, runs)  # seeds are replicates
-        ref = record.param_sum_curve(paired.path) if paired is not None and paired is not run else None
-        mine = record.param_sum_curve(run.path) if ref is not None else None
-        if mine is not None:
-            curves[run.path] = (mine - ref).abs().dropna()
-    return curves
-
-
-def draw(runs: List[Run], reference: Optional[Run], labels: Dict[Path, str], sweep_dir: Path) -> Path:
-    """loss_curves.png: the loss per step (top) and, per step, how far each run's param_sum is
-    from the reference's on a log axis (bottom), so that rounding drift (~1e-7) and a real
-    difference (1e-3 and up) sit visibly apart. A run identical to the reference is drawn at a
-    floor and labelled so. matplotlib is imported only here."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, layout="constrained")
-    colours = {}
-    for run in runs:
-        loss = record.loss_curve(run.path)
-        if loss is not None:
-            line, = top.plot(loss.index, loss.values, linewidth=1,
-                             label=labels.get(run.path, run.path.name) + (" (reference)" if run is reference else ""))
-            colours[run.path] = line.get_color()
-    top.set_ylabel("loss")
-    top.set_title("loss per optimizer step")
-    curves = divergence(runs, reference)
-    nonzero = [float(c[c > 0].min()) for c in curves.values() if (c > 0).any()]
-    floor = 10 ** (math.floor(math.log10(min(nonzero))) - 2) if nonzero else 1e-12
-    for path, curve in curves.items():
-        identical = not (curve > 0).any()
-        # An exact 0 at one step of a run that otherwise differs is a coincidence: leave a gap.
-        shown = curve.clip(lower=floor) if identical else curve.where(curve > 0)
-        bottom.plot(curve.index, shown, linewidth=1, color=colours.get(path),
-                    linestyle=":" if identical else "-",
-                    label=labels.get(path, path.name) + (": identical to the reference" if identical else ""))
-    bottom.axhline(floor, color="grey", linewidth=0.6, linestyle="--")
-    bottom.annotate("floor: 0, identical to the reference", (0.01, floor), xycoords=("axes fraction", "data"),
-                    xytext=(0, 3), textcoords="offset points", fontsize=7, color="grey")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("|param_sum − reference's|")
-    ref_label = labels.get(reference.path, reference.path.name) if reference is not None else "none"
-    same_seed = " at each run's own seed" if crosses_seeds(runs) else ""
-    bottom.set_title(f"divergence from the reference ({ref_label}){same_seed}")
-    if top.lines:
-        top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    if bottom.lines:
-        bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    path = record.save_figure(fig, sweep_dir)
-    plt.close(fig)
-    return path
-
-
 ACCUMULATION_KEY = "backward.accumulation"
 
 
@@ -362,7 +301,7 @@ def summarise_sweep(sweep_dir: Path) -> int:
         record.write_replicates(sweep_dir, replicates)
         print_replicates(replicates)
         print(f"replicates: {Path(sweep_dir) / record.REPLICATES}")
-    picture = draw(runs, verdicts.reference, run_labels(table), sweep_dir)
+    picture = draw(runs, verdicts.reference, sweep_dir)
     print(f"comparison: {Path(sweep_dir) / record.COMPARISON}\npicture: {picture}")
     drift = draw_oracle_drift(table, sweep_dir)
     if drift is not None:

@@ -75,3 +75,40 @@ def test_two_seeds_cannot_say(tmp_path):
     members = list(groups(runs).values())
     found = impact(members[1], members[0])
     assert found.verdict == "unknown" and math.isnan(found.value) and found.seeds == 2
+
+
+def _fake_run(folder, seed: int, backward: str, losses, param_sums, lr: float = 0.5):
+    """A finished run's records, written as a run writes them (no training: a picture's input)."""
+    from runner import record
+
+    folder.mkdir(parents=True)
+    writer = record.MetricsWriter(folder)
+    writer.write_rows([{"step": i + 1, "loss": loss, "grad_norm": 1.0, "param_sum": p, "time_s": 0.0}
+                       for i, (loss, p) in enumerate(zip(losses, param_sums))])
+    writer.close()
+    record.write_summary(folder, record.Summary(
+        status="ok", steps_done=len(losses), final_loss=losses[-1], param_sum=param_sums[-1], dtype="float32",
+        seed=seed, choices={"backward": backward},
+        config={"seed": seed, "backward": {"name": backward}, "optim": {"lr": lr}}))
+
+
+def test_the_picture_of_many_runs_stays_readable(tmp_path):
+    """160 seeds of a single step: one group drawn as a marker with its range, no matplotlib warning;
+    a dozen-plus configurations get a compact legend of colours and styles."""
+    import random
+    import warnings
+
+    from runner.analysis.pictures import draw
+
+    rng = random.Random(0)
+    for seed in range(160):
+        _fake_run(tmp_path / "seeds" / f"{seed}_seed={seed}", seed, "full", [rng.random()], [rng.random()])
+    for i in range(14):
+        _fake_run(tmp_path / "many" / f"{i}_x", 0, ["full", "sum"][i % 2], [1.0, 0.9 - i / 100, 0.8],
+                  [1.0, 1.0 + i * 1e-7, 2.0 + i * 1e-3], lr=i / 10)
+    for name in ("seeds", "many"):
+        runs = find_runs([tmp_path / name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            picture = draw(runs, runs[0], tmp_path / name)
+        assert picture.stat().st_size > 10_000
