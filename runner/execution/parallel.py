@@ -97,6 +97,10 @@ class Single:
         """A known cause of `error` in this engine, in a line, or None."""
         return None
 
+    def done(self) -> None:
+        """The run's records are written: with several ranks, wait for the others (a rank that
+        exits 1 first would have torch.distributed.run stop the rest mid-record)."""
+
 
 class Ranks(Single):
     """What DDP and FSDP share: joining the ranks, sharding a batch, weighting, gathering."""
@@ -173,6 +177,14 @@ class Ranks(Single):
         except RuntimeError:
             return None
         return len(set(hashes)) == 1
+
+    def done(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank is gone: nothing to wait for
+            pass
 
     def rounds_per_step(self, steps: int) -> Optional[float]:
         return self.rounds[0] / steps if steps > 0 else None

@@ -98,7 +98,11 @@ def launch(processes: int, overrides: List[str], run_dir: Path) -> LaunchOutcome
         failures = exc.failures
         died = {rank: f.exitcode for rank, f in sorted(failures.items()) if f.exitcode not in (0, 1)}
         # Once a rank dies, torch.distributed.run stops the others with SIGTERM: name the cause.
-        cause = {r: c for r, c in died.items() if c != -signal.SIGTERM} or died
+        cause = {r: c for r, c in died.items() if c != -signal.SIGTERM}
+        # Stopped by torch.distributed.run after another rank exited 1 (a run it recorded as
+        # failed): not lost, the recorded outcome stands. Otherwise a SIGTERM is the cause.
+        recorded_failure = any(f.exitcode == 1 for f in failures.values())
+        cause = cause or ({} if recorded_failure else died)
         lost = "; ".join(f"rank {rank} exited with code {code}{_signal_name(code)}" for rank, code in cause.items())
         return LaunchOutcome(False, lost or None, failures)
     finally:

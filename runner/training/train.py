@@ -81,6 +81,7 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
     if summary.status == "running":
         signum = _train(training, run_dir, summary, started, append=resume is not None)
     _finish(training, run_dir, summary)
+    training.parallel.done()  # every rank waits for the others' records before any exits
     return Outcome(summary.status, summary, signum)
 
 
