@@ -222,8 +222,9 @@ def print_summary(summary: Summary, multirun: bool) -> None:
         detail = summary.error if summary.status != "ok" else \
             f"loss={_round(summary.final_loss)} param_sum={_round(summary.param_sum)}"
         # Error texts hold brackets ([/path/pair.cc:537]) that rich would read as markup.
-        console.print(f"[{colour}]{summary.status}[/] {escape(Path(summary.run_dir or '').name)} {escape(str(detail))}",
-                      soft_wrap=True)
+        reused = f" (reused from {summary.reused_from})" if summary.reused_from else ""
+        console.print(f"[{colour}]{summary.status}[/] {escape(Path(summary.run_dir or '').name)} {escape(str(detail))}"
+                      f"{escape(reused)}", soft_wrap=True)
         return
     table = Table(title=f"run: [{colour}]{summary.status}[/]", show_header=False)
     rows = [("run dir", summary.run_dir), ("steps", summary.steps_done), ("final loss", summary.final_loss),
@@ -280,9 +281,34 @@ class Command:
                                                       run_dir=str(run_dir.resolve())))
                 self.exit_code = 2 if not multirun else self.exit_code
                 return
+        if multirun and not prepared.training.config.trainer.rerun and reuse_twin(prepared, hc):
+            return
         code = run_prepared(prepared, hc, multirun)
         if code is not None:
             self.exit_code = code
+
+
+def reuse_twin(prepared: Prepared, hc) -> bool:
+    """A sweep's job whose used configuration an earlier job of the sweep already trained (full at
+    another accumulation, an option only another strategy reads) trains no more: its folder gets
+    that job's records and a summary that says so (reused_from). True where it did."""
+    run_dir = Path(hc.runtime.output_dir)
+    sweep_dir = record.sweep_of(run_dir) or run_dir.parent
+    wanted = prepared.training.used_config_id()
+    for path in record.summary_files(sweep_dir):
+        twin_dir = path.parent
+        if twin_dir.resolve() == run_dir.resolve():
+            continue
+        twin = record.read_summary(twin_dir)
+        if twin.status == "ok" and twin.used_config_id == wanted and twin.reused_from is None:
+            record.copy_records(twin_dir, run_dir)
+            mine = prepared.summary
+            summary = replace(twin, choices=mine.choices, overrides=mine.overrides, config=mine.config,
+                              run_dir=str(run_dir.resolve()), reused_from=twin_dir.name, warnings=[])
+            record.write_summary(run_dir, summary)
+            print_summary(summary, multirun=True)
+            return True
+    return False
 
 
 def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:

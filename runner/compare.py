@@ -31,6 +31,7 @@ from runner.analysis.replicates import (
     spread,
 )
 from runner.analysis.runs import (
+    ACCUMULATION_KEY,
     DTYPE_KEY,
     ORACLE_DTYPE,
     Run,
@@ -222,9 +223,6 @@ def run_labels(table) -> Dict[Path, str]:
         label = ", ".join(f"{c}={row[c]}" for c in varying) or Path(row["run_dir"]).name
         labels[Path(row["run_dir"])] = label if len(label) <= 80 else label[:77] + "..."
     return labels
-
-
-ACCUMULATION_KEY = "backward.accumulation"
 
 
 def draw_oracle_drift(table, sweep_dir: Path) -> Optional[Path]:

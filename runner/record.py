@@ -108,6 +108,10 @@ class Summary:
     resumed_from_step: Optional[int] = None
     diverged_at_step: Optional[int] = None
     training_id: Optional[str] = None  # a hash of the keys that define the training (runner.training.checkpoint)
+    # The same, with what this run's strategy and process count ignore set aside: two jobs of a sweep
+    # with one used_config_id are one training, which runs once (runner.cli, trainer.rerun).
+    used_config_id: Optional[str] = None
+    reused_from: Optional[str] = None  # the job folder whose records this job's are (not trained again)
     gradient_flow: List[Dict[str, Any]] = field(default_factory=list)
     choices: Dict[str, Any] = field(default_factory=dict)  # group -> option (model=mlp, ...)
     overrides: List[str] = field(default_factory=list)  # as typed on the command line
@@ -133,12 +137,12 @@ def expected_difference(batch_coupled: Optional[bool], stochastic: Optional[bool
 SUMMARY_KEYS = tuple(f.name for f in fields(Summary))
 # Summary keys a comparison row carries, in order (runner.compare adds the verdict's columns).
 COMPARED_KEYS = ("status", "final_loss", "eval_metric", "eval_value", "param_sum", "param_sha256",
-                 "peak_saved_bytes", "time_per_step_s", "steps_done", "error")
+                 "peak_saved_bytes", "time_per_step_s", "steps_done", "error", "reused_from")
 # comparison.csv: the config keys that vary, then these columns; the terminal shows SHOWN, in order.
 SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "grad_rel_diff",
                  "verdict", "diff_to_oracle", "grad_diff_to_oracle", "peak_saved_bytes", "time_per_step_s", "error")
 ORACLE_COLUMNS = ("diff_to_oracle", "grad_diff_to_oracle")  # against a float64 run of the reference's config
-HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir")
+HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir", "reused_from")
 # The rows appended while a sweep runs, before its verdicts exist.
 JOB_COLUMNS = ("job", "overrides", *COMPARED_KEYS, "run_dir")
 
@@ -304,6 +308,15 @@ def checkpoint_path(run_dir: Path) -> Path:
 def write_checkpoint(run_dir: Path, state: Dict[str, Any]) -> None:
     with atomic_path(checkpoint_path(run_dir), durable=True) as tmp:
         torch.save(state, tmp)
+
+
+def copy_records(run_dir: Path, to: Path) -> None:
+    """A finished run's per-run files (not its summary) copied to `to`: a job equal to it."""
+    import shutil
+
+    for name in (METRICS, PARAMS, FIRST_GRAD, GRADIENT_FLOW):
+        if (Path(run_dir) / name).exists():
+            shutil.copyfile(Path(run_dir) / name, Path(to) / name)
 
 
 def copy_resumable(run_dir: Path, to: Path) -> None:

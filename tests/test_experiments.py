@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from runner.report import build_report
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, read_summary, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 # Smaller data sets (and two accumulation factors for tokens) keep the focal, token and memory
@@ -35,6 +35,10 @@ def test_claims_hold(tmp_path, name):
     claims = len(yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"])
     assert "FAILS" not in result.stdout
     assert sum(line.startswith("holds") for line in result.stdout.splitlines()) == claims
+    # Each distinct training ran once: no two trained jobs share what they used.
+    summaries = [read_summary(p.parent) for p in sweep_dir.glob("*/summary.json")]
+    trained = [s["used_config_id"] for s in summaries if not s["reused_from"]]
+    assert len(trained) == len(set(trained)), name
     table = pd.read_csv(sweep_dir / "comparison.csv")
     assert len(table) == len([p for p in sweep_dir.iterdir() if (p / "summary.json").exists()]) > 1
     # The report's section says what the experiment shows, then that every claim holds.

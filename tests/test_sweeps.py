@@ -1,4 +1,6 @@
 """Sweeps through the real CLI: rows for failed jobs, comparisons across sweeps, launchers."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -67,3 +69,21 @@ def test_parallel_launchers_give_the_basic_launchers_comparison(tmp_path, launch
     a, b = pd.read_csv(basic_dir / "comparison.csv"), pd.read_csv(other_dir / "comparison.csv")
     columns = ["backward", "status", "final_loss", "param_sum", "param_sha256", "verdict", "peak_saved_bytes"]
     pd.testing.assert_frame_equal(a[columns], b[columns])
+
+
+def test_each_distinct_training_runs_once_unless_rerun(tmp_path):
+    """full ignores backward.accumulation: at k = 2 and 4 it is one training, run once; its table
+    rows show the accumulation it used (1). trainer.rerun=true trains it again."""
+    for rerun in (False, True):
+        sweep = tmp_path / f"rerun_{rerun}"
+        result = run_cli("-m", "backward=full,accumulate", "backward.accumulation=2,4", "trainer.steps=3",
+                         "data.train_size=256", "data.eval_size=64", f"trainer.rerun={str(rerun).lower()}",
+                         f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        table = pd.read_csv(sweep / "comparison.csv")
+        full = table[table["backward"] == "full"]
+        assert list(full["backward.accumulation"]) == [1, 1]
+        reused = full["reused_from"].dropna().tolist()
+        assert reused == ([] if rerun else [Path(full["run_dir"].iloc[0]).name])
+        assert table.loc[table["backward"] == "accumulate", "reused_from"].isna().all()
+        assert (sweep / Path(full["run_dir"].iloc[1]).name / "params.pt").exists()

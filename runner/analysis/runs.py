@@ -15,6 +15,7 @@ from runner import record
 from runner.config.schema import ignored_by_comparison
 from runner.record import Summary
 
+ACCUMULATION_KEY = "backward.accumulation"
 # torch.testing's defaults for float32; float64 gets a tolerance far tighter than float32 rounding.
 TOLERANCES = {"float32": (1.3e-6, 1e-5), "float64": (1e-7, 1e-7)}
 
@@ -83,6 +84,8 @@ def load_run(run_dir: Path) -> Run:
     ignored = ignored_by_comparison()
     keys = {k: as_text(v) for k, v in {**summary.choices, **flatten(summary.config)}.items()
             if not any(k == i or k.startswith(i + ".") for i in ignored)}
+    if summary.accumulation is not None and ACCUMULATION_KEY in keys:  # what the run used (full: 1)
+        keys[ACCUMULATION_KEY] = as_text(summary.accumulation)
     return Run(run_dir, summary, str(run_dir.parent) if record.is_sweep(run_dir.parent) else "", keys)
 
 

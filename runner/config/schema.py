@@ -218,6 +218,8 @@ class TrainerConf:
     resume: Optional[str] = key(None, Role.operational)
     # first_grad.pt: the first optimizer step's gradient (false for models too large to keep it twice)
     first_grad: bool = key(True, Role.operational)
+    # A sweep's job whose used configuration equals an earlier job's reuses its records: true trains again.
+    rerun: bool = key(False, Role.operational)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -34,11 +34,12 @@ def lookup(config: Dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def identity(config: Dict[str, Any]) -> Dict[str, Any]:
+def identity(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> Dict[str, Any]:
     """The keys that define the training (Role.training in runner.config.schema) and a custom loss's,
-    model's and the optimizer's arguments: a checkpoint only resumes the same training."""
+    model's and the optimizer's arguments: a checkpoint only resumes the same training. With
+    Role.extent too: the same run (steps, device, processes), which a sweep need not run twice."""
     plain = json.loads(json.dumps(config, default=str))
-    ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(Role.training)}
+    ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(*roles)}
     ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
     ident["model_kwargs"] = plain.get("model_kwargs") or {}
     ident["optim_kwargs"] = plain.get("optim_kwargs") or {}
@@ -79,10 +80,10 @@ def load(run_dir: Path) -> Dict[str, Any]:
     return state
 
 
-def training_id(config: Dict[str, Any]) -> str:
+def training_id(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> str:
     """A short hash of what defines the training; summary.json records it, so that a checkpoint
     copied into another run's folder is recognised as foreign."""
-    text = json.dumps(identity(config), sort_keys=True)
+    text = json.dumps(identity(config, roles), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
