@@ -13,10 +13,9 @@ runner.config.schema.ConfigError with one line, Hydra's composition errors inclu
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from runner.config.schema import ConfigError
 from runner.record import Summary
@@ -31,48 +30,12 @@ class Composed(Training):
     origin: Summary = field(default_factory=Summary)
 
 
-@contextmanager
-def _hydra(config_dir: Path) -> Iterator[None]:
-    """Hydra initialised on config_dir for one composition. A Hydra already initialised in this
-    process (a @hydra.main run, the caller's own `hydra.initialize`) is set aside and put back."""
-    import hydra
-    from hydra.core.global_hydra import GlobalHydra
-
-    outer = GlobalHydra.instance().hydra
-    GlobalHydra.instance().clear()
-    try:
-        with hydra.initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-            yield
-    finally:
-        GlobalHydra.instance().hydra = outer
-
-
-def _one_line(exc: BaseException) -> str:
-    """Hydra's message, first line, with its cause's first line when Hydra's own says little
-    ("Error merging override trainer.steps=abc: Value 'abc' ... could not be converted to Integer")."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip():
-        text = f"{text}: {str(cause).strip().splitlines()[0]}"
-    return text
-
-
 def compose(overrides: Sequence[str] = (), config_dir: Union[str, Path, None] = None) -> Composed:
     """The training `python -m runner OVERRIDES` would run: composed, validated and built (the
     loss probed), nothing written. Raises ConfigError (one line) for bad input."""
-    from hydra import compose as hydra_compose
-    from hydra.errors import HydraException
+    from runner import cli
 
-    from runner import cli  # its import registers base_config (runner.config.schema.register)
-
-    overrides = list(overrides)
-    folder = Path(config_dir).resolve() if config_dir is not None else cli.CONF_DIR
-    try:
-        with _hydra(folder):
-            # The hydra node is kept: its runtime choices and task overrides are the run's record.
-            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    except HydraException as exc:
-        raise ConfigError(_one_line(exc)) from None
+    cfg = cli.compose(list(overrides), Path(config_dir).resolve() if config_dir is not None else None)
     if cfg.trainer.resume:
         raise ConfigError(f"trainer.resume={cfg.trainer.resume}: a resume continues a run in its own folder; "
                           f"run it with python -m runner trainer.resume=DIR")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -119,6 +120,46 @@ def config_for_resume(state: Dict[str, Any], current: Config,
     return config, extras
 
 
+@contextmanager
+def _hydra(config_dir: Path) -> Iterator[None]:
+    """Hydra initialised on config_dir for one composition. A Hydra already initialised in this
+    process (a @hydra.main run, the caller's own `hydra.initialize`) is set aside and put back."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    outer = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with hydra.initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+            yield
+    finally:
+        GlobalHydra.instance().hydra = outer
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's message, first line, with its cause's first line when Hydra's own says little
+    ("Error merging override trainer.steps=abc: Value 'abc' ... could not be converted to Integer")."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        text = f"{text}: {str(cause).strip().splitlines()[0]}"
+    return text
+
+
+def compose(overrides: List[str], config_dir: Optional[Path] = None) -> DictConfig:
+    """What the command line composes for `overrides` (the groups' YAML applied), Hydra's own node
+    kept (its runtime choices and task overrides are the run's record): runner.api's path in.
+    Hydra's composition errors become one ConfigError line."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+
+    try:
+        with _hydra(config_dir or CONF_DIR):
+            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    except HydraException as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
 def report_bad_input(exc: Exception) -> None:
     print(f"error: {exc}", file=sys.stderr)
 
@@ -141,12 +182,22 @@ def parallel_job_threads(hydra_node) -> int:
 
 @dataclass
 class Prepared:
-    """One run, validated and built: what the task function runs."""
+    """One run, validated and (once `built`) built: what the task function runs."""
 
-    training: Any  # runner.training.build.Training
+    training: Any  # runner.training.build.Training; None until built
     summary: Summary  # what is known before training: choices, overrides, config
     resume: Optional[Dict[str, Any]] = None  # the loaded checkpoint of a resumed run
     run_dir: Optional[Path] = None  # a resumed run's own folder
+    config: Any = None  # the typed, validated Config
+    extras: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # +loss/+model/+optim arguments
+
+    def used_config_id(self) -> str:
+        """What the run would use (runner.config.identity), known before anything is built."""
+        from runner.config.identity import config_record, used_config_id
+
+        extras = self.extras
+        return used_config_id(self.config, config_record(self.config, extras["loss"], extras["model"],
+                                                         extras["optim"]))
 
 
 def origin(cfg: DictConfig, hydra_node) -> Summary:
@@ -159,13 +210,13 @@ def origin(cfg: DictConfig, hydra_node) -> Summary:
                    config=OmegaConf.to_container(task, resolve=True, enum_to_str=True))
 
 
-def prepare(cfg: DictConfig, hydra_node) -> Prepared:
-    """Compose the typed config, apply a resume, validate, build and probe: once per run.
-    Raises ConfigError (bad input, the user's code raising included)."""
+def prepare(cfg: DictConfig, hydra_node, build: bool = True) -> Prepared:
+    """Compose the typed config, apply a resume, validate, then (unless `build` is false: see
+    `built`) build and probe: once per run. Raises ConfigError (bad input, the user's code
+    raising included)."""
     import torch
 
     from runner.training import checkpoint
-    from runner.training.build import build_training
 
     summary = origin(cfg, hydra_node)
     choices = summary.choices
@@ -192,8 +243,17 @@ def prepare(cfg: DictConfig, hydra_node) -> Prepared:
     threads = config.trainer.threads or parallel_job_threads(hydra_node)
     if threads:
         torch.set_num_threads(threads)
-    return Prepared(build_training(config, extras["loss"], model_kwargs=extras["model"], optim_kwargs=extras["optim"]),
-                    summary, resume, run_dir)
+    prepared = Prepared(None, summary, resume, run_dir, config, extras)
+    return built(prepared) if build else prepared
+
+
+def built(prepared: Prepared) -> Prepared:
+    """The prepared run with its Training built (model, data, loss, the checks before training)."""
+    from runner.training.build import build_training
+
+    config, extras = prepared.config, prepared.extras
+    return replace(prepared, training=build_training(config, extras["loss"], model_kwargs=extras["model"],
+                                                     optim_kwargs=extras["optim"]))
 
 
 def exit_code(status: str, signum: Optional[int]) -> int:
@@ -274,15 +334,17 @@ class Command:
         if prepared is None:
             run_dir = Path(hc.runtime.output_dir)
             try:
-                prepared = prepare(cfg, hc)
+                prepared = prepare(cfg, hc, build=False)
+                # A job equal to one its sweep already trained is not built, let alone trained.
+                if multirun and not prepared.config.trainer.rerun and reuse_twin(prepared, hc):
+                    return
+                prepared = built(prepared)
             except ConfigError as exc:
                 report_bad_input(exc)
                 record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
                                                       run_dir=str(run_dir.resolve())))
                 self.exit_code = 2 if not multirun else self.exit_code
                 return
-        if multirun and not prepared.training.config.trainer.rerun and reuse_twin(prepared, hc):
-            return
         code = run_prepared(prepared, hc, multirun)
         if code is not None:
             self.exit_code = code
@@ -294,7 +356,7 @@ def reuse_twin(prepared: Prepared, hc) -> bool:
     that job's records and a summary that says so (reused_from). True where it did."""
     run_dir = Path(hc.runtime.output_dir)
     sweep_dir = record.sweep_of(run_dir) or run_dir.parent
-    wanted = prepared.training.used_config_id()
+    wanted = prepared.used_config_id()
     for path in record.summary_files(sweep_dir):
         twin_dir = path.parent
         if twin_dir.resolve() == run_dir.resolve():

@@ -59,13 +59,17 @@ def build_table(runs: List[Run], reference: Optional[Run]):
     across = [k for k in varying if len(sweeps) > 1 and
               all(len({r.keys.get(k) for r in runs if r.sweep == s}) == 1 for s in sweeps)]
     cache: Dict[Any, Any] = {}
+    oracles: Dict[Any, Optional[Run]] = {}  # a reference's float64 run, found once per reference
     rows = []
     for run in runs:
         row: Dict[str, Any] = {key: run.keys.get(key) for key in varying}
         row.update({key: getattr(run.summary, key) for key in record.COMPARED_KEYS})
         paired = same_seed_reference(run, reference, runs)  # seeds are replicates: same seed, same reference
         # A float64 run of the reference's configuration, if any: its oracle.
-        row.update(asdict(compare_to(run, paired, cache, find_oracle(runs, paired))))
+        key = paired.path if paired is not None else None
+        if key not in oracles:
+            oracles[key] = find_oracle(runs, paired)
+        row.update(asdict(compare_to(run, paired, cache, oracles[key])))
         row.update(param_sha256=(run.summary.param_sha256 or "")[:12],
                    config_key=",".join(f"{k}={run.keys.get(k)}" for k in varying if k not in across),
                    sweep=run.sweep, run_dir=str(run.path))
@@ -84,10 +88,11 @@ def build_replicates(table, runs: List[Run], reference: Optional[Run]):
     import pandas as pd
 
     figures = table.set_index("run_dir")
-    reference_runs = groups(runs).get(configuration(reference), []) if reference is not None else []
+    grouped = groups(runs)
+    reference_runs = grouped.get(configuration(reference), []) if reference is not None else []
     varying = [k for k in varying_keys(runs) if k != SEED_KEY]
     rows = []
-    for members in groups(runs).values():
+    for members in grouped.values():
         row: Dict[str, Any] = {key: members[0].keys.get(key) for key in varying}
         row["n"] = len(members)
         for figure in SPREAD_FIGURES:

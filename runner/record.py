@@ -348,20 +348,15 @@ def read_metrics(run_dir: Path):
     return pd.read_csv(path) if path.exists() else None
 
 
-def read_curve(run_dir: Path, column: str):
-    """One metrics.csv column as a pandas Series indexed by step; None when there is none."""
+def read_curves(run_dir: Path) -> Dict[str, Any]:
+    """The loss and param_sum per step (pandas Series indexed by step) from one read of
+    metrics.csv; {} when the run wrote no rows."""
     metrics = read_metrics(run_dir)
-    if metrics is None or not len(metrics) or column not in metrics:
-        return None
-    return metrics.set_index(BASE_COLUMNS[0])[column]
-
-
-def loss_curve(run_dir: Path):
-    return read_curve(run_dir, BASE_COLUMNS[1])
-
-
-def param_sum_curve(run_dir: Path):
-    return read_curve(run_dir, BASE_COLUMNS[3])
+    step, loss, _, param_sum, _ = BASE_COLUMNS
+    if metrics is None or not len(metrics):
+        return {}
+    metrics = metrics.set_index(step)
+    return {column: metrics[column] for column in (loss, param_sum) if column in metrics}
 
 
 class MetricsWriter:

@@ -6,7 +6,6 @@ import pandas as pd
 from runner.analysis.claims import evaluate_claim
 from runner.analysis.replicates import groups, impact, same_seed_reference
 from runner.analysis.runs import find_runs
-
 from tests.conftest import run_cli, train
 
 SMALL = ["trainer.steps=3", "data.train_size=256", "data.eval_size=64"]

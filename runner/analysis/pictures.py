@@ -27,15 +27,12 @@ STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
 COLOUR_KEY = "backward"
 
 
-def divergence(run: Run, reference: Optional[Run], runs: List[Run]):
-    """Per step, |param_sum - its reference's param_sum| (the reference of its own seed), or None."""
-    paired = same_seed_reference(run, reference, runs)
-    if paired is None or paired is run:
+def divergence(run: Run, paired: Optional[Run], read: Dict[Any, Dict[str, Any]]):
+    """Per step, |param_sum - its reference's param_sum|, or None (`read`: curves by run path)."""
+    column = record.BASE_COLUMNS[3]
+    if paired is None or paired is run or column not in read[run.path] or column not in read[paired.path]:
         return None
-    mine, theirs = record.param_sum_curve(run.path), record.param_sum_curve(paired.path)
-    if mine is None or theirs is None:
-        return None
-    return (mine - theirs).abs().dropna()
+    return (read[run.path][column] - read[paired.path][column]).abs().dropna()
 
 
 def _draw_group(axis, curves: List[Any], colour, style, label: str, floor: Optional[float] = None) -> None:
@@ -107,7 +104,8 @@ def draw(runs: List[Run], reference: Optional[Run], sweep_dir: Path) -> Path:
     for group in members.values():
         colour_of.setdefault(group[0].keys.get(colour_key), palette[len(colour_of) % len(palette)])
         style_of.setdefault(tuple(group[0].keys.get(k) for k in style_keys), STYLES[len(style_of) % len(STYLES)])
-    divergences = {r.path: divergence(r, reference, runs) for r in runs}
+    read = {r.path: record.read_curves(r.path) for r in runs}  # one read of each metrics.csv
+    divergences = {r.path: divergence(r, same_seed_reference(r, reference, runs), read) for r in runs}
     floor = _floor(list(divergences.values()))
     reference_config = configuration(reference) if reference is not None else None
 
@@ -118,7 +116,7 @@ def draw(runs: List[Run], reference: Optional[Run], sweep_dir: Path) -> Path:
         label += " (reference)" if config == reference_config else ""
         label += f" ({len(group)} seeds: mean, min-max)" if len(group) > 1 else ""
         colour, style = colour_of[first.keys.get(colour_key)], style_of[tuple(first.keys.get(k) for k in style_keys)]
-        _draw_group(top, [record.loss_curve(r.path) for r in group], colour, style, label)
+        _draw_group(top, [read[r.path].get(record.BASE_COLUMNS[1]) for r in group], colour, style, label)
         if config != reference_config:
             _draw_group(bottom, [divergences[r.path] for r in group], colour, style, label, floor)
     tolerance = _tolerance(reference)

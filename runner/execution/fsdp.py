@@ -47,6 +47,7 @@ def _counting_reduce_scatter(calls: List[int]):
 @register
 class FSDP(Ranks):
     name = "fsdp"
+    rounds_key = "reduce_scatter_calls_per_step"
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -59,7 +60,6 @@ class FSDP(Ranks):
         for block in blocks_of(model):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-        self.calls = [0]
         self.sharded = [m for m in model.modules() if isinstance(m, FSDPModule)
                         and any(True for _ in m.parameters(recurse=False))]
         for module in self.sharded:
@@ -118,6 +118,5 @@ class FSDP(Ranks):
                     "float32 parameters")
         return None
 
-    def figures(self, steps: int) -> Dict[str, object]:
-        rounds: Optional[float] = self.calls[0] / len(self.sharded) / steps if steps > 0 and self.sharded else None
-        return {**super().figures(steps), "reduce_scatter_calls_per_step": rounds}
+    def calls_per_round(self) -> int:
+        return max(1, len(self.sharded))  # one reduce-scatter per sharded block

@@ -38,10 +38,6 @@ def synced(policy: str, index: int, count: int) -> bool:
     return {"last": index == count - 1, "every": True, "first": index == 0}[policy]
 
 
-def grad_bytes(params: Sequence[nn.Parameter]) -> int:
-    return sum(p.grad.nbytes for p in params if p.grad is not None)
-
-
 class Single:
     """One process: every method is the plain call."""
 
@@ -103,7 +99,11 @@ class Single:
 
 
 class Ranks(Single):
-    """What DDP and FSDP share: joining the ranks, sharding a batch, weighting, gathering."""
+    """What DDP and FSDP share: joining the ranks, sharding a batch, weighting, gathering, and
+    the figures: the engine's own hook counts its collective calls (`calls`), `calls_per_round`
+    of them make one synchronised backward, reported per optimizer step as `rounds_key`."""
+
+    rounds_key = ""  # the summary key of the rounds per optimizer step
 
     def __init__(self, model: nn.Module, device: torch.device, sync: str, rank_normalize: str,
                  token_loss: bool):
@@ -114,7 +114,7 @@ class Ranks(Single):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device, self.policy, self.token_loss = device, sync, token_loss
         self.rank_normalize = rank_normalize
-        self.rounds = [0]  # synchronised backwards, counted by the engine's own communication hook
+        self.calls = [0]  # the engine's collective calls, counted by its own communication hook
         self._weight: Optional[torch.Tensor] = None
         self._peak_grad_bytes = 0
         self._measuring = True  # gradient bytes are measured on the first optimizer step
@@ -125,7 +125,10 @@ class Ranks(Single):
 
     def held_grad_bytes(self) -> int:
         """Bytes of gradients this rank holds now."""
-        return grad_bytes(list(self.module.parameters()))
+        return sum(p.grad.nbytes for p in self.module.parameters() if p.grad is not None)
+
+    def calls_per_round(self) -> int:
+        return 1
 
     def _measure(self) -> None:
         if self._measuring:
@@ -186,20 +189,18 @@ class Ranks(Single):
         except RuntimeError:  # a rank is gone: nothing to wait for
             pass
 
-    def rounds_per_step(self, steps: int) -> Optional[float]:
-        return self.rounds[0] / steps if steps > 0 else None
-
     def figures(self, steps: int) -> Dict[str, object]:
-        return {"parallel": self.name, "peak_grad_bytes": self._peak_grad_bytes or None}
+        rounds = self.calls[0] / self.calls_per_round() / steps if steps > 0 else None
+        return {"parallel": self.name, "peak_grad_bytes": self._peak_grad_bytes or None, self.rounds_key: rounds}
 
 
-def _counting_allreduce(rounds: List[int], bucket):  # no annotation: DDP checks it literally
+def _counting_allreduce(calls: List[int], bucket):  # no annotation: DDP checks it literally
     """DDP's own all-reduce hook, counting rounds: one per synchronised backward, however many
     buckets the gradients fill."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if bucket.is_last():
-        rounds[0] += 1
+        calls[0] += 1
     return default_hooks.allreduce_hook(None, bucket)
 
 
@@ -207,12 +208,13 @@ class DDP(Ranks):
     """DistributedDataParallel: every rank holds the whole model and its whole gradient."""
 
     name = "ddp"
+    rounds_key = "allreduce_calls_per_step"
 
     def wrap(self, model: nn.Module) -> nn.Module:
         cuda = self.device.type == "cuda"
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index if self.device.index is not None else local_rank()] if cuda else None)
-        ddp.register_comm_hook(self.rounds, _counting_allreduce)
+        ddp.register_comm_hook(self.calls, _counting_allreduce)
         return ddp
 
     @contextmanager
@@ -222,9 +224,6 @@ class DDP(Ranks):
         with nullcontext() if synced(self.policy, index, count) else self.module.no_sync():
             yield
         self._measure()
-
-    def figures(self, steps: int) -> Dict[str, object]:
-        return {**super().figures(steps), "allreduce_calls_per_step": self.rounds_per_step(steps)}
 
 
 # The parallel units by trainer.parallel (one process is always Single).
@@ -237,11 +236,11 @@ def register(cls):
 
 
 def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last",
-                   rank_normalize: str = "global", token_loss: bool = False, **options):
+                   rank_normalize: str = "global", token_loss: bool = False):
     """The unit trainer.parallel names, joined to the ranks torchrun started (world > 1)."""
     if world <= 1:
         return Single(model)
-    return ENGINES.get(name)(model, device, sync, rank_normalize, token_loss, **options)
+    return ENGINES.get(name)(model, device, sync, rank_normalize, token_loss)
 
 
 def leave() -> None:

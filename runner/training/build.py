@@ -8,23 +8,21 @@ are built afterwards and draw nothing; the probe leaves no trace.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner.config.backward_options import PassOptions, option_defaults
-from runner.config.schema import Config, ConfigError, ModelConf, Role, instantiate, plain, set_keys
+from runner.config.identity import config_record, used_config_id
+from runner.config.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.execution import fsdp  # noqa: F401  (registers trainer.parallel=fsdp)
 from runner.execution.parallel import build_parallel
 from runner.execution.precision import FirstGradient, Precision
 from runner.execution.processes import under_torchrun
 from runner.execution.recompute import recompute_blocks
 from runner.training import checks, user_data
-from runner.training.checkpoint import training_id
 from runner.training.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
 from runner.training.gradflow import gradient_flow
 from runner.training.loader import Batches, LoaderWindows
@@ -40,10 +38,6 @@ from runner.training.strategies import (
     parameters_of,
     readers_of,
 )
-
-# Keys that only several processes read, at their defaults: (group, key, default).
-ONE_PROCESS_IGNORES = (("backward", "sync", "last"), ("loss", "rank_normalize", "global"),
-                       ("trainer", "parallel", "ddp"))
 
 
 @dataclass
@@ -80,30 +74,11 @@ class Training:
         return list(self.strategy.updates.schedulers.values())
 
     def used_config_id(self) -> str:
-        """training_id of what this training uses, extents included: the backward.* options its
-        strategy does not read back at their defaults (full at any accumulation is one training,
-        except in loader mode, where k is the window's size), and in one process what only several
-        processes read (backward.sync, loss.rank_normalize, trainer.parallel)."""
-        used = self.config_record()
-        mine = {f.name for f in fields(self.strategy.Options)} | {f.name for f in fields(PassOptions)}
-        if self.config.data.micro_batch_size is not None:  # loader mode: k micro-batches are the data's window
-            mine.add("accumulation")
-        for option, default in option_defaults().items():
-            if option not in mine:
-                used["backward"][option] = plain(default)
-        if self.config.trainer.processes == 1:
-            for group, key, default in ONE_PROCESS_IGNORES:
-                used[group][key] = default
-        # What the records hold depends on these too (a memory figure, first_grad.pt).
-        recorded = f"{plain(self.config.trainer.memory)}-{int(self.config.trainer.first_grad)}"
-        return f"{training_id(used, roles=(Role.training, Role.extent))}-{recorded}"
+        """What this training uses (runner.config.identity): equal for two jobs that train the same."""
+        return used_config_id(self.config, self.config_record())
 
     def config_record(self) -> Dict[str, Any]:
-        """The config as plain JSON-able data, with a custom loss's and model's arguments and the
-        optimizer's own (checkpoints keep it)."""
-        return {**json.loads(json.dumps(asdict(self.config), default=plain)),
-                "loss_kwargs": self.loss_kwargs, "model_kwargs": self.model_kwargs,
-                "optim_kwargs": self.optim_kwargs}
+        return config_record(self.config, self.loss_kwargs, self.model_kwargs, self.optim_kwargs)
 
 
 def resolve_device(name: str) -> torch.device:

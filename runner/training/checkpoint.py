@@ -9,15 +9,15 @@ run's config is stored as JSON, so loading never unpickles arbitrary objects:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 
 from runner import record
-from runner.config.schema import ConfigError, Role, keys_with_roles
+from runner.config.identity import identity, training_id
+from runner.config.schema import ConfigError
 
 FORMAT = 1
 CHECKPOINT = record.CHECKPOINT
@@ -25,25 +25,6 @@ CHECKPOINT = record.CHECKPOINT
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot continue this run: bad input, reported like any other."""
-
-
-def lookup(config: Dict[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for name in dotted.split("."):
-        node = node.get(name) if isinstance(node, dict) else None
-    return node
-
-
-def identity(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> Dict[str, Any]:
-    """The keys that define the training (Role.training in runner.config.schema) and a custom loss's,
-    model's and the optimizer's arguments: a checkpoint only resumes the same training. With
-    Role.extent too: the same run (steps, device, processes), which a sweep need not run twice."""
-    plain = json.loads(json.dumps(config, default=str))
-    ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(*roles)}
-    ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
-    ident["model_kwargs"] = plain.get("model_kwargs") or {}
-    ident["optim_kwargs"] = plain.get("optim_kwargs") or {}
-    return ident
 
 
 def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: float = 0.0) -> None:
@@ -78,13 +59,6 @@ def load(run_dir: Path) -> Dict[str, Any]:
                               f"of format {FORMAT}")
     state["config"] = json.loads(state["config_json"])
     return state
-
-
-def training_id(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> str:
-    """A short hash of what defines the training; summary.json records it, so that a checkpoint
-    copied into another run's folder is recognised as foreign."""
-    text = json.dumps(identity(config, roles), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_matches(state: Dict[str, Any], config: Dict[str, Any], run_dir: Path) -> None:

@@ -19,11 +19,11 @@ from runner.training.sinks import Sink
 
 class StepLog:
     def __init__(self, model: torch.nn.Module, sinks: Sequence[Sink],
-                 param_sums: Optional[Callable[[List[torch.Tensor]], List[torch.Tensor]]] = None):
+                 param_sums: Callable[[List[torch.Tensor]], List[torch.Tensor]]):
         """`param_sums`: each parameter's sum (the parallel unit's: a sharded parameter's shards add up)."""
         self.sinks = list(sinks)
         self.params = list(model.parameters())
-        self.param_sums = param_sums or (lambda params: [p.detach().sum() for p in params])
+        self.param_sums = param_sums
         self.columns: Optional[List[str]] = None
         self.steps: List[int] = []
         self.values: List[torch.Tensor] = []

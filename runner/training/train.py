@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from runner import record
+from runner.config.identity import training_id
 from runner.config.schema import ConfigError, plain
 from runner.execution.memory import SavedTensorsMeter
 from runner.record import Summary
@@ -104,7 +105,7 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         params_without_grad=t.findings.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
         processes=world, parallel=t.parallel.name,
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
-        training_id=checkpoint.training_id(t.config_record()), used_config_id=t.used_config_id())
+        training_id=training_id(t.config_record()), used_config_id=t.used_config_id())
     coupling = t.findings.coupling
     if coupling is not None:
         summary.batch_coupled, summary.stochastic = coupling.batch_coupled, coupling.stochastic

@@ -1,0 +1,71 @@
+"""What defines a training, as data: the config record a run and a checkpoint keep, the keys
+that make two runs one training (a checkpoint resumes only its own), and what a run uses (a sweep
+runs each distinct training once). Config side: no training code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, fields
+from typing import Any, Dict, Tuple
+
+from runner.config.backward_options import OPTIONS, PassOptions, option_defaults
+from runner.config.schema import Config, Role, keys_with_roles, plain
+
+# Keys that only several processes read, at their defaults: (group, key, default).
+ONE_PROCESS_IGNORES = (("backward", "sync", "last"), ("loss", "rank_normalize", "global"),
+                       ("trainer", "parallel", "ddp"))
+
+
+def config_record(config: Config, loss_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any],
+                  optim_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The config as plain JSON-able data, with a custom loss's and model's arguments and the
+    optimizer's own (checkpoints keep it)."""
+    return {**json.loads(json.dumps(asdict(config), default=plain)),
+            "loss_kwargs": loss_kwargs, "model_kwargs": model_kwargs, "optim_kwargs": optim_kwargs}
+
+
+def lookup(config: Dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for name in dotted.split("."):
+        node = node.get(name) if isinstance(node, dict) else None
+    return node
+
+
+def identity(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> Dict[str, Any]:
+    """The keys that define the training (Role.training in runner.config.schema) and a custom loss's,
+    model's and the optimizer's arguments: a checkpoint only resumes the same training. With
+    Role.extent too: the same run (steps, device, processes), which a sweep need not run twice."""
+    plain = json.loads(json.dumps(config, default=str))
+    ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(*roles)}
+    ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
+    ident["model_kwargs"] = plain.get("model_kwargs") or {}
+    ident["optim_kwargs"] = plain.get("optim_kwargs") or {}
+    return ident
+
+
+def training_id(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,)) -> str:
+    """A short hash of what defines the training; summary.json records it, so that a checkpoint
+    copied into another run's folder is recognised as foreign."""
+    text = json.dumps(identity(config, roles), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def used_config_id(config: Config, record: Dict[str, Any]) -> str:
+    """training_id of what a training uses, extents included: the backward.* options its strategy
+    does not read back at their defaults (full at any accumulation is one training, except in
+    loader mode, where k is the window's size), and in one process what only several processes
+    read (backward.sync, loss.rank_normalize, trainer.parallel). `record`: config_record's."""
+    used = json.loads(json.dumps(record))
+    mine = {f.name for f in fields(OPTIONS[config.backward.name])} | {f.name for f in fields(PassOptions)}
+    if config.data.micro_batch_size is not None:  # loader mode: k micro-batches are the data's window
+        mine.add("accumulation")
+    for option, default in option_defaults().items():
+        if option not in mine:
+            used["backward"][option] = plain(default)
+    if config.trainer.processes == 1:
+        for group, key, default in ONE_PROCESS_IGNORES:
+            used[group][key] = default
+    # What the records hold depends on these too (a memory figure, first_grad.pt).
+    recorded = f"{plain(config.trainer.memory)}-{int(config.trainer.first_grad)}"
+    return f"{training_id(used, roles=(Role.training, Role.extent))}-{recorded}"
