@@ -292,11 +292,11 @@ def print_summary(summary: Summary, multirun: bool) -> None:
             ("param_sha256", (summary.param_sha256 or "")[:16]), ("peak_saved_bytes", summary.peak_saved_bytes),
             ("wall s", summary.wall_s)]
     if summary.processes > 1:  # how the ranks shared the work, as counted
-        rows += [("parallel", f"{summary.parallel} x {summary.processes} ranks"),
-                 ("all-reduce rounds/step", summary.allreduce_calls_per_step),
-                 ("reduce-scatter rounds/step", summary.reduce_scatter_calls_per_step),
-                 ("peak_grad_bytes", summary.peak_grad_bytes), ("ranks agree", summary.ranks_agree)]
-        rows = [(name, value) for name, value in rows if value is not None]
+        shared = [("parallel", f"{summary.parallel} x {summary.processes} ranks"),
+                  ("all-reduce rounds/step", summary.allreduce_calls_per_step),
+                  ("reduce-scatter rounds/step", summary.reduce_scatter_calls_per_step),
+                  ("peak_grad_bytes", summary.peak_grad_bytes), ("ranks agree", summary.ranks_agree)]
+        rows += [(name, value) for name, value in shared if value is not None]  # the engine's own figures
     if summary.params_without_grad:
         rows.append(("no gradient", ", ".join(summary.params_without_grad)))
     rows += [(name, text) for name, text in (("error", summary.error), ("hint", summary.hint)) if text]

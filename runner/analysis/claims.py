@@ -42,10 +42,10 @@ class ClaimResult:
 
 def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any],
                    sweep_reference: Any = None) -> ClaimResult:
-    """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift, grad_scaled,
-    fails (status error, error text containing `message`), succeeds, summary (`key` is `value`),
-    smaller / about (a `metric`
-    against `factor` times the reference's: smaller than it, or within `rel` of it).
+    """Kinds: equivalent, identical, differs (parameters against `reference`), within_drift,
+    grad_scaled, impact (runs paired by seed), fails (status error, error text containing
+    `message`), succeeds, summary (`key` is `value`), smaller / about (a `metric` against `factor`
+    times the reference's: smaller than it, or within `rel` of it).
     `sweep_reference`: the run the comparison columns are measured against."""
     kind = claim.get("kind", "")
     selector = dict(claim.get("runs") or {})
