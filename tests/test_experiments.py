@@ -14,8 +14,9 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
-# two-process sweeps show theirs in a few steps.
-STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5}
+# two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
+# builds up over the experiment's own 100 steps.
+STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100}
 
 
 def test_the_experiment_group_lists_every_experiment():

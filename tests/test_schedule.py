@@ -56,3 +56,17 @@ def test_full_with_schedule_and_clipping_matches_a_hand_written_loop(tmp_path):
         scheduler.step()
     assert run(training, tmp_path / "run").status == "ok"
     assert_params_close(dict(training.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("name", ["full", "sum", "separate"])
+def test_per_micro_batch_keys_a_strategy_does_not_read_change_nothing(tmp_path, name):
+    """runner.config.backward_options.PER_MICRO_BATCH_UPDATES is what a sweep's reuse trusts: a
+    strategy not listed for a key trains bit for bit alike at either value of it."""
+    from runner.config.backward_options import PER_MICRO_BATCH_UPDATES
+    both = {**SCHEDULED, **CLIPPED, "trainer__steps": 8}
+    task = dict(model__name="multitask", loss__name="multitask") if name == "separate" else {}
+    _, at_step, _ = train(tmp_path, backward__name=name, **task, **both)
+    unread = [key for key in ("scheduler_every", "clip_every") if key not in PER_MICRO_BATCH_UPDATES.get(name, ())]
+    _, per_micro, _ = train(tmp_path, backward__name=name, **task, **both,
+                            **{f"optim__{key}": "micro_batch" for key in unread})
+    assert unread and max_abs_diff(per_micro, at_step) == 0.0

@@ -81,10 +81,17 @@ def impact(runs: List[Run], reference_runs: List[Run], metric: str = "final_loss
 
 
 def groups(runs: List[Run]) -> Dict[tuple, List[Run]]:
-    """Configuration (without the seed) -> its runs, in the runs' order."""
+    """Configuration (without the seed) -> its replicates, one run per seed, in the runs' order.
+    Jobs of one configuration at one seed are one training (full asked for k = 2 and k = 4 used 1,
+    and a sweep reused the first): counting each would shrink the spread."""
     grouped: Dict[tuple, List[Run]] = {}
     for run in runs:
-        grouped.setdefault(configuration(run), []).append(run)
+        members = grouped.setdefault(configuration(run), [])
+        twin = next((i for i, m in enumerate(members) if m.keys.get(SEED_KEY) == run.keys.get(SEED_KEY)), None)
+        if twin is None:
+            members.append(run)
+        elif members[twin].status != "ok" and run.status == "ok":
+            members[twin] = run
     return grouped
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 
 class Scale(str, Enum):
@@ -85,6 +85,14 @@ OPTIONS: Dict[str, type] = {
     "full": NoOptions, "sum": MicroBatchOptions, "accumulate": AccumulateOptions, "separate": SeparateOptions,
     "naive": ChainedOptions, "retain_graph": ChainedOptions, "detach": ChainedOptions,
 }
+
+
+# optim.* keys that act per micro-batch (runner.training.strategies.Strategy.apply), by the strategies
+# that read them. The others take one micro-batch per optimizer step, so "once per micro-batch" is
+# once per step for them; sum backwards its micro-batches together, so there is nothing to clip
+# between them.
+PER_MICRO_BATCH_UPDATES: Dict[str, Tuple[str, ...]] = {
+    "sum": ("scheduler_every",), "accumulate": ("scheduler_every", "clip_every")}
 
 
 def readers_by_option() -> Dict[str, List[str]]:

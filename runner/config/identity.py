@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, fields
 from typing import Any, Dict, Tuple
 
-from runner.config.backward_options import OPTIONS, PassOptions, option_defaults
+from runner.config.backward_options import OPTIONS, PER_MICRO_BATCH_UPDATES, PassOptions, option_defaults
 from runner.config.schema import Config, Role, keys_with_roles, plain
 
 # Keys that only several processes read, at their defaults: (group, key, default).
@@ -55,7 +55,9 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     """training_id of what a training uses, extents included: the backward.* options its strategy
     does not read back at their defaults (full at any accumulation is one training, except in
     loader mode, where k is the window's size), and in one process what only several processes
-    read (backward.sync, loss.rank_normalize, trainer.parallel). `record`: config_record's."""
+    read (backward.sync, loss.rank_normalize, trainer.parallel), and optim.scheduler_every and
+    optim.clip_every where they change nothing: no schedule or no clipping, or a strategy that takes
+    one micro-batch per step (full). `record`: config_record's."""
     used = json.loads(json.dumps(record))
     mine = {f.name for f in fields(OPTIONS[config.backward.name])} | {f.name for f in fields(PassOptions)}
     if config.data.micro_batch_size is not None:  # loader mode: k micro-batches are the data's window
@@ -63,6 +65,14 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     for option, default in option_defaults().items():
         if option not in mine:
             used["backward"][option] = plain(default)
+    per_micro_batch = set(PER_MICRO_BATCH_UPDATES.get(config.backward.name, ()))
+    if plain(config.optim.scheduler) == "none":
+        per_micro_batch.discard("scheduler_every")
+    if not config.optim.clip_norm:
+        per_micro_batch.discard("clip_every")
+    for key in ("scheduler_every", "clip_every"):
+        if key not in per_micro_batch:
+            used["optim"][key] = "step"
     if config.trainer.processes == 1:
         for group, key, default in ONE_PROCESS_IGNORES:
             used[group][key] = default

@@ -20,6 +20,7 @@ from torch import nn
 
 from runner.config.backward_options import (
     OPTIONS,
+    PER_MICRO_BATCH_UPDATES,
     AccumulateOptions,
     ChainedOptions,
     MicroBatchOptions,
@@ -106,9 +107,6 @@ class Strategy:
 
     Options = NoOptions  # the backward.* keys this strategy reads (runner.config.backward_options)
 
-    # True where a strategy backwards each micro-batch by itself (clip_every=micro_batch clips between them).
-    backward_per_micro_batch = False
-
     def __init__(self, options: "Strategy.Options", updates: Optional[Updates] = None,
                  precision: Optional[Precision] = None, parallel=None,
                  first_gradient: Optional[FirstGradient] = None):
@@ -167,7 +165,8 @@ class Strategy:
         updates, precision = self.updates, self.precision
         params = parameters_of(optimizers)
         precision.before_step(optimizers, params)  # float32 buffers back into .grad; GradScaler's unscale_
-        if updates.clip_norm and not (updates.clip_every == "micro_batch" and self.backward_per_micro_batch):
+        clipped_per_micro_batch = "clip_every" in PER_MICRO_BATCH_UPDATES.get(self.name, ())
+        if updates.clip_norm and not (updates.clip_every == "micro_batch" and clipped_per_micro_batch):
             norm = self.parallel.plain(torch.nn.utils.clip_grad_norm_(params, updates.clip_norm))
         else:
             norm = self.parallel.grad_norm(params)
@@ -307,7 +306,6 @@ class Accumulate(MicroBatched):
     """Backward per micro-batch; .grad accumulates; one optimizer step. One graph held at a time."""
 
     name = "accumulate"
-    backward_per_micro_batch = True
 
     Options = AccumulateOptions
 
