@@ -99,7 +99,8 @@ class Summary:
     ranks_agree: Optional[bool] = None
     params_without_grad: List[str] = field(default_factory=list)
     # The coupling probe (runner.training.checks): does an example's output depend on another example's
-    # input (None: not tested), does the forward draw random numbers, and which modules do it.
+    # input, or does the loss fail the accumulation identity (None: not tested), does the forward draw
+    # random numbers, and which modules do it ("bn1: BatchNorm1d", "loss: InfoNCE").
     batch_coupled: Optional[bool] = None
     stochastic: Optional[bool] = None
     coupling_modules: List[str] = field(default_factory=list)
@@ -128,9 +129,12 @@ class Summary:
 
 
 def expected_difference(batch_coupled: Optional[bool], stochastic: Optional[bool], modules: List[str]) -> Optional[str]:
-    """"batch-coupled: bn1", "stochastic: drop", both, or None: the coupling probe's findings as a reason."""
+    """"batch-coupled: bn1", "batch-coupled: loss InfoNCE", "stochastic: drop", both, or None: the
+    coupling probe's and the loss identity check's findings as a reason."""
     causes = [cause for cause, present in (("batch-coupled", batch_coupled), ("stochastic", stochastic)) if present]
-    named = ", ".join(module.split(":")[0] for module in modules) or "unnamed modules"
+    # A module by its name (bn1), the loss by its class (the identity check's "loss: InfoNCE").
+    named = ", ".join(m.replace(": ", " ", 1) if m.startswith("loss: ") else m.split(":")[0] for m in modules)
+    named = named or "unnamed modules"
     return f"{' and '.join(causes)}: {named}" if causes else None
 
 

@@ -112,3 +112,67 @@ def test_the_audit_runs_on_the_worked_example(tmp_path):
     (job,) = [p for p in sweep_dir.iterdir() if p.name.startswith("0_")]
     summary = read_summary(job)
     assert summary["batch_coupled"] is True and summary["coupling_modules"] == ["bn1: BatchNorm1d"]
+
+
+class TwoHeads(nn.Module):
+    """Outputs a multitask loss reads: {"cls": logits, "reg": values} from one tensor."""
+
+    def forward(self, x):
+        return {"cls": x[:, :3], "reg": x[:, 3:]}
+
+
+class InBatchNegatives(nn.Module):
+    """InfoNCE over the rows of (B, 2, D) embeddings: each query's key among the batch's keys."""
+
+    def forward(self, embeddings, targets):
+        q, k = nn.functional.normalize(embeddings[:, 0], dim=-1), nn.functional.normalize(embeddings[:, 1], dim=-1)
+        return nn.functional.cross_entropy(q @ k.T / 0.1, torch.arange(len(q)))
+
+
+def _token_batch(rows=7, length=6, vocab=5):
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(vocab, (rows, length), generator=generator)
+    for row in range(rows):  # lengths 1..6: the halves hold different token counts
+        targets[row, 1 + row % length:] = -100
+    return torch.randn(rows, length, vocab, generator=generator), targets
+
+
+def _identity_cases():
+    from runner.training.losses import FocalLoss, MultiTaskLoss, TokenCrossEntropy
+
+    g = torch.Generator().manual_seed(1)
+    logits, binary = torch.randn(9, 3, generator=g), (torch.rand(9, 3, generator=g) > 0.5).float()
+    classes = torch.randint(3, (9,), generator=g)
+    tasks = {"cls": binary, "reg": torch.randn(9, 2, generator=g)}
+    tokens, labels = _token_batch()
+    yield "bce", nn.Identity(), nn.BCEWithLogitsLoss(), logits, binary, []
+    yield "bce sum", nn.Identity(), nn.BCEWithLogitsLoss(reduction="sum"), logits, binary, []
+    yield "focal", nn.Identity(), FocalLoss(), logits, binary, []
+    yield "focal softmax", nn.Identity(), FocalLoss(), logits, classes, []
+    yield "ce", nn.Identity(), nn.CrossEntropyLoss(), logits, classes, []
+    yield "multitask", TwoHeads(), MultiTaskLoss(), torch.randn(9, 5, generator=g), tasks, []
+    yield "multitask uncertainty", TwoHeads(), MultiTaskLoss(weighting="uncertainty"), torch.randn(9, 5), tasks, []
+    for normalize in TokenCrossEntropy.NORMALIZE:  # weighted by token shares (or rows, for sequence)
+        yield f"lm {normalize}", nn.Identity(), TokenCrossEntropy(normalize), tokens, labels, []
+    yield "soft F1", nn.Identity(), __import__("tests.custom_losses").custom_losses.SoftF1(), logits, binary, \
+        ["loss: SoftF1"]
+    yield "InfoNCE", nn.Identity(), InBatchNegatives(), torch.randn(9, 2, 4, generator=g), classes, \
+        ["loss: InBatchNegatives"]
+
+
+@pytest.mark.parametrize("case", list(_identity_cases()), ids=lambda case: case[0])
+def test_the_identity_check_passes_mean_losses_and_flags_losses_that_couple_examples(case):
+    """The accumulation answer's f(x,y) = (i/b)·f(x[:i],y[:i]) + (1-i/b)·f(x[i:],y[i:]), on the loss alone."""
+    from runner.training.checks import probe_loss_identity
+
+    _, model, loss_fn, inputs, targets, expected = case
+    assert probe_loss_identity(model, loss_fn, inputs, targets) == expected
+
+
+def test_a_loss_that_couples_examples_is_recorded_and_gives_the_reason(tmp_path):
+    coupled, _, _ = train(tmp_path, loss__name="custom", loss___target_="tests.custom_losses.SoftF1",
+                          trainer__steps=2)
+    plain, _, _ = train(tmp_path, trainer__steps=2)
+    assert coupled["batch_coupled"] is True and coupled["coupling_modules"] == ["loss: SoftF1"]
+    assert plain["batch_coupled"] is False and plain["coupling_modules"] == []
+    assert record.expected_difference(True, False, coupled["coupling_modules"]) == "batch-coupled: loss SoftF1"

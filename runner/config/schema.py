@@ -65,6 +65,9 @@ class Normalize(str, Enum):
     tokens = "tokens"  # the summed loss / the effective batch's non-ignored tokens: exact under any split
     micro_batch = "micro_batch"  # the mean over each micro-batch's tokens (the pre-2024 Trainer)
     sequence = "sequence"  # the mean over each sequence's tokens, then over sequences
+    # tokens, then divided again by backward.accumulation when backwarded (TRL #2617, axolotl #2262):
+    # the gradient is 1/k of the batch's, which only some optimizers notice
+    double = "double"
 
 
 # With several processes and a token loss: what each rank's loss is divided by. `global` is a

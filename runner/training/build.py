@@ -265,7 +265,7 @@ class Findings:
 
 def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec) -> Findings:
     """The checks before training, on the first batch (runner.training.checks): does the model's output fit
-    the targets, can the loss train it, does the model couple examples, where does the gradient flow?"""
+    the targets, can the loss train it, does the model or the loss couple examples, where does the gradient flow?"""
     window = batches.window(0)
     inputs, targets = window.inputs, window.targets
     data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
@@ -280,5 +280,9 @@ def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batc
         findings.not_differentiable = str(exc)
         return findings  # nothing to train: no gradient to follow
     findings.coupling = checks.probe_coupling(model, inputs)
+    coupled_loss = checks.probe_loss_identity(model, loss_fn, inputs, targets)
+    if coupled_loss:  # the loss mixes examples: micro-batches cannot be the batch either
+        findings.coupling.batch_coupled = True
+        findings.coupling.modules = findings.coupling.modules + coupled_loss
     findings.gradient_flow = gradient_flow(strategy, model, loss_fn, inputs, targets)
     return findings

@@ -5,6 +5,11 @@
 model that mixes examples (BatchNorm's batch statistics) or draws random numbers (dropout's
 masks) cannot give the full batch's gradient from micro-batches, whatever the weighting.
 
+`probe_loss_identity` asks the same of the loss alone: on the model's outputs for the first batch,
+is loss(all) the share-weighted sum of loss(first part) and loss(second part), value and gradient,
+as the accumulation answer's identity says? A loss that fails it (InfoNCE's in-batch negatives, a
+router's load-balancing term, a soft F1) couples examples even when the model does not.
+
 `probe_loss` answers "can this loss train this model?" before any step: the loss must return a
 scalar tensor with a gradient path to the parameters. A loss whose backward is not implemented
 (a custom torch.autograd.Function without backward) or that cuts the graph is not
@@ -186,6 +191,107 @@ def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
                     buffer.copy_(buffers[name])
     named = (coupling_named if coupled else []) + (random_named if stochastic else [])
     return Coupling(coupled, stochastic, named)
+
+
+# The identity holds to float32 rounding for a loss that averages over examples; coupled losses
+# miss it by tens of percent (InfoNCE at half the negatives, a soft F1's ratio of sums).
+IDENTITY_RTOL = 1e-4
+
+
+def probe_loss_identity(model: torch.nn.Module, loss_fn, inputs, targets) -> Optional[List[str]]:
+    """The identity on the loss: [] when loss(all) equals the share-weighted sum of the losses of
+    the batch's two halves (value and gradient with respect to the outputs), ["loss: Name"] (with
+    the parts that fail it, for a loss of named parts) when it does not, None when it cannot be
+    tested (a batch of one, outputs without floating tensors, a loss that refuses a part).
+    The shares are the parts' exact shares (runner.training.losses.exact_share: tokens for a token
+    mean). Leaves no trace: the model runs once in eval mode without a graph, the RNG restored."""
+    from runner.training.data import split_targets
+    from runner.training.losses import TokenLoss, exact_share, offers
+
+    rows = inputs.shape[0]
+    if rows < 2:
+        return None
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    was_training = model.training
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            outputs = model(inputs)
+        except Exception:  # probe_loss has already named a model that fails
+            return None
+        finally:
+            model.train(was_training)
+    leaves = _leaves(outputs)
+    if not leaves:
+        return None
+    halves_out, halves_y = split_targets(outputs_of(leaves, outputs), 2), split_targets(targets, 2)
+    shares = [_rows(part) / rows for part in halves_out]
+    try:
+        whole = _identity_terms(loss_fn, outputs_of(leaves, outputs), targets)
+        split = [_identity_terms(loss_fn, out, y) for out, y in zip(halves_out, halves_y)]
+    except Exception:  # a loss that needs the whole batch (a fixed size, say): not decided here
+        return None
+    batch_tokens = loss_fn.count_tokens(targets) if offers(loss_fn, TokenLoss) else None
+    weights = [float(exact_share(loss_fn, y, batch_tokens, share)) for y, share in zip(halves_y, shares)]
+    failing = []
+    for term in whole:
+        combined = sum(w * parts[term] for w, parts in zip(weights, split))
+        if not _same(whole[term], combined, list(leaves.values())):
+            failing.append(term)
+    if not failing:
+        return []
+    parts = [t for t in failing if t != ""]
+    return [f"loss: {type(loss_fn).__name__}" + (f" ({', '.join(parts)})" if parts else "")]
+
+
+def _leaves(outputs) -> dict:
+    """The outputs' floating tensors as leaves that take a gradient, by key (or position)."""
+    items = outputs.items() if isinstance(outputs, dict) else enumerate(outputs) \
+        if isinstance(outputs, (list, tuple)) else [(None, outputs)]
+    return {key: value.detach().clone().requires_grad_() for key, value in items
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0}
+
+
+def outputs_of(leaves: dict, outputs):
+    """`outputs` with its floating tensors replaced by the leaves."""
+    if isinstance(outputs, dict):
+        return {key: leaves.get(key, value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(leaves.get(i, v) for i, v in enumerate(outputs))
+    return leaves.get(None, outputs)
+
+
+def _rows(outputs) -> int:
+    first = _first_tensor(outputs)
+    return first.shape[0]
+
+
+def _identity_terms(loss_fn, outputs, targets) -> dict:
+    """The loss ("") and, for a loss of named parts, each part: what the identity is tested on."""
+    from runner.training.losses import loss_parts
+
+    terms = {"": loss_fn(outputs, targets)}
+    terms.update(loss_parts(loss_fn, outputs, targets))
+    return terms
+
+
+def _same(whole: torch.Tensor, combined: torch.Tensor, leaves: List[torch.Tensor]) -> bool:
+    """Value and gradient with respect to the outputs agree to IDENTITY_RTOL (relative)."""
+    if not torch.isclose(whole.double(), combined.double(), rtol=IDENTITY_RTOL, atol=1e-7):
+        return False
+    if not (whole.requires_grad and combined.requires_grad):  # a term the outputs do not reach
+        return whole.requires_grad == combined.requires_grad
+    grads_whole = torch.autograd.grad(whole, leaves, retain_graph=True, allow_unused=True)
+    grads_combined = torch.autograd.grad(combined, leaves, retain_graph=True, allow_unused=True)
+    for a, b in zip(grads_whole, grads_combined):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is None:
+            continue
+        scale = max(float(a.double().norm()), 1e-12)
+        if float((a.double() - b.double()).norm()) > IDENTITY_RTOL * scale:
+            return False
+    return True
 
 
 def _first_tensor(outputs) -> Optional[torch.Tensor]:

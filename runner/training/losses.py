@@ -134,9 +134,13 @@ class TokenCrossEntropy(nn.Module):
       the strategy, (x1/n1) + (x2/n2) is not (x1 + x2)/(n1 + n2) when n1 != n2: the old bug.
     - "sequence": each sequence's token mean, then the mean over sequences: a mean over examples,
       so the usual per-example weighting is exact (a different objective from "tokens").
+    - "double": "tokens" here; the micro-batched strategies divide it again by the accumulation k
+      when they backward it, as a trainer that hands num_items_in_batch and still divides by
+      gradient_accumulation_steps does (TRL #2617, axolotl #2262, Liger-Kernel #802, unsloth PR
+      #3597). The logged loss stays the batch's.
     """
 
-    NORMALIZE = ("tokens", "micro_batch", "sequence")
+    NORMALIZE = ("tokens", "micro_batch", "sequence", "double")
 
     def __init__(self, normalize: str = "tokens", ignore_index: int = -100):
         super().__init__()
@@ -158,7 +162,7 @@ class TokenCrossEntropy(nn.Module):
         if self.normalize == "sequence":
             scored = (targets != self.ignore_index).sum(dim=1).clamp(min=1)
             return (per_token.sum(dim=1) / scored).mean()
-        count = num_items_in_batch if num_items_in_batch is not None and self.normalize == "tokens" \
+        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
             else self.count_tokens(targets)
         return per_token.sum() / count
 
@@ -289,6 +293,6 @@ def exact_share(loss_fn, targets, batch_tokens, row_share: float):
     scored tokens for a token mean (`batch_tokens`: the batch's count, None for other losses),
     all of it for a sum-reduced loss, else its share of the rows (sequences). Micro-batches and
     ranks (runner.execution.parallel) are weighted by it. A tensor for a token loss: no host sync."""
-    if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch"):
+    if batch_tokens is not None and loss_fn.normalization() in ("tokens", "micro_batch", "double"):
         return loss_fn.count_tokens(targets) / batch_tokens
     return 1.0 if is_sum_reduced(loss_fn) else row_share

@@ -256,6 +256,7 @@ class MicroBatched(Strategy):
         batch's token count, counted from the targets before any forward, and is added unweighted
         (nanoGPT's `loss / gradient_accumulation_steps` is this weighting for equal-size batches).
         In loader mode with partial_window=k, a window of k' < k micro-batches is scaled by k'/k.
+        A token loss with normalize=double is scaled by 1/k on top of its token count (the bug).
         `batch_tokens`: a token loss's count of the batch's scored tokens, counted once per step.
 
         The logged value is always the micro-batch's exact share of the batch's loss as the full
@@ -271,9 +272,10 @@ class MicroBatched(Strategy):
             with self.parallel.sync(index, len(mbs)):
                 with self.precision.forward():
                     outputs = model(mb.inputs)
-                    if normalization == "tokens":
+                    if normalization in ("tokens", "double"):
                         loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
-                        weight, share = 1.0, 1.0
+                        # double: divided by the window's tokens and again by k (TRL #2617)
+                        weight, share = (1.0 / self.accumulation if normalization == "double" else 1.0), 1.0
                     else:
                         loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
                         weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
