@@ -15,13 +15,14 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
-# builds up over the experiment's own 100 steps.
-STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100}
+# builds up over the experiment's own 100 steps; so does the gap between the two gradient norms
+# that lets clipping show a constant factor (factors).
+STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors": 100}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "focal",
-                           "fsdp", "memory", "multitask", "partial_window", "precision", "ranks_tokens", "schedule",
+    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "factors",
+                           "focal", "fsdp", "memory", "multitask", "partial_window", "precision", "ranks_tokens", "schedule",
                            "tokens", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout

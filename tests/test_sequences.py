@@ -123,3 +123,22 @@ def test_the_token_count_comes_from_the_targets_with_no_extra_forward():
     result = training.strategy.step(training.model, training.loss_fn, training.optimizers, inputs, labels)
     assert len(forwards) == 4  # one per micro-batch
     assert int(result.extras["tokens"]) == int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("strategy", ["sum", "accumulate"])
+def test_normalize_double_divides_the_gradient_by_k_once_more_and_logs_the_batchs_loss(tmp_path, strategy):
+    """TRL #2617: a loss already divided by the window's tokens, divided again by k. The first
+    gradient is exactly 1/k of normalize=tokens' (a power of two: no rounding); the loss column
+    is the batch's either way; on one micro-batch (full) the two are the same training."""
+    from runner.record import load_first_grad
+
+    steps = {**SEQ, "trainer__steps": 1}
+    exact, _, exact_dir = train(tmp_path, backward__name=strategy, backward__accumulation=4, **steps)
+    double, _, double_dir = train(tmp_path, backward__name=strategy, backward__accumulation=4,
+                                  loss__normalize="double", **steps)
+    first, quartered = load_first_grad(exact_dir), load_first_grad(double_dir)
+    assert all(torch.equal(quartered[name], first[name] / 4) for name in first)
+    assert double["final_loss"] == exact["final_loss"]
+    full, _, _ = train(tmp_path, backward__name="full", loss__normalize="double", **steps)
+    full_exact, _, _ = train(tmp_path, backward__name="full", **steps)
+    assert full["param_sha256"] == full_exact["param_sha256"]

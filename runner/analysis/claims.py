@@ -11,7 +11,9 @@ difference of `metric` from the reference's over seeds, in the reference's seed 
 succeeds, summary (a summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
-(grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle).
+(grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle; with
+`against: {loss.normalize: tokens}`, each run against its twin that differs only in those keys,
+so that a claim compares what one change does under two conditions: SGD against AdamW, say).
 
 `sweep_verdicts` is the one place that turns runs (and extra claims) into verdicts and an exit
 code: the sweep's end, `python -m runner.compare` and the report all call it.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
 from runner.analysis.replicates import configuration, groups, impact, same_seed_reference
-from runner.analysis.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference
+from runner.analysis.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference, twin
 from runner.record import SUMMARY_KEYS
 
 # Comparison columns a `smaller` / `about` claim may name as its metric (runner.analysis.runs.Verdict).
@@ -102,8 +104,13 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
     if kind == "impact":
         return _impact(name, claim, chosen, reference, runs)
     if kind in ("smaller", "about"):
-        metric = claim.get("metric", "")
-        if metric in COMPARISON_METRICS:
+        metric, against = claim.get("metric", ""), claim.get("against")
+        if against and metric in COMPARISON_METRICS:
+            def value_of(run):  # what one change does: each run against its twin (runs.twin)
+                other = twin(run, dict(against), runs)
+                value = getattr(compare_to(run, other, cache), metric) if other is not None else math.nan
+                return None if math.isnan(value) else value
+        elif metric in COMPARISON_METRICS:
             sweep_reference = sweep_reference or pick_reference(runs)
             oracle = find_oracle(runs, sweep_reference)
 

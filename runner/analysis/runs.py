@@ -118,6 +118,13 @@ def parse_selector(items: Iterable[str]) -> Dict[str, str]:
     return selector
 
 
+def twin(run: Run, change: Dict[str, Any], runs: List[Run]) -> Optional[Run]:
+    """The finished run that differs from `run` only in `change`'s keys, set to its values: what
+    that one change does, everything else equal (a claim's `against`)."""
+    wanted = {**{k: v for k, v in run.keys.items() if k not in change}, **change}
+    return next((r for r in runs if r is not run and r.status == "ok" and r.matches(wanted)), None)
+
+
 def pick_reference(runs: List[Run], selector: Optional[Dict[str, Any]] = None) -> Optional[Run]:
     """The run others are compared with: the first finished run matching `selector` (default:
     backward=full, else the first run)."""
