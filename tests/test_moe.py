@@ -89,6 +89,26 @@ def test_training_with_window_statistics_ends_where_full_ends(tmp_path):
     assert max_abs_diff(own, ref) > 1e-4  # measured 5.3e-4 after 15 steps; float32 tolerance is ~1e-5
 
 
+def test_loader_mode_windows_count_their_load_first_too(tmp_path):
+    """data.micro_batch_size: the window the loader drew is counted before its micro-batches' forwards."""
+    loader = {**MOE, "data__train_size": 100, "data__eval_size": 16, "trainer__steps": 8, "data__micro_batch_size": 8,
+              "backward__accumulation": 4}
+    _, ref, _ = train(tmp_path, backward__name="full", **loader)
+    _, window, _ = train(tmp_path, backward__name="accumulate", **loader)
+    _, own, _ = train(tmp_path, backward__name="accumulate", loss__aux_stats="micro_batch", **loader)
+    assert_params_close(window, ref)
+    assert max_abs_diff(own, ref) > 1e-5  # measured 7.1e-5 after 8 steps
+
+
+def test_aux_stats_is_one_training_where_nothing_is_split():
+    def used(**overrides):
+        return build_training(make_config(**{**MOE, **overrides})).used_config_id()
+
+    assert used(backward__name="full") == used(backward__name="full", loss__aux_stats="micro_batch")
+    assert used(backward__name="sum", backward__accumulation=2) != \
+        used(backward__name="sum", backward__accumulation=2, loss__aux_stats="micro_batch")
+
+
 class Calls:
     """Counts the forward calls of a module (a forward hook)."""
 
@@ -153,15 +173,20 @@ def test_metrics_log_the_aux_part_and_the_load_spread(tmp_path):
     assert not {"loss_aux", "expert_load_cv"} & set(pd.read_csv(plain_dir / "metrics.csv").columns)
 
 
+MOE_ARGS = ["model=moe", "data=seq", "loss=lm"]
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["model.top_k=9"], "model.top_k=9 is not allowed: expected an integer in 1..model.experts (8)"),
-    (["model=seq", "loss.aux_weight=0.01"],
+    ([*MOE_ARGS, "model.top_k=9"], "model.top_k=9 is not allowed: expected an integer in 1..model.experts (8)"),
+    (["model=seq", "data=seq", "loss=lm", "loss.aux_weight=0.01"],
      "loss.aux_weight=0.01 is not allowed with model=seq: it balances a mixture-of-experts router, expected "
      "model=moe (or loss.aux_weight=0)"),
-    (["loss.aux_weight=-1"], "loss.aux_weight=-1.0 is not allowed: expected >= 0 (0 = no load-balancing loss)"),
+    ([*MOE_ARGS, "loss.aux_weight=-1"],
+     "loss.aux_weight=-1.0 is not allowed: expected >= 0 (0 = no load-balancing loss)"),
+    (["loss=bce", "loss.aux_weight=0.01"],
+     "loss.aux_weight=0.01 is not allowed with loss=bce: expected loss=lm (with model=moe), or loss.aux_weight=0"),
 ])
 def test_bad_input_is_one_line(tmp_path, overrides, message):
-    args = ["model=moe", "data=seq", "loss=lm", *overrides, "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run_cli(*args, cwd=tmp_path)
+    result = run_cli(*overrides, "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -170,7 +170,8 @@ class MixtureOfExperts(nn.Module):
         for index, expert in enumerate(self.experts):
             rows = mine[:, index].nonzero().squeeze(1)
             # Each row appears once per expert: index_add_ adds no two values into one row (deterministic).
-            out = out.index_add(0, rows, weights[rows, index, None] * expert(flat[rows]))
+            contribution = weights[rows, index, None] * expert(flat[rows])
+            out = out.index_add(0, rows, contribution.to(out.dtype))  # autocast: the experts' dtype may differ
         return out.view_as(x), probs, assignment
 
 
