@@ -42,12 +42,15 @@ LR_COLUMN = "lr"  # with optim.scheduler: the learning rate of the step
 TOKENS_COLUMN = "tokens"  # loss=lm: the scored (non-ignored) tokens of the step, an integer
 GRAD_SCALE_COLUMN = "grad_scale"  # trainer.autocast=fp16: the loss scale this step's backwards used
 STEP_SKIPPED_COLUMN = "step_skipped"  # trainer.autocast=fp16: 1 where GradScaler skipped the step (overflow)
+# model=moe with loss.aux_weight > 0: the spread of the expert load, std / mean over the experts of the
+# step's scored tokens per expert (0 = perfectly even); the load-balancing term itself is loss_aux
+EXPERT_LOAD_CV_COLUMN = "expert_load_cv"
 INTEGER_COLUMNS = (TOKENS_COLUMN, STEP_SKIPPED_COLUMN)  # counts, written as integers
 ADDITIVE_COLUMNS = (TOKENS_COLUMN,)  # counts over the batch: several ranks' counts add up
 LOSS_PART_PREFIX = "loss_"  # loss_<name>: each named part of a multi-part loss
 GRAD_COS_PREFIX = "grad_cos_"  # grad_cos_<a>_<b>: backward=separate, two tasks' gradient cosine on the trunk
 METRICS_COLUMNS = (*BASE_COLUMNS, MEMORY_COLUMN, *LOADER_COLUMNS, LR_COLUMN, TOKENS_COLUMN, GRAD_SCALE_COLUMN,
-                   STEP_SKIPPED_COLUMN)
+                   STEP_SKIPPED_COLUMN, EXPERT_LOAD_CV_COLUMN)
 
 
 def loss_part_column(part: str) -> str:

@@ -101,7 +101,7 @@ def test_help_lists_groups_and_options():
     result = run_cli("--help")
     assert result.returncode == 0
     for text in ("backward-lab", "backward: accumulate, detach, full, naive, retain_graph, separate, sum",
-                 "loss: bce, ce, custom, focal, lm, multitask", "model: cnn, custom, mlp, multitask, seq, two_stage",
+                 "loss: bce, ce, custom, focal, lm, multitask", "model: cnn, custom, mlp, moe, multitask, seq, two_stage",
                  "optim: adam, adam_gan, adam_l2, adamw, rmsprop, sgd", "data: csv, default, imbalanced, seq, tensors"):
         assert text in result.stdout, text
     assert "base_config" not in result.stdout

@@ -57,7 +57,8 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     loader mode, where k is the window's size), and in one process what only several processes
     read (backward.sync, loss.rank_normalize, trainer.parallel), and optim.scheduler_every and
     optim.clip_every where they change nothing: no schedule or no clipping, or a strategy that takes
-    one micro-batch per step (full). `record`: config_record's."""
+    one micro-batch per step (full), and loss.aux_stats without micro-batches or an aux term.
+    `record`: config_record's."""
     used = json.loads(json.dumps(record))
     mine = {f.name for f in fields(OPTIONS[config.backward.name])} | {f.name for f in fields(PassOptions)}
     if config.data.micro_batch_size is not None:  # loader mode: k micro-batches are the data's window
@@ -73,6 +74,10 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     for key in ("scheduler_every", "clip_every"):
         if key not in per_micro_batch:
             used["optim"][key] = "step"
+    # loss.aux_stats chooses between the window's and a micro-batch's expert load: one and the same
+    # without micro-batches (backward=full) or without a load-balancing term.
+    if config.backward.name == "full" or not config.loss.aux_weight:
+        used["loss"]["aux_stats"] = "window"
     if config.trainer.processes == 1:
         for group, key, default in ONE_PROCESS_IGNORES:
             used[group][key] = default

@@ -70,6 +70,12 @@ class Normalize(str, Enum):
     double = "double"
 
 
+class AuxStats(str, Enum):
+    # f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)
+    window = "window"
+    micro_batch = "micro_batch"  # each micro-batch's own f_i: accumulation's default (torchtitan PR #3000)
+
+
 # With several processes and a token loss: what each rank's loss is divided by. `global` is a
 # Python keyword, hence the functional form (OmegaConf matches enum values by member name).
 RankNormalize = Enum("RankNormalize", {
@@ -117,7 +123,9 @@ class ModelConf:
     prior: float = 0.01
     depth: int = 2  # layers in a shared trunk (multi-task models), or the recurrent/attention layers (seq)
     vocab: int = 16  # seq: the vocabulary (tokens 0..vocab-1)
-    cell: str = "gru"  # seq: gru | transformer (causal self-attention)
+    cell: str = "gru"  # seq, moe: gru | transformer (causal self-attention)
+    experts: int = 8  # moe: experts in the mixture-of-experts feed-forward layer
+    top_k: int = 2  # moe: experts each token is sent to, 1..model.experts
     _target_: Optional[str] = None  # custom: import path of your nn.Module class
 
 
@@ -140,6 +148,10 @@ class DataConf:
     # seq: each batch ordered by scored tokens, so that with several processes rank 0's share holds
     # the short sequences and the last rank's the long ones (the skew of transformers #34242)
     sort_lengths: bool = False
+    # seq: 0 = one Markov chain; T > 0: T topics, each with its own chain favouring its share of the
+    # vocabulary, and each batch ordered by topic, so that a micro-batch's statistics (an MoE router's
+    # expert load) differ from the window's
+    topics: int = 0
 
 
 @dataclass
@@ -152,6 +164,10 @@ class LossConf:
     weighting: str = "fixed"  # multitask: fixed | uncertainty
     normalize: Normalize = Normalize.tokens  # lm: what the token loss is divided by
     rank_normalize: RankNormalize = RankNormalize["global"]  # lm with several processes (RankNormalize)
+    # lm on model=moe: weight of Switch Transformer's load-balancing loss E * sum_i f_i * P_i (part `aux`);
+    # 0 = none (needs a model with a router when > 0)
+    aux_weight: float = 0.0
+    aux_stats: AuxStats = AuxStats.window  # lm with aux_weight > 0: whose f_i a micro-batch's term uses
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
@@ -318,6 +334,11 @@ def validate(cfg: Config) -> None:
         (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
          cfg.trainer.checkpoint_every, ">= 0 (0 = no checkpoints)"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in [0, 1)"),
+        (cfg.model.experts >= 1, "model.experts", cfg.model.experts, "an integer >= 1"),
+        (1 <= cfg.model.top_k <= cfg.model.experts, "model.top_k", cfg.model.top_k,
+         f"an integer in 1..model.experts ({cfg.model.experts})"),
+        (cfg.loss.aux_weight >= 0, "loss.aux_weight", cfg.loss.aux_weight, ">= 0 (0 = no load-balancing loss)"),
+        (cfg.data.topics >= 0, "data.topics", cfg.data.topics, "an integer >= 0 (0 = one chain)"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:
@@ -328,7 +349,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.autocast={plain(cfg.trainer.autocast)} is not allowed with trainer.dtype="
                           f"{plain(cfg.trainer.dtype)}: expected trainer.dtype=float32 (autocast keeps float32 "
                           "parameters; trainer.dtype=bfloat16 is pure bf16)")
+    validate_routing(cfg)
     validate_processes(cfg)
+
+
+def validate_routing(cfg: Config) -> None:
+    """loss.aux_weight and data.topics where they mean something (a model without a router is
+    refused when the model is built: runner.training.build)."""
+    if cfg.loss.aux_weight > 0 and cfg.loss.name != "lm":
+        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with loss={cfg.loss.name}: "
+                          "expected loss=lm (with model=moe), or loss.aux_weight=0")
+    if cfg.loss.aux_weight > 0 and cfg.trainer.processes > 1:
+        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with trainer.processes="
+                          f"{cfg.trainer.processes}: the window's expert load is counted in one process, "
+                          "expected trainer.processes=1")
+    if cfg.data.topics and cfg.data.name != "seq":
+        raise ConfigError(f"data.topics={cfg.data.topics} is not allowed with data={cfg.data.name}: expected data=seq")
 
 
 # The strategies DDP and FSDP can wrap: one optimizer, a forward per micro-batch, one backward each

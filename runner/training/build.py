@@ -26,8 +26,8 @@ from runner.training import checks, user_data
 from runner.training.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
 from runner.training.gradflow import gradient_flow
 from runner.training.loader import Batches, LoaderWindows
-from runner.training.losses import TokenLoss, build_loss, offers, per_stage
-from runner.training.models import IMAGE_SHAPE, build_model
+from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, per_stage
+from runner.training.models import IMAGE_SHAPE, Router, build_model
 from runner.training.optim import build_optimizers, build_schedulers
 from runner.training.strategies import (
     PartialWindow,
@@ -137,12 +137,12 @@ def build_dataset(cfg: Config, spec: TaskSpec):
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
     if data.name == "seq" or spec.kind == "sequence":
-        if data.name != "seq" or cfg.model.name not in ("seq", "custom"):
+        if data.name != "seq" or cfg.model.name not in ("seq", "moe", "custom"):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
-                              "model=seq with data=seq and loss=lm (or model=custom on data=seq)")
+                              "model=seq or moe with data=seq and loss=lm (or model=custom on data=seq)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
-                         data.min_length, data.max_length, data.sort_lengths), spec
+                         data.min_length, data.max_length, data.sort_lengths, data.topics), spec
     if data.name in user_data.READERS:
         inputs, targets, found = user_data.READERS[data.name](data)
         if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
@@ -195,6 +195,13 @@ def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
     return per_stage(loss, spec)
 
 
+def check_router(cfg: Config, model: torch.nn.Module, loss_fn) -> None:
+    """A load-balancing loss needs a model whose router it can read (runner.training.models.Router)."""
+    if offers(loss_fn, RoutedLoss) and not offers(model, Router):
+        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with {model_label(cfg)}: "
+                          "it balances a mixture-of-experts router, expected model=moe (or loss.aux_weight=0)")
+
+
 def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
     if exc.misfit == "model":
         return f"backward={strategy.name} does not fit model={cfg.model.name}: {exc}"
@@ -218,6 +225,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         dataset, spec = build_dataset(cfg, spec)
         dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
+        check_router(cfg, model, loss_fn)
         # The strategy as its options make it: what fits, the batches, the probes' forward.
         planned = build_strategy(cfg.backward)
         loader = cfg.data.micro_batch_size is not None  # a window of k micro-batches is the step's batch

@@ -136,34 +136,50 @@ def synthetic(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_
     return Dataset(inputs, targets, seed, train_size, batch_size)
 
 
-def markov_sequences(vocab: int, n: int, seed: int, min_length: int, max_length: int):
+def markov_sequences(vocab: int, n: int, seed: int, min_length: int, max_length: int, topics: int = 0,
+                     with_topics: bool = False):
     """n token sequences from a hidden random Markov chain, as (inputs, next-token labels).
 
     Lengths are drawn uniformly from min_length..max_length; a sequence of length L gives L - 1
     scored positions. Rows are right-padded to max_length - 1: padded inputs are token 0 and
     padded labels IGNORE_INDEX, so a token loss must count the scored positions, not the rows.
+    `topics` > 0: each sequence draws a topic, and each topic has its own chain, which favours
+    the topic's slice of the vocabulary (first token included): sequences of one topic share
+    tokens and so routes through a mixture of experts. `with_topics`: also return each sequence's topic.
     """
     g = torch.Generator().manual_seed(seed)
     chain = torch.Generator().manual_seed(seed + _TEACHER_STREAM)
     # Peaked transitions: each token has a few likely successors, so the loss can fall well below log(vocab).
-    transitions = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=chain), dim=1)
+    logits = 3.0 * torch.randn(max(topics, 1), vocab, vocab, generator=chain)
     lengths = torch.randint(min_length, max_length + 1, (n,), generator=g)
+    topic = torch.zeros(n, dtype=torch.long)
+    first = torch.zeros(max(topics, 1), vocab)
+    if topics:  # drawn after the default stream's lengths, so topics=0 gives the sequences it always gave
+        favoured = (torch.arange(vocab)[None, :] * topics // vocab) == torch.arange(topics)[:, None]
+        logits, first = logits + 4.0 * favoured[:, None, :], 4.0 * favoured.float()
+        topic = torch.randint(0, topics, (n,), generator=g)
+    transitions = torch.softmax(logits, dim=2)
     tokens = torch.zeros(n, max_length, dtype=torch.long)
-    tokens[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    tokens[:, 0] = torch.multinomial(torch.softmax(first[topic], dim=1), 1, generator=g).squeeze(1) if topics \
+        else torch.randint(0, vocab, (n,), generator=g)
     for t in range(1, max_length):
-        tokens[:, t] = torch.multinomial(transitions[tokens[:, t - 1]], 1, generator=g).squeeze(1)
+        tokens[:, t] = torch.multinomial(transitions[topic, tokens[:, t - 1]], 1, generator=g).squeeze(1)
     position = torch.arange(max_length)[None, :]
     tokens = tokens.masked_fill(position >= lengths[:, None], 0)
     labels = tokens[:, 1:].masked_fill(position[:, 1:] >= lengths[:, None], IGNORE_INDEX)
+    if with_topics:
+        return tokens[:, :-1].contiguous(), labels.contiguous(), topic
     return tokens[:, :-1].contiguous(), labels.contiguous()
 
 
 def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int,
-              min_length: int, max_length: int, sort_lengths: bool = False) -> "Dataset":
+              min_length: int, max_length: int, sort_lengths: bool = False, topics: int = 0) -> "Dataset":
     """Markov-chain token sequences over spec.outputs tokens: train_size to train on, eval_size held
-    out. `sort_lengths`: each batch ordered by scored tokens, shortest first (data.sort_lengths)."""
-    inputs, labels = markov_sequences(spec.outputs, train_size + eval_size, seed, min_length, max_length)
-    return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths)
+    out. `sort_lengths`: each batch ordered by scored tokens, shortest first (data.sort_lengths).
+    `topics` > 0: sequences of `topics` chains, each batch ordered by topic (data.topics)."""
+    inputs, labels, topic = markov_sequences(spec.outputs, train_size + eval_size, seed, min_length, max_length,
+                                             topics, with_topics=True)
+    return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths, topic[:train_size] if topics else None)
 
 
 def train_rows(n: int, eval_fraction: float) -> int:
@@ -187,14 +203,17 @@ class Dataset:
     """
 
     def __init__(self, inputs: torch.Tensor, targets: Targets, seed: int, train_size: int, batch_size: int,
-                 sort_lengths: bool = False):
+                 sort_lengths: bool = False, topics: Optional[torch.Tensor] = None):
         """The first `train_size` examples train, the rest are held out. `sort_lengths`: a batch's
-        sequences in order of their scored tokens (the same examples, so the same batch loss)."""
+        sequences in order of their scored tokens (the same examples, so the same batch loss).
+        `topics`: each training row's topic; a batch's rows are then grouped by topic, so that
+        tensor_split's contiguous micro-batches hold different topics (data.topics)."""
         if batch_size > train_size:
             raise ValueError(f"batch_size {batch_size} exceeds train_size {train_size}")
         self.seed = seed
         self.batch_size = batch_size
         self.sort_lengths = sort_lengths
+        self.train_topics = topics
         self.train_inputs = inputs[:train_size]
         self.train_targets = map_targets(targets, lambda t: t[:train_size])
         self.eval_inputs = inputs[train_size:]
@@ -213,6 +232,8 @@ class Dataset:
         self.eval_inputs = move(self.eval_inputs)
         self.train_targets = map_targets(self.train_targets, move)
         self.eval_targets = map_targets(self.eval_targets, move)
+        if self.train_topics is not None:
+            self.train_topics = self.train_topics.to(device)
         return self
 
     def _order_for(self, epoch: int) -> torch.Tensor:
@@ -231,5 +252,7 @@ class Dataset:
         if self.sort_lengths:
             scored = (self.train_targets[rows] != IGNORE_INDEX).sum(dim=1)
             rows = rows[torch.argsort(scored, stable=True)]
+        if self.train_topics is not None:
+            rows = rows[torch.argsort(self.train_topics[rows], stable=True)]
         return self.train_inputs[rows], map_targets(self.train_targets, lambda t: t[rows])
 

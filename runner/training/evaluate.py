@@ -8,6 +8,7 @@ from typing import Dict
 import torch
 
 from runner.training.data import IGNORE_INDEX
+from runner.training.losses import logits_of
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -45,7 +46,7 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
         return {"mse": float(torch.mean((outputs - targets).double() ** 2))}
     if kind == "sequence":  # next-token labels; padding (-100) is not scored
         scored = targets != IGNORE_INDEX
-        logits = outputs[scored]
+        logits = logits_of(outputs)[scored]  # model=moe outputs a dict with its router's statistics
         return {"token_accuracy": float((logits.argmax(-1) == targets[scored]).double().mean()),
                 "token_loss": float(torch.nn.functional.cross_entropy(logits.double(), targets[scored]))}
     if kind == "multitask":

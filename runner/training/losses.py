@@ -39,6 +39,24 @@ class TokenLoss(Protocol):
     def normalization(self) -> str: ...
 
 
+@runtime_checkable
+class RoutedLoss(Protocol):
+    """A loss with a load-balancing term over a mixture-of-experts router's statistics (loss=lm
+    with loss.aux_weight > 0 on model=moe). `count_load(expert_mask, targets)`: tokens per expert
+    over the scored positions. `load_statistics()`: "window" when every micro-batch's term needs
+    the whole window's load, counted first and handed to it as `expert_load` (as a token count
+    is handed as num_items_in_batch), "micro_batch" when each uses its own."""
+
+    def count_load(self, expert_mask, targets) -> torch.Tensor: ...
+
+    def load_statistics(self) -> str: ...
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """The logits of a model's output: the output itself, or its `logits` entry (model=moe)."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
 def offers(obj, protocol) -> bool:
     """isinstance(obj, protocol) for a Protocol of methods, decided once per class: the step
     asks on every micro-batch, and a runtime Protocol check costs microseconds each time."""
@@ -157,6 +175,7 @@ class TokenCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = logits_of(logits)
         per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=self.ignore_index,
                                     reduction="none").view(targets.shape)
         if self.normalize == "sequence":
@@ -168,6 +187,61 @@ class TokenCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}"
+
+
+class LoadBalancedTokenLoss(TokenCrossEntropy):
+    """Next-token cross-entropy (part `lm`) plus Switch Transformer's load-balancing loss (part
+    `aux`): aux_weight * E * sum_i f_i * P_i, with f_i the share of the routed assignments sent to
+    expert i (k per scored token, so f sums to 1 and a perfectly even router scores 1) and P_i the
+    mean router probability of expert i over the scored tokens (Fedus et al. 2021, eq. 4-6).
+
+    f_i and P_i are statistics of a batch, so a micro-batch's own are not the window's (the
+    load-balancing loss is batch-coupled). aux_stats="window" is exact: f_i is the window's,
+    counted first by a pass that stops at the router (`expert_load`, runner.training.models.Router),
+    and each micro-batch adds E * sum_i f_i * (its tokens' summed p_i) / (the window's tokens),
+    that is f_i * P_i over its own tokens weighted by its share of them (torchtitan PR #4772,
+    arXiv 2501.11873, global-batch load balancing). aux_stats="micro_batch" takes each
+    micro-batch's own f_i: what accumulating micro-batches gives by default, which torchtitan
+    refuses (PR #3000). P_i is divided as the lm part is: by the window's tokens when it is
+    handed num_items_in_batch (normalize=tokens), else by its own.
+    """
+
+    AUX_STATS = ("window", "micro_batch")
+
+    def __init__(self, normalize: str = "tokens", aux_weight: float = 0.01, aux_stats: str = "window",
+                 ignore_index: int = -100):
+        super().__init__(normalize, ignore_index)
+        if aux_stats not in self.AUX_STATS:
+            raise ValueError(f"loss.aux_stats={aux_stats} is not allowed: expected one of {list(self.AUX_STATS)}")
+        self.aux_weight, self.aux_stats = aux_weight, aux_stats
+
+    def count_load(self, expert_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return expert_mask[targets != self.ignore_index].sum(dim=0)
+
+    def load_statistics(self) -> str:
+        return self.aux_stats
+
+    def balance(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor,
+                num_items_in_batch: Optional[torch.Tensor] = None,
+                expert_load: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """E * sum_i f_i * P_i, unweighted; f from `expert_load` (the window's) when handed."""
+        scored = targets != self.ignore_index
+        load = expert_load if expert_load is not None else self.count_load(outputs["expert_mask"], targets)
+        share = load / load.sum().clamp(min=1)  # f_i: no gradient (counts of a top-k)
+        tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize == "tokens" \
+            else scored.sum()
+        mean_probs = outputs["router_probs"][scored].sum(dim=0) / tokens  # P_i, over `tokens`
+        return load.shape[0] * (share * mean_probs).sum()
+
+    def parts(self, outputs, targets, num_items_in_batch=None, expert_load=None) -> Dict[str, torch.Tensor]:
+        return {"lm": super().forward(outputs, targets, num_items_in_batch),
+                "aux": self.aux_weight * self.balance(outputs, targets, num_items_in_batch, expert_load)}
+
+    def forward(self, outputs, targets, num_items_in_batch=None, expert_load=None) -> torch.Tensor:
+        return sum(self.parts(outputs, targets, num_items_in_batch, expert_load).values())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, aux_weight={self.aux_weight}, aux_stats={self.aux_stats!r}"
 
 
 class PerStage(nn.Module):
@@ -251,7 +325,10 @@ def _ce(cfg):
 
 @LOSSES.register("lm")
 def _lm(cfg):
-    return TokenCrossEntropy(normalize=getattr(cfg.normalize, "value", cfg.normalize))
+    normalize = getattr(cfg.normalize, "value", cfg.normalize)
+    if cfg.aux_weight > 0:  # a load-balancing term (model=moe; build refuses a model without a router)
+        return LoadBalancedTokenLoss(normalize, cfg.aux_weight, getattr(cfg.aux_stats, "value", cfg.aux_stats))
+    return TokenCrossEntropy(normalize=normalize)
 
 
 @LOSSES.register("multitask")
@@ -279,9 +356,10 @@ def per_stage(loss, spec):
     return PerStage(loss) if spec.stages else loss
 
 
-def loss_parts(loss_fn, outputs, targets) -> Dict[str, torch.Tensor]:
-    """The loss's named components (weighted, summing to the total), or {} for a one-part loss."""
-    return loss_fn.parts(outputs, targets) if offers(loss_fn, MultiPartLoss) else {}
+def loss_parts(loss_fn, outputs, targets, **kwargs) -> Dict[str, torch.Tensor]:
+    """The loss's named components (weighted, summing to the total), or {} for a one-part loss.
+    `kwargs`: what a strategy hands the loss (a token count, the window's expert load)."""
+    return loss_fn.parts(outputs, targets, **kwargs) if offers(loss_fn, MultiPartLoss) else {}
 
 
 def is_sum_reduced(loss_fn) -> bool:

@@ -7,7 +7,7 @@ building, so initial parameters depend on the seed and the model choice alone.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ class CausalLM(nn.Module):
         times its input); the GRU as one block (its layers are one module)."""
         return list(self.body.layers) if self.cell == "transformer" else [self.body]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The hidden state at every position, (B, T, hidden), before the output layer."""
         x = self.embed(tokens)
         if self.cell == "gru":
             x, _ = self.body(x)
@@ -119,7 +120,84 @@ class CausalLM(nn.Module):
             length = tokens.shape[1]
             mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
             x = self.body(x + sinusoid_positions(length, x.shape[-1], x), mask=mask, is_causal=True)
-        return self.out(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(tokens))
+
+
+@runtime_checkable
+class Router(Protocol):
+    """A model with a mixture-of-experts layer whose routing can be read without a graph: `route`
+    runs the model up to the router and stops there (the experts never run), returning the expert
+    assignment (B, T, experts) of 0/1, k ones per position. A strategy calls it once per window
+    to count the window's expert load before any micro-batch's forward (loss.aux_stats=window)."""
+
+    def route(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+class MixtureOfExperts(nn.Module):
+    """A top-k mixture-of-experts feed-forward layer: a bias-free linear router, a softmax over
+    the experts, and each position sent to its k most probable experts, whose outputs are added
+    weighted by their (not renormalised) router probabilities, so that the router also learns
+    from the main loss (Switch Transformer's gate at k = 1, Fedus et al. 2021). No capacity
+    limit and no token dropping: a position's output depends on that position alone, so the
+    layer couples no examples; only the load-balancing loss's statistics do."""
+
+    def __init__(self, hidden: int, experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"model.top_k={top_k} is not allowed: expected an integer in 1..model.experts ({experts})")
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(),
+                                                   nn.Linear(2 * hidden, hidden)) for _ in range(experts))
+
+    def assign(self, x: torch.Tensor):
+        """(router probabilities, the chosen experts' indices and probabilities, the 0/1 assignment)."""
+        probs = torch.softmax(self.router(x), dim=-1)
+        gates, chosen = probs.topk(self.top_k, dim=-1)
+        assignment = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+        return probs, chosen, gates, assignment
+
+    def forward(self, x: torch.Tensor):
+        """(output, router probabilities, assignment). Each expert runs once, on its positions only."""
+        probs, chosen, gates, assignment = self.assign(x)
+        flat, experts = x.reshape(-1, x.shape[-1]), probs.shape[-1]
+        weights = torch.zeros_like(probs).scatter(-1, chosen, gates).reshape(-1, experts)
+        mine = assignment.reshape(-1, experts).bool()
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            rows = mine[:, index].nonzero().squeeze(1)
+            # Each row appears once per expert: index_add_ adds no two values into one row (deterministic).
+            contribution = weights[rows, index, None] * expert(flat[rows])
+            out = out.index_add(0, rows, contribution.to(out.dtype))  # autocast: the experts' dtype may differ
+        return out.view_as(x), probs, assignment
+
+
+class MoELM(CausalLM):
+    """The sequence model with a mixture-of-experts feed-forward layer (residual) before the
+    output layer. Its output is a dict sliceable along dim 0: `logits` (B, T, vocab),
+    `router_probs` (B, T, experts) and `expert_mask` (B, T, experts, the 0/1 assignment), which
+    the load-balancing loss (loss=lm with loss.aux_weight > 0) reads."""
+
+    def __init__(self, vocab: int = 16, hidden: int = 32, layers: int = 1, cell: str = "gru",
+                 experts: int = 8, top_k: int = 2):
+        super().__init__(vocab, hidden, layers, cell)
+        out = self.out
+        del self.out  # registered again after the experts: the output layer stays the last Linear (output_layer)
+        self.moe = MixtureOfExperts(hidden, experts, top_k)
+        self.out = out
+
+    def forward(self, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = self.features(tokens)
+        mixed, probs, assignment = self.moe(x)
+        return {"logits": self.out(x + mixed), "router_probs": probs, "expert_mask": assignment}
+
+    @torch.no_grad()
+    def route(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The assignment alone: the trunk and the router, without a graph; no expert runs."""
+        return self.moe.assign(self.features(tokens))[3]
 
 
 def sinusoid_positions(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -183,6 +261,15 @@ def _seq(cfg) -> Tuple[nn.Module, TaskSpec]:
     if cfg.depth < 1:
         raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
     return CausalLM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell), TaskSpec((), "sequence", cfg.vocab)
+
+
+@MODELS.register("moe")
+def _moe(cfg) -> Tuple[nn.Module, TaskSpec]:
+    if cfg.depth < 1:
+        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
+    return MoELM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell, cfg.experts, cfg.top_k), \
+        TaskSpec((), "sequence", cfg.vocab)
+
 
 def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:
     model, spec = MODELS.get(cfg.name)(cfg)

@@ -7,7 +7,8 @@ YAML file in conf/backward/. `step()` runs one optimizer step on
 one batch and returns detached tensors only (no .item(): on a GPU the loop reads them back in
 batches, never once per step). What a strategy needs from a model or a loss beyond
 `model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
-TwoStageModel here; MultiPartLoss in runner.training.losses).
+TwoStageModel here; MultiPartLoss, TokenLoss, RoutedLoss in runner.training.losses; Router in
+runner.training.models).
 """
 from __future__ import annotations
 
@@ -35,9 +36,17 @@ from runner.config.backward_options import (
 from runner.config.registry import Registry
 from runner.execution.parallel import Single
 from runner.execution.precision import FirstGradient, Precision
-from runner.record import TOKENS_COLUMN, grad_cos_column
+from runner.record import EXPERT_LOAD_CV_COLUMN, TOKENS_COLUMN, grad_cos_column
 from runner.training.data import micro_batches
-from runner.training.losses import MultiPartLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
+from runner.training.losses import (
+    MultiPartLoss,
+    RoutedLoss,
+    TokenLoss,
+    exact_share,
+    is_sum_reduced,
+    loss_parts,
+    offers,
+)
 
 
 @dataclass
@@ -91,7 +100,7 @@ def parameters_of(optimizers) -> List[nn.Parameter]:
 def loss_with_parts(loss_fn, outputs, targets, **kwargs):
     """(loss, its parts detached). A loss made of parts is computed once: its total is the sum
     of its parts, as its forward() is. `kwargs` go to the loss (a token count)."""
-    parts = loss_parts(loss_fn, outputs, targets)
+    parts = loss_parts(loss_fn, outputs, targets, **kwargs)
     loss = sum(parts.values()) if parts else loss_fn(outputs, targets, **kwargs)
     return loss, {name: value.detach() for name, value in parts.items()}
 
@@ -212,15 +221,42 @@ class Full(Strategy):
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
         with self.precision.forward():
-            loss, parts = loss_with_parts(loss_fn, model(inputs), targets)
+            outputs = model(inputs)  # a routed loss takes the batch's own expert load: it is the window's
+            loss, parts = loss_with_parts(loss_fn, outputs, targets)
         self.backward(loss)
         norm = self.apply(model, optimizers)
-        return StepResult(loss.detach(), norm, parts, token_count(loss_fn, targets))
+        extras = {**token_count(loss_fn, targets), **load_spread(loss_fn, [routed_load(loss_fn, outputs, targets)])}
+        return StepResult(loss.detach(), norm, parts, extras)
 
 
 def token_count(loss_fn, targets) -> Dict[str, torch.Tensor]:
     """The `tokens` column (scored tokens of the step) for a token loss, else nothing."""
     return {TOKENS_COLUMN: loss_fn.count_tokens(targets)} if offers(loss_fn, TokenLoss) else {}
+
+
+def routed_load(loss_fn, outputs, targets) -> Optional[torch.Tensor]:
+    """A routed loss's tokens per expert in a forward's output (detached), else None."""
+    return loss_fn.count_load(outputs["expert_mask"], targets).detach() if offers(loss_fn, RoutedLoss) else None
+
+
+def load_spread(loss_fn, loads: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The `expert_load_cv` column for a routed loss: the coefficient of variation (std / mean over
+    the experts) of the step's tokens per expert, as its forwards routed them; else nothing."""
+    if not offers(loss_fn, RoutedLoss):
+        return {}
+    load = torch.stack(loads).sum(dim=0)
+    return {EXPERT_LOAD_CV_COLUMN: load.std(correction=0) / load.mean()}
+
+
+def window_load(model, loss_fn, inputs, targets, precision: Precision) -> Dict[str, torch.Tensor]:
+    """loss.aux_stats=window: the window's tokens per expert, counted once before any micro-batch's
+    forward by a pass without a graph that stops at the router (Router.route: the experts never
+    run), handed to every micro-batch's loss as `expert_load`, as the token count is handed as
+    num_items_in_batch (torchtitan PR #4772). Nothing for other losses or aux_stats=micro_batch."""
+    if not offers(loss_fn, RoutedLoss) or loss_fn.load_statistics() != "window":
+        return {}
+    with torch.no_grad(), precision.forward():
+        return {"expert_load": loss_fn.count_load(model.route(inputs), targets)}
 
 
 @dataclass
@@ -230,6 +266,7 @@ class Scored:
     loss: torch.Tensor
     logged: torch.Tensor
     parts: Dict[str, torch.Tensor]
+    load: Optional[torch.Tensor] = None  # a routed loss's tokens per expert in this micro-batch
 
 
 class MicroBatched(Strategy):
@@ -247,7 +284,7 @@ class MicroBatched(Strategy):
                 f"backward.accumulation={self.accumulation} is not allowed with backward={self.name}: "
                 f"expected at most data.batch_size ({batch_size})")
 
-    def scored(self, model, loss_fn, inputs, targets, sizes=None, batch_tokens=None):
+    def scored(self, model, loss_fn, inputs, targets, sizes=None, batch_tokens=None, handed=None):
         """Each micro-batch's forward and loss, weighted so that the losses add up to the batch's.
 
         Mean-reduced losses are weighted by the micro-batch's share of the batch (scale=size), so
@@ -258,9 +295,12 @@ class MicroBatched(Strategy):
         In loader mode with partial_window=k, a window of k' < k micro-batches is scaled by k'/k.
         A token loss with normalize=double is scaled by 1/k on top of its token count (the bug).
         `batch_tokens`: a token loss's count of the batch's scored tokens, counted once per step.
+        `handed`: what else every micro-batch's loss is handed (the window's expert load, window_load).
 
         The logged value is always the micro-batch's exact share of the batch's loss as the full
         batch computes it, whatever the weighting: the `loss` column never changes with the split.
+        Except for a load-balancing term computed from each micro-batch's own expert load
+        (loss.aux_stats=micro_batch): `loss_aux` logs the term its micro-batches trained on.
         """
         mbs = micro_batches(inputs, targets, self.accumulation, self.options.scale, sizes)
         window = len(mbs) / self.accumulation if sizes is not None and \
@@ -273,16 +313,18 @@ class MicroBatched(Strategy):
                 with self.precision.forward():
                     outputs = model(mb.inputs)
                     if normalization in ("tokens", "double"):
-                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens)
+                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=batch_tokens,
+                                                      **(handed or {}))
                         # double: divided by the window's tokens and again by k (TRL #2617)
                         weight, share = (1.0 / self.accumulation if normalization == "double" else 1.0), 1.0
                     else:
-                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets)
+                        loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, **(handed or {}))
                         weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight
                         share = exact_share(loss_fn, mb.targets, batch_tokens, mb.share)
                 factor = weight * window
                 yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
-                             {name: value * share for name, value in parts.items()})
+                             {name: value * share for name, value in parts.items()},
+                             routed_load(loss_fn, outputs, mb.targets))
 
 
 @register
@@ -293,14 +335,16 @@ class Sum(MicroBatched):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)
-        total, logged, parts, count = 0, 0, {}, 0
+        total, logged, parts, count, loads = 0, 0, {}, 0, []
         extras = token_count(loss_fn, targets)
-        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
+        handed = window_load(model, loss_fn, inputs, targets, self.precision)
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN), handed):
             total, logged = total + scored.loss, logged + scored.logged
             parts, count = add_parts(parts, scored.parts), count + 1
+            loads.append(scored.load)
         self.backward(total)
         norm = self.apply(model, optimizers, count)
-        return StepResult(logged, norm, parts, extras)
+        return StepResult(logged, norm, parts, {**extras, **load_spread(loss_fn, loads)})
 
 
 @register
@@ -313,15 +357,17 @@ class Accumulate(MicroBatched):
 
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
-        logged, parts = [], {}
+        logged, parts, loads = [], {}, []
         extras = token_count(loss_fn, targets)
-        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN)):
+        handed = window_load(model, loss_fn, inputs, targets, self.precision)
+        for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN), handed):
             self.backward(scored.loss)  # the graph of this micro-batch is freed here
             self.clip_after_backward(optimizers)
             logged.append(scored.logged)
             parts = add_parts(parts, scored.parts)
+            loads.append(scored.load)
         norm = self.apply(model, optimizers, len(logged))
-        return StepResult(torch.stack(logged).sum(), norm, parts, extras)
+        return StepResult(torch.stack(logged).sum(), norm, parts, {**extras, **load_spread(loss_fn, loads)})
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
