@@ -213,3 +213,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("strategy", ["full", "sum"])
+def test_ema_every_is_once_per_step_for_a_strategy_without_micro_batch_backwards(tmp_path, strategy):
+    """full takes one micro-batch a step and sum backwards its micro-batches together: there is no
+    'between micro-batches' to average in, so ema_every=micro_batch is the per-step average there."""
+    common = dict(trainer__steps=10, trainer__ema=DECAY, backward__name=strategy, backward__accumulation=K)
+    per_step = train(tmp_path, **common)[0]
+    per_micro_batch = train(tmp_path, **common, trainer__ema_every="micro_batch")[0]
+    assert per_micro_batch["ema_param_sha256"] == per_step["ema_param_sha256"]
