@@ -297,6 +297,9 @@ def print_summary(summary: Summary, multirun: bool) -> None:
                   ("reduce-scatter rounds/step", summary.reduce_scatter_calls_per_step),
                   ("peak_grad_bytes", summary.peak_grad_bytes), ("ranks agree", summary.ranks_agree)]
         rows += [(name, value) for name, value in shared if value is not None]  # the engine's own figures
+    if summary.ema_param_sha256:  # trainer.ema: the averaged weights' figures
+        rows += [(f"EMA {summary.eval_metric or 'eval'}", summary.ema_eval_value),
+                 ("EMA param_sum", summary.ema_param_sum)]
     if summary.params_without_grad:
         rows.append(("no gradient", ", ".join(summary.params_without_grad)))
     rows += [(name, text) for name, text in (("error", summary.error), ("hint", summary.hint)) if text]

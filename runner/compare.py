@@ -136,9 +136,10 @@ def pd_isna(value: Any) -> bool:
 def display_columns(table) -> List[str]:
     varying = [c for c in table.columns if c not in DISPLAY and c not in HIDDEN]
     sweeps = ["sweep"] if "sweep" in table and table["sweep"].nunique() > 1 else []
-    # The oracle columns only where the runs hold an oracle (a float64 run of the reference's config).
+    # The oracle columns only where the runs hold an oracle (a float64 run of the reference's config),
+    # the EMA's only where runs keep one (trainer.ema).
     return sweeps + varying + [c for c in DISPLAY if c in table.columns
-                               and not (c in record.ORACLE_COLUMNS and table[c].isna().all())]
+                               and not (c in record.ORACLE_COLUMNS + record.EMA_COLUMNS and table[c].isna().all())]
 
 
 def _fmt(value: Any, digits: int = 6) -> str:

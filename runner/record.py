@@ -24,6 +24,7 @@ import torch
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 PARAMS = "params.pt"
+EMA_WEIGHTS = "ema_weights.pt"  # trainer.ema: the averaged model's state_dict (parameters and buffers)
 FIRST_GRAD = "first_grad.pt"  # parameter name -> the first optimizer step's gradient (trainer.first_grad)
 CHECKPOINT = "checkpoint.pt"
 GRADIENT_FLOW = "gradient_flow.csv"
@@ -81,6 +82,10 @@ class Summary:
     param_sum: Optional[float] = None  # the sum of all parameters, as the accumulation answer prints it
     param_sha256: Optional[str] = None  # bit-exact hash of the parameters, in name order
     param_names: List[str] = field(default_factory=list)
+    # trainer.ema: the same checksums of the averaged weights, and their headline held-out metric.
+    ema_param_sum: Optional[float] = None
+    ema_param_sha256: Optional[str] = None
+    ema_eval_value: Optional[float] = None
     peak_saved_bytes: Optional[int] = None  # the saved-tensor meter's peak (runner.execution.memory)
     cuda_max_memory_allocated: Optional[int] = None
     wall_s: Optional[float] = None
@@ -144,10 +149,14 @@ def expected_difference(batch_coupled: Optional[bool], stochastic: Optional[bool
 SUMMARY_KEYS = tuple(f.name for f in fields(Summary))
 # Summary keys a comparison row carries, in order (runner.compare adds the verdict's columns).
 COMPARED_KEYS = ("status", "final_loss", "eval_metric", "eval_value", "param_sum", "param_sha256",
-                 "peak_saved_bytes", "time_per_step_s", "steps_done", "error", "reused_from")
+                 "peak_saved_bytes", "time_per_step_s", "steps_done", "error", "reused_from", "ema_eval_value",
+                 "ema_param_sum")
 # comparison.csv: the config keys that vary, then these columns; the terminal shows SHOWN, in order.
 SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha256", "max_abs_diff", "grad_rel_diff",
-                 "verdict", "diff_to_oracle", "grad_diff_to_oracle", "peak_saved_bytes", "time_per_step_s", "error")
+                 "verdict", "diff_to_oracle", "grad_diff_to_oracle", "ema_eval_value", "ema_max_abs_diff",
+                 "peak_saved_bytes", "time_per_step_s", "error")
+# Shown only where a run keeps a moving average of its weights (trainer.ema).
+EMA_COLUMNS = ("ema_eval_value", "ema_max_abs_diff")
 ORACLE_COLUMNS = ("diff_to_oracle", "grad_diff_to_oracle")  # against a float64 run of the reference's config
 HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir", "reused_from")
 # The rows appended while a sweep runs, before its verdicts exist.
@@ -295,6 +304,18 @@ def load_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / PARAMS, map_location="cpu", weights_only=True)
 
 
+def write_ema_weights(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """ema_weights.pt: the averaged model's state_dict (trainer.ema), named as params.pt's."""
+    with atomic_path(Path(run_dir) / EMA_WEIGHTS) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+
+
+def load_ema_weights(run_dir: Path) -> Optional[dict[str, torch.Tensor]]:
+    """ema_weights.pt, or None where the run kept no average."""
+    path = Path(run_dir) / EMA_WEIGHTS
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
 def write_first_grad(run_dir: Path, grads: Dict[str, torch.Tensor]) -> None:
     with atomic_path(Path(run_dir) / FIRST_GRAD) as tmp:
         torch.save({name: g.detach().cpu() for name, g in grads.items()}, tmp)
@@ -321,7 +342,7 @@ def copy_records(run_dir: Path, to: Path) -> None:
     """A finished run's per-run files (not its summary) copied to `to`: a job equal to it."""
     import shutil
 
-    for name in (METRICS, PARAMS, FIRST_GRAD, GRADIENT_FLOW):
+    for name in (METRICS, PARAMS, EMA_WEIGHTS, FIRST_GRAD, GRADIENT_FLOW):
         if (Path(run_dir) / name).exists():
             shutil.copyfile(Path(run_dir) / name, Path(to) / name)
 

@@ -2,7 +2,8 @@
 
 An experiment lists what it expects under `claims:`. Each claim selects runs by config values
 (`runs: {backward: [sum, accumulate], backward.scale: size}`) and states one of:
-equivalent / identical / differs (final parameters against the run `reference:` selects),
+equivalent / identical / differs (final parameters against the run `reference:` selects, or with
+`weights: ema` their moving averages, trainer.ema),
 within_drift (the distance to the reference at most `factor` times the reference's own distance
 to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
 `rel`: a bug that scales the gradient, 1/world of it say), impact (a configuration's mean paired
@@ -25,11 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
 from runner.analysis.replicates import configuration, groups, impact, same_seed_reference
-from runner.analysis.runs import Run, compare_to, describe, find_oracle, grad_rel_diff, pick_reference, twin
+from runner.analysis.runs import (
+    WEIGHTS,
+    Run,
+    compare_to,
+    describe,
+    find_oracle,
+    grad_rel_diff,
+    pick_reference,
+    twin,
+)
 from runner.record import SUMMARY_KEYS
 
 # Comparison columns a `smaller` / `about` claim may name as its metric (runner.analysis.runs.Verdict).
-COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle")
+COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle", "ema_max_abs_diff")
 # within_drift's distances: final parameters (max |Δθ|) or the first gradient (relative).
 DRIFT_MEASURES = {"params": "max_abs_diff", "first_grad": "grad_rel_diff"}
 
@@ -83,13 +93,16 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
         return same_seed_reference(run, reference, runs)
 
     if kind in ("equivalent", "identical", "differs"):
-        verdicts = [compare_to(r, paired(r), cache) for r in chosen]
+        weights = claim.get("weights", "params")  # ema: the moving averages of the weights (trainer.ema)
+        if weights not in WEIGHTS:
+            return ClaimResult(name, kind, False, f"weights {weights!r} is unknown: expected one of {sorted(WEIGHTS)}")
+        verdicts = [compare_to(r, paired(r), cache, weights=weights) for r in chosen]
         wanted = {"equivalent": {"equivalent", "identical", "reference"}, "identical": {"identical", "reference"},
                   "differs": {"differs"}}[kind]
         holds = all(v.verdict.split(" (")[0] in wanted for v in verdicts)
         worst = max((v.max_abs_diff for v in verdicts), default=math.nan) if kind != "differs" \
             else min((v.max_abs_diff for v in verdicts), default=math.nan)
-        label = "max" if kind != "differs" else "min"
+        label = ("max" if kind != "differs" else "min") + (" EMA" if weights == "ema" else "")
         return ClaimResult(name, kind, holds, f"{len(chosen)} runs vs {describe(ref_selector) or 'reference'}: "
                            f"{label} |Δθ| {worst:.3g} ({verdicts[0].tolerance}); verdicts "
                            f"{sorted({v.verdict for v in verdicts})}")

@@ -140,6 +140,15 @@ def load_parameters(run: Run):
     return {n: state[n] for n in names if n in state}
 
 
+def load_ema_parameters(run: Run):
+    """The averaged weights (trainer.ema's ema_weights.pt), named as the parameters."""
+    state = record.load_ema_weights(run.path)
+    if state is None:
+        raise ValueError(f"{run.path.name} kept no moving average (trainer.ema=0): no {record.EMA_WEIGHTS}")
+    names = run.summary.param_names or list(state)
+    return {n: state[n] for n in names if n in state}
+
+
 DTYPE_KEY = "trainer.dtype"
 ORACLE_DTYPE = "float64"
 
@@ -169,6 +178,8 @@ class Verdict:
     # Against the float64 oracle of the reference (find_oracle), where the runs hold one.
     grad_diff_to_oracle: float = math.nan  # ||g - g_oracle|| / ||g_oracle||
     diff_to_oracle: float = math.nan  # max |θ - θ_oracle|
+    # trainer.ema: max |θ_ema - θ_ema_ref| of the averaged weights, where both runs keep one.
+    ema_max_abs_diff: float = math.nan
 
 
 def _cached(cache: Dict[Any, Any], run: Run, what: str, load):
@@ -183,6 +194,15 @@ def first_grad(run: Run, cache: Dict[Any, Any]):
 
 def parameters(run: Run, cache: Dict[Any, Any]):
     return _cached(cache, run, "params", load_parameters)
+
+
+def ema_parameters(run: Run, cache: Dict[Any, Any]):
+    return _cached(cache, run, "ema", load_ema_parameters)
+
+
+# Which weights a verdict compares (a claim's `weights:`): the final ones or their moving average,
+# each with its loader and its bit-exact hash in the summary.
+WEIGHTS = {"params": (parameters, "param_sha256"), "ema": (ema_parameters, "ema_param_sha256")}
 
 
 def _comparable(run: Run, other: Optional[Run], cache: Dict[Any, Any], load) -> Optional[tuple]:
@@ -214,9 +234,10 @@ def grad_rel_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any], factor:
     return float(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
 
 
-def max_param_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> float:
-    """max |θ - θ_other| over every parameter, or NaN where they cannot be compared."""
-    pair = _comparable(run, other, cache, parameters)
+def max_param_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any], load=parameters) -> float:
+    """max |θ - θ_other| over every parameter (as `load` reads them: the final parameters, or
+    ema_parameters), or NaN where they cannot be compared."""
+    pair = _comparable(run, other, cache, load)
     if pair is None:
         return math.nan
     mine, theirs = pair
@@ -224,10 +245,13 @@ def max_param_diff(run: Run, other: Optional[Run], cache: Dict[Any, Any]) -> flo
                default=0.0)
 
 
-def compare_to(run: Run, reference: Optional[Run], cache: Dict[Any, Any], oracle: Optional[Run] = None) -> Verdict:
-    """The verdict against the reference (max |Δθ|, saying which tolerance it used), the first
-    gradients' relative difference, and the distances to the float64 `oracle` where given."""
-    verdict = _verdict(run, reference, cache)
+def compare_to(run: Run, reference: Optional[Run], cache: Dict[Any, Any], oracle: Optional[Run] = None,
+               weights: str = "params") -> Verdict:
+    """The verdict against the reference (max |Δθ|, saying which tolerance it used) on `weights`
+    (params, or ema: the moving averages), the first gradients' relative difference, the moving
+    averages' distance, and the distances to the float64 `oracle` where given."""
+    verdict = _verdict(run, reference, cache, weights)
+    verdict.ema_max_abs_diff = max_param_diff(run, reference, cache, ema_parameters)
     verdict.grad_rel_diff = 0.0 if reference is not None and run.path == reference.path and run.status == "ok" \
         else grad_rel_diff(run, reference, cache)
     if oracle is not None:
@@ -236,7 +260,7 @@ def compare_to(run: Run, reference: Optional[Run], cache: Dict[Any, Any], oracle
     return verdict
 
 
-def _verdict(run: Run, reference: Optional[Run], cache: Dict[Any, Any]) -> Verdict:
+def _verdict(run: Run, reference: Optional[Run], cache: Dict[Any, Any], weights: str = "params") -> Verdict:
     dtype = run.summary.dtype or "float32"
     rtol, atol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     tolerance = f"{dtype} rtol={rtol:g} atol={atol:g}"
@@ -244,12 +268,14 @@ def _verdict(run: Run, reference: Optional[Run], cache: Dict[Any, Any]) -> Verdi
         return Verdict("error", math.nan, tolerance)
     if run.path == reference.path:
         return Verdict("reference", 0.0, tolerance)
-    if run.summary.param_sha256 and run.summary.param_sha256 == reference.summary.param_sha256:
+    load, sha_key = WEIGHTS[weights]
+    sha = getattr(run.summary, sha_key)
+    if sha and sha == getattr(reference.summary, sha_key):
         return Verdict("identical", 0.0, tolerance)
     try:
-        mine, theirs = parameters(run, cache), parameters(reference, cache)
+        mine, theirs = load(run, cache), load(reference, cache)
     except (OSError, RuntimeError, ValueError) as exc:
-        return Verdict("error", math.nan, f"{record.PARAMS} unreadable: {exc}")
+        return Verdict("error", math.nan, f"{weights} unreadable: {exc}")
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
         return Verdict("differs", math.nan, "different parameters (not comparable)")
     import torch

@@ -41,6 +41,16 @@ class Sync(str, Enum):
     first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
 
 
+class StepInBackward(str, Enum):
+    """backward=accumulate: step each parameter from its post-accumulate-grad hook, inside backward()
+    (PyTorch's "fusing the optimizer step into the backward pass" tutorial), so that its .grad is
+    freed at once instead of held until the optimizer step."""
+
+    off = "off"  # one optimizer step after the window's backwards
+    last = "last"  # the hooks step on the window's last micro-batch only: the accumulated gradient (exact)
+    every = "every"  # the hooks step on every micro-batch (pytorch #124523, DeepSpeed #8443): k steps per window
+
+
 @dataclass
 class PassOptions:
     """backward.* keys every strategy reads: how its passes run (runner.execution.precision,
@@ -67,6 +77,7 @@ class MicroBatchOptions:
 @dataclass
 class AccumulateOptions(MicroBatchOptions):
     sync: Sync = Sync.last  # several processes: the micro-batch whose backward synchronises (see Sync)
+    step_in_backward: StepInBackward = StepInBackward.off  # the optimizer step inside backward (see StepInBackward)
 
 
 @dataclass
@@ -87,12 +98,12 @@ OPTIONS: Dict[str, type] = {
 }
 
 
-# optim.* keys that act per micro-batch (runner.training.strategies.Strategy.apply), by the strategies
-# that read them. The others take one micro-batch per optimizer step, so "once per micro-batch" is
+# optim.* keys (and trainer.ema_every) that act per micro-batch (runner.training.strategies.Strategy.apply),
+# by the strategies that read them. The others take one micro-batch per optimizer step, so "once per micro-batch" is
 # once per step for them; sum backwards its micro-batches together, so there is nothing to clip
-# between them.
+# (or average) between them.
 PER_MICRO_BATCH_UPDATES: Dict[str, Tuple[str, ...]] = {
-    "sum": ("scheduler_every",), "accumulate": ("scheduler_every", "clip_every")}
+    "sum": ("scheduler_every",), "accumulate": ("scheduler_every", "clip_every", "ema_every")}
 
 
 def readers_by_option() -> Dict[str, List[str]]:

@@ -55,10 +55,10 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     """training_id of what a training uses, extents included: the backward.* options its strategy
     does not read back at their defaults (full at any accumulation is one training, except in
     loader mode, where k is the window's size), and in one process what only several processes
-    read (backward.sync, loss.rank_normalize, trainer.parallel), and optim.scheduler_every and
-    optim.clip_every where they change nothing: no schedule or no clipping, or a strategy that takes
-    one micro-batch per step (full), and loss.aux_stats without micro-batches or an aux term.
-    `record`: config_record's."""
+    read (backward.sync, loss.rank_normalize, trainer.parallel), and optim.scheduler_every,
+    optim.clip_every and trainer.ema_every where they change nothing: no schedule, no clipping or no
+    moving average, or a strategy that takes one micro-batch per step (full), and loss.aux_stats
+    without micro-batches or an aux term. `record`: config_record's."""
     used = json.loads(json.dumps(record))
     mine = {f.name for f in fields(OPTIONS[config.backward.name])} | {f.name for f in fields(PassOptions)}
     if config.data.micro_batch_size is not None:  # loader mode: k micro-batches are the data's window
@@ -78,6 +78,8 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     # without micro-batches (backward=full) or without a load-balancing term.
     if config.backward.name == "full" or not config.loss.aux_weight:
         used["loss"]["aux_stats"] = "window"
+    if not config.trainer.ema or "ema_every" not in per_micro_batch:  # no average, or one micro-batch a step
+        used["trainer"]["ema_every"] = "step"
     if config.trainer.processes == 1:
         for group, key, default in ONE_PROCESS_IGNORES:
             used[group][key] = default

@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.config.backward_options import OPTIONS, PassOptions
+from runner.config.backward_options import OPTIONS, PassOptions, readers_of
 
 
 class Role(str, Enum):
@@ -224,6 +224,13 @@ class TrainerConf:
     processes: int = key(1, Role.extent)
     parallel: ParallelEngine = ParallelEngine.ddp  # how the processes share the model (trainer.processes > 1)
     deterministic: bool = False
+    # Decay of an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel with
+    # get_ema_multi_avg_fn, buffers averaged too), updated after every optimizer step; 0 = off. Recorded
+    # as ema_weights.pt, ema_param_sha256/ema_param_sum and ema_eval_value; comparisons add ema_max_abs_diff.
+    ema: float = 0.0
+    # micro_batch: update the average after every micro-batch of backward=accumulate, k times per step, most
+    # on not-yet-stepped weights (the bug of lightly-train #968, F5-TTS #631); other strategies: per step.
+    ema_every: Every = Every.step
     # Rows are buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on CUDA)
     # so that logging never forces a host-device sync per step on a GPU.
     log_every: int = key(0, Role.operational)
@@ -339,6 +346,7 @@ def validate(cfg: Config) -> None:
          f"an integer in 1..model.experts ({cfg.model.experts})"),
         (cfg.loss.aux_weight >= 0, "loss.aux_weight", cfg.loss.aux_weight, ">= 0 (0 = no load-balancing loss)"),
         (cfg.data.topics >= 0, "data.topics", cfg.data.topics, "an integer >= 0 (0 = one chain)"),
+        (0 <= cfg.trainer.ema < 1, "trainer.ema", cfg.trainer.ema, "in [0, 1) (the EMA's decay; 0 = off)"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:
@@ -351,6 +359,30 @@ def validate(cfg: Config) -> None:
                           "parameters; trainer.dtype=bfloat16 is pure bf16)")
     validate_routing(cfg)
     validate_processes(cfg)
+    validate_step_in_backward(cfg)
+
+
+def validate_step_in_backward(cfg: Config) -> None:
+    """backward.step_in_backward steps each parameter as soon as its gradient is complete, before the
+    others' exist: nothing that needs the whole gradient at once can run (clipping by the global norm,
+    GradScaler's inf check, a float32 copy of .grad, DDP's reduction). Other strategies ignore the key
+    (with a warning, Strategy.ignored_switches)."""
+    mode = plain(cfg.backward.step_in_backward)
+    if mode == "off" or cfg.backward.name not in readers_of("step_in_backward"):
+        return
+    given = f"backward.step_in_backward={mode} is not allowed with"
+    if cfg.optim.clip_norm:
+        raise ConfigError(f"{given} optim.clip_norm={cfg.optim.clip_norm}: clipping needs the whole gradient "
+                          "before any parameter steps, expected optim.clip_norm=0 (or backward.step_in_backward=off)")
+    if cfg.trainer.processes > 1:
+        raise ConfigError(f"{given} trainer.processes={cfg.trainer.processes}: the gradient is reduced across "
+                          "ranks after backward, expected trainer.processes=1 (or backward.step_in_backward=off)")
+    if plain(cfg.trainer.autocast) == "fp16":
+        raise ConfigError(f"{given} trainer.autocast=fp16: GradScaler checks the whole gradient for inf before "
+                          "any step, expected trainer.autocast=bf16 or off (or backward.step_in_backward=off)")
+    if plain(cfg.backward.grad_accum_dtype) == "float32":
+        raise ConfigError(f"{given} backward.grad_accum_dtype=float32: the hooks step on .grad, expected "
+                          "backward.grad_accum_dtype=param (or backward.step_in_backward=off)")
 
 
 def validate_routing(cfg: Config) -> None:
@@ -403,6 +435,9 @@ def validate_processes(cfg: Config) -> None:
     if parallel == "fsdp" and cfg.trainer.checkpoint_every:
         raise ConfigError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every} is not allowed with "
                           "trainer.parallel=fsdp: sharded checkpoints are not written yet, expected 0")
+    if parallel == "fsdp" and cfg.trainer.ema:
+        raise ConfigError(f"trainer.ema={cfg.trainer.ema} is not allowed with trainer.parallel=fsdp: the average "
+                          "would hold sharded parameters, expected trainer.ema=0 (or trainer.parallel=ddp)")
     accumulation = cfg.backward.accumulation if name != "full" else 1
     if cfg.data.batch_size < processes * accumulation:
         raise ConfigError(f"trainer.processes={processes} is not allowed with data.batch_size={cfg.data.batch_size} "

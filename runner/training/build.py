@@ -24,6 +24,7 @@ from runner.execution.processes import under_torchrun
 from runner.execution.recompute import recompute_blocks
 from runner.training import checks, user_data
 from runner.training.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
+from runner.training.ema import WeightAverage
 from runner.training.gradflow import gradient_flow
 from runner.training.loader import Batches, LoaderWindows
 from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, per_stage
@@ -67,6 +68,11 @@ class Training:
     @property
     def precision(self):
         return self.strategy.precision
+
+    @property
+    def ema(self) -> Optional[WeightAverage]:
+        """The weights' moving average (trainer.ema), or None."""
+        return self.strategy.updates.ema
 
     @property
     def schedulers(self) -> List[Any]:
@@ -210,6 +216,11 @@ def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
     return str(exc)
 
 
+def build_ema(cfg: Config, model: torch.nn.Module) -> Optional[WeightAverage]:
+    """trainer.ema's moving average of the weights (before any hook is registered on them), or None."""
+    return WeightAverage(model, cfg.trainer.ema, plain(cfg.trainer.ema_every)) if cfg.trainer.ema else None
+
+
 def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
                    model_kwargs: Optional[Dict[str, Any]] = None,
                    optim_kwargs: Optional[Dict[str, Any]] = None) -> Training:
@@ -245,15 +256,15 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     # Sharding replaces the parameters (FSDP): the optimizers are built over what it leaves.
     parallel = build_parallel_unit(cfg, model, loss_fn, device)
     extra_loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
-    groups = planned.param_groups(model)
-    if extra_loss_params:  # learnable loss weights (e.g. uncertainty weighting) train with the model
-        groups[-1] = groups[-1] + extra_loss_params
+    # Learnable loss weights (e.g. uncertainty weighting) train with the model.
+    groups = planned.with_loss_parameters(planned.param_groups(model), extra_loss_params)
     optimizers = build_optimizers(cfg.optim, groups, optim_kwargs)
     precision = Precision(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
                           cfg.trainer.init_scale, parameters_of(optimizers))
     updates = Updates(schedulers={id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))},
                       scheduler_every=plain(cfg.optim.scheduler_every), clip_norm=cfg.optim.clip_norm,
-                      clip_every=plain(cfg.optim.clip_every))
+                      clip_every=plain(cfg.optim.clip_every),
+                      ema=build_ema(cfg, model))
     strategy = build_strategy(cfg.backward, updates, precision, parallel, FirstGradient(cfg.trainer.first_grad))
     return Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
                     loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings)

@@ -1,8 +1,9 @@
 """Checkpoints that resume a run bit for bit.
 
 checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnable loss's
-parameters, torch's RNG states, the step, and how many bytes of metrics.csv were written up to it
-(a resumed run cuts the CSV back there and rewrites the rows after it). The data position needs
+parameters, the weights' moving average (trainer.ema), torch's RNG states, the step, and how many
+bytes of metrics.csv were written up to it (a resumed run cuts the CSV back there and rewrites the
+rows after it). The data position needs
 no state: the batch (or loader mode's window) of a step is a pure function of (seed, step). The
 run's config is stored as JSON, so loading never unpickles arbitrary objects:
 `torch.load(weights_only=True)` accepts it.
@@ -38,6 +39,7 @@ def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: floa
         "optimizers": [opt.state_dict() for opt in training.optimizers],
         "schedulers": [scheduler.state_dict() for scheduler in training.schedulers],
         "loss": training.loss_fn.state_dict() if isinstance(training.loss_fn, torch.nn.Module) else {},
+        "ema": training.ema.state_dict() if training.ema is not None else {},
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if training.device.type == "cuda" else [],
     }
@@ -95,6 +97,8 @@ def restore(state: Dict[str, Any], training) -> int:
             scheduler.load_state_dict(saved)
         if isinstance(training.loss_fn, torch.nn.Module):
             training.loss_fn.load_state_dict(state["loss"])
+        if training.ema is not None:
+            training.ema.load_state_dict(state["ema"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint does not fit this model or strategy: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(state["rng_cpu"])

@@ -29,6 +29,7 @@ from runner.config.backward_options import (
     PartialWindow,
     PassOptions,
     SeparateOptions,
+    StepInBackward,
     option_defaults,
     readers_by_option,
     readers_of,
@@ -58,6 +59,9 @@ class Updates:
     scheduler_every: str = "step"
     clip_norm: float = 0.0  # 0 = no clipping
     clip_every: str = "step"
+    # trainer.ema: the weights' moving average (runner.training.ema.WeightAverage), or None. The loop
+    # updates it after each optimizer step; a strategy that reads ema_every calls it between micro-batches.
+    ema: Optional[object] = None
 
 
 @runtime_checkable
@@ -135,6 +139,10 @@ class Strategy:
     def param_groups(self, model: nn.Module) -> List[List[nn.Parameter]]:
         """One list of parameters per optimizer the strategy steps."""
         return [list(model.parameters())]
+
+    def with_loss_parameters(self, groups: List[List[nn.Parameter]], extra: List[nn.Parameter]):
+        """`groups` with a learnable loss's parameters (uncertainty weighting): the last optimizer's."""
+        return groups[:-1] + [groups[-1] + list(extra)] if extra else groups
 
     def check(self, model: nn.Module, loss_fn, batch_size: int) -> None:
         """Raise StrategyMismatch when the strategy does not fit the model, loss or batch size."""
@@ -267,6 +275,7 @@ class Scored:
     logged: torch.Tensor
     parts: Dict[str, torch.Tensor]
     load: Optional[torch.Tensor] = None  # a routed loss's tokens per expert in this micro-batch
+    last: bool = True  # the window's last micro-batch (the optimizer step follows its backward)
 
 
 class MicroBatched(Strategy):
@@ -324,7 +333,7 @@ class MicroBatched(Strategy):
                 factor = weight * window
                 yield Scored(loss if factor == 1.0 else factor * loss, loss.detach() * share,
                              {name: value * share for name, value in parts.items()},
-                             routed_load(loss_fn, outputs, mb.targets))
+                             routed_load(loss_fn, outputs, mb.targets), index == len(mbs) - 1)
 
 
 @register
@@ -349,25 +358,97 @@ class Sum(MicroBatched):
 
 @register
 class Accumulate(MicroBatched):
-    """Backward per micro-batch; .grad accumulates; one optimizer step. One graph held at a time."""
+    """Backward per micro-batch; .grad accumulates; one optimizer step. One graph held at a time.
+
+    backward.step_in_backward=last|every moves the step into backward(), as PyTorch's tutorial "How to
+    save memory by fusing the optimizer step into the backward pass" does (pytorch/tutorials #2568):
+    one optimizer per parameter, built from the same optim.* factory, stepped by that parameter's
+    Tensor.register_post_accumulate_grad_hook, which then frees its .grad. `last` lets .grad accumulate
+    over the window and steps in the last micro-batch's backward: the ordinary step, exactly. `every`
+    steps in every micro-batch's backward, as the tutorial's hook does when a loop accumulates (pytorch
+    #124523, open; DeepSpeed #8443 for Muon): k steps per window on 1/k-weighted micro-batch gradients,
+    which Adam's scale invariance turns into k full-size steps.
+    """
 
     name = "accumulate"
 
     Options = AccumulateOptions
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._owner: Dict[nn.Parameter, torch.optim.Optimizer] = {}  # step_in_backward: parameter -> its optimizer
+        self._stepping = False  # step_in_backward: whether this backward's hooks step
+        self._stepped: List[torch.Tensor] = []  # the squared norms of the gradients the hooks stepped with
+
+    @property
+    def steps_in_backward(self) -> bool:
+        return self.options.step_in_backward != StepInBackward.off
+
+    def param_groups(self, model: nn.Module) -> List[List[nn.Parameter]]:
+        if self.steps_in_backward:  # one optimizer per parameter: its hook steps it alone
+            return [[p] for p in model.parameters()]
+        return super().param_groups(model)
+
+    def with_loss_parameters(self, groups, extra):
+        return groups + [[p] for p in extra] if self.steps_in_backward else super().with_loss_parameters(groups, extra)
+
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
+        if self.steps_in_backward:
+            self._hook(optimizers)
         self.zero_grad(optimizers)  # once, before the loop: backward() adds into .grad
-        logged, parts, loads = [], {}, []
+        logged, parts, loads, ema = [], {}, [], self.updates.ema
         extras = token_count(loss_fn, targets)
         handed = window_load(model, loss_fn, inputs, targets, self.precision)
         for scored in self.scored(model, loss_fn, inputs, targets, sizes, extras.get(TOKENS_COLUMN), handed):
+            self._stepping = self.steps_in_backward and (
+                scored.last or self.options.step_in_backward == StepInBackward.every)
             self.backward(scored.loss)  # the graph of this micro-batch is freed here
             self.clip_after_backward(optimizers)
+            if ema is not None and not scored.last:  # ema_every=micro_batch: the loop averages after the step
+                ema.after_micro_batch(model)
             logged.append(scored.logged)
             parts = add_parts(parts, scored.parts)
             loads.append(scored.load)
-        norm = self.apply(model, optimizers, len(logged))
+        self._stepping = False
+        norm = self._after_hooks(optimizers, len(logged)) if self.steps_in_backward else \
+            self.apply(model, optimizers, len(logged))
         return StepResult(torch.stack(logged).sum(), norm, parts, {**extras, **load_spread(loss_fn, loads)})
+
+    def _hook(self, optimizers) -> None:
+        """Register each parameter's post-accumulate-grad hook, once (on the first step: the probes
+        before training backward the model without them)."""
+        if self._owner:
+            return
+        for opt in optimizers:
+            for p in parameters_of([opt]):
+                self._owner[p] = opt
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._step_parameter)
+
+    @torch.no_grad()
+    def _step_parameter(self, p: nn.Parameter) -> None:
+        """Called by autograd once p.grad holds this backward's gradient: step p and free p.grad."""
+        if not self._stepping:
+            return  # the window goes on: .grad accumulates
+        opt = self._owner[p]
+        self._stepped.append(p.grad.detach().double().pow(2).sum())
+        self.first_gradient.keep([p])
+        self.precision.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    def _after_hooks(self, optimizers, micro_batches: int) -> torch.Tensor:
+        """The step's remainder once the hooks stepped: the schedules (once per step, or per micro-batch
+        with optim.scheduler_every=micro_batch); returns the norm of the gradients the hooks stepped with
+        (the window's gradient for `last`; for `every`, the root of the k micro-batch steps' squared norms)."""
+        for opt in optimizers:
+            scheduler = self.updates.schedulers.get(id(opt))
+            if scheduler is not None:
+                for _ in range(micro_batches if self.updates.scheduler_every == "micro_batch" else 1):
+                    scheduler.step()
+        self.precision.after_step()
+        stepped, self._stepped = self._stepped, []
+        dtype = next(iter(self._owner)).dtype
+        return torch.stack(stepped).sum().sqrt().to(dtype) if stepped else torch.zeros((), dtype=dtype)
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:

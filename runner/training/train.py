@@ -146,6 +146,8 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
                     result = t.strategy.step(parallel.module, t.loss_fn, t.optimizers, inputs, targets,
                                              window.sizes)
+                if t.ema is not None:  # once per optimizer step, on the stepped weights (runner.training.ema)
+                    t.ema.update(t.model)
                 result = parallel.gather(result, share)  # the batch's loss, from every rank's share
                 result.extras.update(precision.columns())  # grad_scale, step_skipped (fp16)
                 if step == start:
@@ -222,4 +224,19 @@ def _finish(t: Training, run_dir: Path, summary: Summary) -> None:
         if metrics:
             summary.eval = metrics
             summary.eval_metric, summary.eval_value = next(iter(metrics.items()))
+    if t.ema is not None:
+        _finish_ema(t, run_dir, summary)
     record.write_summary(run_dir, summary)
+
+
+def _finish_ema(t: Training, run_dir: Path, summary: Summary) -> None:
+    """trainer.ema: the averaged weights' file, checksums and headline held-out metric."""
+    if summary.status == "error":
+        return
+    averaged = t.ema.module
+    record.write_ema_weights(run_dir, averaged.state_dict())
+    params = dict(averaged.named_parameters())
+    summary.ema_param_sum, summary.ema_param_sha256 = record.param_sum(params), record.param_sha256(params)
+    if summary.status == "ok" and summary.eval_metric is not None:
+        metrics = evaluate(averaged, t.dataset.eval_inputs, t.dataset.eval_targets, t.spec.kind)
+        summary.ema_eval_value = metrics.get(summary.eval_metric)
