@@ -12,7 +12,8 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward.accumulation=2,8"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
          "memory": ["data.train_size=512", "data.eval_size=64"],
-         "ranks_tokens": ["data.train_size=256", "data.eval_size=64"]}
+         "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
+         "contrastive": ["data.train_size=1024", "data.eval_size=256"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps.
@@ -20,7 +21,8 @@ STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "focal",
+    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp", "default",
+                           "focal",
                            "fsdp", "memory", "multitask", "partial_window", "precision", "ranks_tokens", "schedule",
                            "tokens", "uneven"]
     result = run_cli("--help")

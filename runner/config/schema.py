@@ -115,6 +115,10 @@ class ModelConf:
     depth: int = 2  # layers in a shared trunk (multi-task models), or the recurrent/attention layers (seq)
     vocab: int = 16  # seq: the vocabulary (tokens 0..vocab-1)
     cell: str = "gru"  # seq: gru | transformer (causal self-attention)
+    # dual_encoder: one tower embeds both views (else a tower per view, each model.depth layers of model.hidden
+    # units, then model.outputs embedding dimensions)
+    shared: bool = False
+    dropout: float = 0.0  # dual_encoder: dropout probability inside each tower, in [0, 1)
     _target_: Optional[str] = None  # custom: import path of your nn.Module class
 
 
@@ -149,6 +153,9 @@ class LossConf:
     weighting: str = "fixed"  # multitask: fixed | uncertainty
     normalize: Normalize = Normalize.tokens  # lm: what the token loss is divided by
     rank_normalize: RankNormalize = RankNormalize["global"]  # lm with several processes (RankNormalize)
+    # infonce: similarities (cosine) are divided by it before the softmax, > 0 (0.05 = sentence-transformers' scale 20)
+    temperature: float = 0.05
+    symmetric: bool = False  # infonce: also score each key against every query, and average the two losses
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
@@ -288,6 +295,8 @@ def validate(cfg: Config) -> None:
          "an integer >= 1"),
         (cfg.loss.alpha <= 1, "loss.alpha", cfg.loss.alpha, "<= 1 (or < 0 to disable)"),
         (cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, ">= 0"),
+        (cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "> 0"),
+        (0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
         (loader or cfg.data.train_size >= cfg.data.batch_size, "data.train_size",
          cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),
