@@ -17,7 +17,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps.
-STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100}
+STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "contrastive": 10}
 
 
 def test_the_experiment_group_lists_every_experiment():
