@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from runner import record
+from runner.config.schema import ConfigError, validate
 from runner.training import strategies
 from runner.training.build import build_training
 from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
@@ -137,14 +138,29 @@ def test_gradcache_holds_less_than_full_at_8(tmp_path):
     (["backward=gradcache"], "backward=gradcache does not fit model=mlp: it needs a model offering embed(inputs)"),
     (["model=dual_encoder", "data=pairs", "loss=infonce", "backward=gradcache", "trainer.processes=2"],
      "trainer.processes=2 is not allowed with backward=gradcache"),
-    (["model=dual_encoder", "loss=infonce"], "model=dual_encoder does not fit data=default: paired views need"),
-    (["model=dual_encoder", "data=pairs"], "loss=bce does not fit model=dual_encoder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*args, "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model__name="dual_encoder", loss__name="infonce"),
+     "model=dual_encoder does not fit data=default: paired views need model=dual_encoder with data=pairs"),
+    (dict(model__name="dual_encoder", data__name="pairs"), "loss=bce does not fit model=dual_encoder"),
+    (dict(CONTRASTIVE, loss__name="custom", loss___target_="torch.nn.MSELoss", backward__name="gradcache"),
+     "backward=gradcache does not fit loss=custom on model=dual_encoder: it needs a loss over the batch's "
+     "embeddings offering similarity(queries, keys)"),
+    (dict(CONTRASTIVE, model__dropout=1.0), "model.dropout=1.0 is not allowed: expected in [0, 1)"),
+])
+def test_misfits_are_refused_naming_what_is_missing(overrides, message):
+    cfg = make_config(**overrides)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+        build_training(cfg)
+    assert message in str(refused.value)
 
 
 def test_the_bench_compares_gradcache_with_accumulate(tmp_path, monkeypatch):

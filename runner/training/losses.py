@@ -43,8 +43,8 @@ class TokenLoss(Protocol):
 class EmbeddingLoss(Protocol):
     """A loss over a batch of embeddings, (B, 2, dim): query i against every key of the batch
     (in-batch negatives). Its value couples the batch, so backward=gradcache takes it on the whole
-    batch's embeddings at once. `similarity(queries, keys)` is the (Q, K) score it ranks keys by,
-    which held-out retrieval uses too."""
+    batch's embeddings at once. `similarity(queries, keys)` is the (Q, K) score it ranks keys by
+    (cosine for infonce, which held-out retrieval ranks by too)."""
 
     def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor: ...
 
