@@ -170,3 +170,13 @@ def test_the_bench_compares_gradcache_with_accumulate(tmp_path, monkeypatch):
     assert bench.main(["--quick", "--only", "contrastive", "--out", str(tmp_path / "b.csv")]) == 0
     text = (tmp_path / "b.csv").read_text()
     assert text.count("contrastive step") == 2 and "gradcache vs accumulate" in text and "ratio <= 1.5" in text
+
+
+def test_gradcache_reads_accumulation_only():
+    """No micro-batch loss is weighted (the loss is the batch's), so backward.scale does not apply."""
+    from runner.config.schema import BackwardConf
+
+    gradcache = strategies.STRATEGIES["gradcache"](strategies.STRATEGIES["gradcache"].Options(accumulation=4))
+    assert gradcache.accumulation == 4
+    assert gradcache.ignored_switches(BackwardConf(name="gradcache", scale="mean", accumulation=4)) == [
+        "backward.scale=mean is ignored by backward=gradcache: it applies to backward=sum or accumulate"]
