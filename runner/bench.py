@@ -16,6 +16,8 @@
    forward draw random numbers?) costs at start-up, against one forward and backward of a batch.
 5. memory: peak_saved_bytes of sum and accumulate at accumulation 1, 2, 4, 8 (and
    torch.cuda.max_memory_allocated on a GPU).
+   contrastive: backward=gradcache's step against accumulate's at the same accumulation, on a dual
+   encoder with loss=infonce (every forward runs twice, so target: ratio <= 1.5).
 6. launchers (only with --only launchers: minutes): heavier jobs with the basic launcher and joblib.
 Figures are measurements, not test assertions.
 """
@@ -184,6 +186,31 @@ def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str
                               "vs hand-written token-count loop",
                          runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
                          result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
+
+
+def contrastive_config(strategy: str, k: int, steps: int, device: str, quick: bool = False) -> Config:
+    cfg = config("dual_encoder", strategy, steps, device)
+    cfg.data.name, cfg.loss.name, cfg.model.outputs, cfg.backward.accumulation = "pairs", "infonce", 16, k
+    if quick:
+        cfg.model.hidden, cfg.data.batch_size, cfg.data.train_size = 64, 64, 512
+    return cfg
+
+
+def bench_contrastive_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path,
+                            quick: bool = False) -> None:
+    """GradCache embeds each micro-batch twice (without, then with a graph) where accumulate
+    forwards it once: its step against accumulate's at the same k (target: ratio <= 1.5)."""
+    for k in (2, 8):
+        configs = {name: contrastive_config(name, k, steps, device, quick) for name in ("gradcache", "accumulate")}
+        times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
+        g, a = statistics.median(times["gradcache"]), statistics.median(times["accumulate"])
+        spread = max(map(_spread, times.values()))
+        cfg = configs["gradcache"]
+        rows.append(dict(benchmark="contrastive step",
+                         case=f"dual_encoder (hidden {cfg.model.hidden}) infonce, batch {cfg.data.batch_size} in {k} "
+                              f"({device}): gradcache vs accumulate",
+                         runner=g * 1e3, baseline=a * 1e3, unit="ms/step",
+                         result=f"ratio {g / a:.3f} (spread {spread:.1%})", target="ratio <= 1.5", met=g / a <= 1.5))
 
 
 def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
@@ -386,7 +413,7 @@ def print_table(rows: List[Dict]) -> None:
     Console(width=200).print(table)
 
 
-SECTIONS = ("step", "sequence", "sweep", "cold", "probe", "memory", "launchers")
+SECTIONS = ("step", "sequence", "contrastive", "sweep", "cold", "probe", "memory", "launchers")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -395,7 +422,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.csv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", choices=SECTIONS,
-                        default=["step", "sequence", "sweep", "cold", "probe", "memory"],
+                        default=["step", "sequence", "contrastive", "sweep", "cold", "probe", "memory"],
                         help="sections to run (default: all but launchers, which takes minutes)")
     args = parser.parse_args(argv)
     repeats, steps = (1, 5) if args.quick else (7, 150)
@@ -407,6 +434,7 @@ def main(argv: List[str] | None = None) -> int:
         sections = {
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
             "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir, args.quick),
+            "contrastive": lambda: bench_contrastive_steps(rows, repeats, steps, args.device, workdir, args.quick),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
             "cold": lambda: bench_cold_start(rows, 2 * process_repeats - 1, workdir),
             "probe": lambda: bench_probe(rows, repeats, args.device),

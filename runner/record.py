@@ -158,7 +158,8 @@ SHOWN_COLUMNS = ("status", "final_loss", "eval_value", "param_sum", "param_sha25
 # Shown only where a run keeps a moving average of its weights (trainer.ema).
 EMA_COLUMNS = ("ema_eval_value", "ema_max_abs_diff")
 ORACLE_COLUMNS = ("diff_to_oracle", "grad_diff_to_oracle")  # against a float64 run of the reference's config
-HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir", "reused_from")
+HIDDEN_COLUMNS = ("eval_metric", "tolerance", "steps_done", "config_key", "sweep", "run_dir", "reused_from",
+                  "ema_param_sum")
 # The rows appended while a sweep runs, before its verdicts exist.
 JOB_COLUMNS = ("job", "overrides", *COMPARED_KEYS, "run_dir")
 

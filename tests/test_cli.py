@@ -100,9 +100,11 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 def test_help_lists_groups_and_options():
     result = run_cli("--help")
     assert result.returncode == 0
-    for text in ("backward-lab", "backward: accumulate, detach, full, naive, retain_graph, separate, sum",
-                 "loss: bce, ce, custom, focal, lm, multitask", "model: cnn, custom, mlp, moe, multitask, seq, two_stage",
-                 "optim: adam, adam_gan, adam_l2, adamw, rmsprop, sgd", "data: csv, default, imbalanced, seq, tensors"):
+    for text in ("backward-lab", "backward: accumulate, detach, full, gradcache, naive, retain_graph, separate, sum",
+                 "loss: bce, ce, custom, focal, infonce, lm, multitask",
+                 "model: cnn, custom, dual_encoder, mlp, moe, multitask, seq, two_stage",
+                 "optim: adam, adam_gan, adam_l2, adamw, rmsprop, sgd",
+                 "data: csv, default, imbalanced, pairs, seq, tensors"):
         assert text in result.stdout, text
     assert "base_config" not in result.stdout
 

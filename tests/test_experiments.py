@@ -14,18 +14,20 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
          "moe": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "model.hidden=16"],
-         "step_state": ["data.train_size=512", "data.eval_size=64"]}
+         "step_state": ["data.train_size=512", "data.eval_size=64"],
+         "contrastive": ["data.train_size=1024", "data.eval_size=256"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps; so does the gap between the two gradient norms
 # that lets clipping show a constant factor (factors).
-STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors": 100, "moe": 10, "step_state": 10}
+STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors": 100, "moe": 10, "step_state": 10,
+         "contrastive": 10}
 
 
 def test_the_experiment_group_lists_every_experiment():
-    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "custom_loss", "ddp", "default", "factors",
-                           "focal", "fsdp", "memory", "moe", "multitask", "partial_window", "precision", "ranks_tokens",
-                           "schedule", "step_state", "tokens", "uneven"]
+    assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp",
+                           "default", "factors", "focal", "fsdp", "memory", "moe", "multitask", "partial_window",
+                           "precision", "ranks_tokens", "schedule", "step_state", "tokens", "uneven"]
     result = run_cli("--help")
     assert "experiment: " + ", ".join(EXPERIMENTS) in result.stdout
 

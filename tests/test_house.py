@@ -100,7 +100,7 @@ def test_backward_options_are_the_strategies_own():
     assert declared == set(readers_by_option()) | {f.name for f in fields(PassOptions)}
     assert readers_by_option()["sync"] == ["accumulate"]
     assert readers_by_option()["joint"] == ["naive", "retain_graph", "detach"]
-    assert set(readers_by_option()["accumulation"]) == {"sum", "accumulate"}
+    assert set(readers_by_option()["accumulation"]) == {"sum", "accumulate", "gradcache"}
     full = STRATEGIES["full"](STRATEGIES["full"].Options())
     conf = schema.BackwardConf(name="full", joint=True, step_per_task=True)
     assert full.ignored_switches(conf) == [

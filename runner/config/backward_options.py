@@ -81,6 +81,14 @@ class AccumulateOptions(MicroBatchOptions):
 
 
 @dataclass
+class GradCacheOptions:
+    """backward=gradcache: the loss is taken on the whole batch's embeddings, so no micro-batch is
+    weighted (no scale) and a loader window of any length is exact (no partial_window)."""
+
+    accumulation: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
 class SeparateOptions:
     step_per_task: bool = False  # step the optimizer after each task's backward
     reforward: bool = False  # run the forward again after each step (so also step per task)
@@ -95,6 +103,7 @@ class ChainedOptions:
 OPTIONS: Dict[str, type] = {
     "full": NoOptions, "sum": MicroBatchOptions, "accumulate": AccumulateOptions, "separate": SeparateOptions,
     "naive": ChainedOptions, "retain_graph": ChainedOptions, "detach": ChainedOptions,
+    "gradcache": GradCacheOptions,
 }
 
 

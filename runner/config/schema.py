@@ -126,6 +126,10 @@ class ModelConf:
     cell: str = "gru"  # seq, moe: gru | transformer (causal self-attention)
     experts: int = 8  # moe: experts in the mixture-of-experts feed-forward layer
     top_k: int = 2  # moe: experts each token is sent to, 1..model.experts
+    # dual_encoder: one tower embeds both views (else a tower per view, each model.depth layers of model.hidden
+    # units, then model.outputs embedding dimensions)
+    shared: bool = False
+    dropout: float = 0.0  # dual_encoder: dropout probability inside each tower, in [0, 1)
     _target_: Optional[str] = None  # custom: import path of your nn.Module class
 
 
@@ -168,6 +172,9 @@ class LossConf:
     # 0 = none (needs a model with a router when > 0)
     aux_weight: float = 0.0
     aux_stats: AuxStats = AuxStats.window  # lm with aux_weight > 0: whose f_i a micro-batch's term uses
+    # infonce: similarities (cosine) are divided by it before the softmax, > 0 (0.05 = sentence-transformers' scale 20)
+    temperature: float = 0.05
+    symmetric: bool = False  # infonce: also score each key against every query, and average the two losses
     _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
 
 
@@ -314,6 +321,8 @@ def validate(cfg: Config) -> None:
          "an integer >= 1"),
         (cfg.loss.alpha <= 1, "loss.alpha", cfg.loss.alpha, "<= 1 (or < 0 to disable)"),
         (cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, ">= 0"),
+        (cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "> 0"),
+        (0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
         (loader or cfg.data.train_size >= cfg.data.batch_size, "data.train_size",
          cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),

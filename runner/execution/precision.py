@@ -51,6 +51,13 @@ class Precision:
         if self.float32_grads:
             self._to_buffers()
 
+    def backward_from(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        """backward() of `outputs` given their gradient, which a loss's backward() already gave
+        (backward=gradcache's cached embedding gradient): scaled once there, not scaled again."""
+        outputs.backward(grad)
+        if self.float32_grads:
+            self._to_buffers()
+
     def _to_buffers(self) -> None:
         """Add each new low-precision gradient into a float32 buffer and clear .grad, so the next
         micro-batch's gradient is not added in bf16 (what Megatron-LM's main_grad does)."""

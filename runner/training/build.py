@@ -23,12 +23,12 @@ from runner.execution.precision import FirstGradient, Precision
 from runner.execution.processes import under_torchrun
 from runner.execution.recompute import recompute_blocks
 from runner.training import checks, user_data
-from runner.training.data import Dataset, TaskSpec, sequences, split, synthetic, train_rows
+from runner.training.data import Dataset, TaskSpec, pairs, sequences, split, synthetic, train_rows
 from runner.training.ema import WeightAverage
 from runner.training.gradflow import gradient_flow
 from runner.training.loader import Batches, LoaderWindows
 from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, per_stage
-from runner.training.models import IMAGE_SHAPE, Router, build_model
+from runner.training.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
 from runner.training.optim import build_optimizers, build_schedulers
 from runner.training.strategies import (
     PartialWindow,
@@ -149,6 +149,12 @@ def build_dataset(cfg: Config, spec: TaskSpec):
         spec = TaskSpec((), "sequence", cfg.model.vocab)
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
                          data.min_length, data.max_length, data.sort_lengths, data.topics), spec
+    if data.name == "pairs" or spec.kind == "retrieval":
+        if data.name != "pairs" or cfg.model.name not in ("dual_encoder", "custom"):
+            raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: paired views need "
+                              "model=dual_encoder with data=pairs and loss=infonce (or model=custom on data=pairs)")
+        spec = TaskSpec(PAIR_SHAPE, "retrieval", cfg.model.outputs)
+        return pairs(spec, cfg.seed, data.train_size, data.eval_size, batch_size), spec
     if data.name in user_data.READERS:
         inputs, targets, found = user_data.READERS[data.name](data)
         if cfg.model.name != "custom" and found.input_shape != spec.input_shape:

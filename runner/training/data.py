@@ -28,7 +28,7 @@ class TaskSpec:
     """What a model consumes and predicts; the data set is built to match it."""
 
     input_shape: tuple  # one example, e.g. (3, 10, 10)
-    kind: str  # multilabel | multiclass | multitask | regression | sequence (next-token labels)
+    kind: str  # multilabel | multiclass | multitask | regression | sequence (next-token labels) | retrieval (pairs)
     outputs: int  # labels (multilabel), classes (multiclass)
     stages: tuple = ()  # names of a chained model's outputs, each scored against the targets
 
@@ -180,6 +180,35 @@ def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_
     inputs, labels, topic = markov_sequences(spec.outputs, train_size + eval_size, seed, min_length, max_length,
                                              topics, with_topics=True)
     return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths, topic[:train_size] if topics else None)
+
+
+# data=pairs: each latent's views, and how much of a view is noise rather than its latent.
+PAIR_LATENTS = 8
+PAIR_NOISE = 0.1
+
+
+def paired_views(n: int, seed: int, features: int, latents: int = PAIR_LATENTS, noise: float = PAIR_NOISE):
+    """n pairs of views of hidden latents, as (inputs (n, 2, features), targets (n,)).
+
+    Each example is a latent z ~ N(0, I); its query view is tanh(z A) and its key view tanh(z B)
+    for two hidden random maps A and B (unit variance before the tanh), each view plus its own
+    noise. A view says little about the other view's coordinates, only about the shared latent, so
+    a dual encoder has to learn both maps for a query to find its own key among the others
+    (retrieval accuracy rises from 1/n). The targets are the examples' indices: the pair's
+    identity, which in-batch negatives do not need.
+    """
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.Generator().manual_seed(seed + _TEACHER_STREAM)
+    query_map, key_map = (torch.randn(latents, features, generator=maps) / latents ** 0.5 for _ in range(2))
+    z = torch.randn(n, latents, generator=g)
+    views = [torch.tanh(z @ m) + noise * torch.randn(n, features, generator=g) for m in (query_map, key_map)]
+    return torch.stack(views, dim=1), torch.arange(n)
+
+
+def pairs(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_size: int) -> "Dataset":
+    """Paired views (spec.input_shape = (2, features)): train_size to train on, eval_size held out."""
+    inputs, targets = paired_views(train_size + eval_size, seed, spec.input_shape[-1])
+    return Dataset(inputs, targets, seed, train_size, batch_size)
 
 
 def train_rows(n: int, eval_fraction: float) -> int:

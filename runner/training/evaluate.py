@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from runner.training.data import IGNORE_INDEX
-from runner.training.losses import logits_of
+from runner.training.losses import cosine_similarity, logits_of
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -49,6 +49,10 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
         logits = logits_of(outputs)[scored]  # model=moe outputs a dict with its router's statistics
         return {"token_accuracy": float((logits.argmax(-1) == targets[scored]).double().mean()),
                 "token_loss": float(torch.nn.functional.cross_entropy(logits.double(), targets[scored]))}
+    if kind == "retrieval":  # embeddings (N, 2, dim): is query i's nearest key (cosine, as infonce) key i?
+        nearest = cosine_similarity(outputs[:, 0].double(), outputs[:, 1].double()).argmax(1)
+        return {"retrieval_accuracy": float((nearest == torch.arange(len(nearest), device=nearest.device))
+                                            .double().mean())}
     if kind == "multitask":
         return {
             "average_precision": average_precision(outputs["cls"].cpu(), targets["cls"].cpu()),

@@ -57,6 +57,16 @@ def logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs
 
 
+@runtime_checkable
+class EmbeddingLoss(Protocol):
+    """A loss over a batch of embeddings, (B, 2, dim): query i against every key of the batch
+    (in-batch negatives). Its value couples the batch, so backward=gradcache takes it on the whole
+    batch's embeddings at once. `similarity(queries, keys)` is the (Q, K) score it ranks keys by
+    (cosine for infonce, which held-out retrieval ranks by too)."""
+
+    def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor: ...
+
+
 def offers(obj, protocol) -> bool:
     """isinstance(obj, protocol) for a Protocol of methods, decided once per class: the step
     asks on every micro-batch, and a runtime Protocol check costs microseconds each time."""
@@ -228,7 +238,7 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
         scored = targets != self.ignore_index
         load = expert_load if expert_load is not None else self.count_load(outputs["expert_mask"], targets)
         share = load / load.sum().clamp(min=1)  # f_i: no gradient (counts of a top-k)
-        tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize == "tokens" \
+        tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
             else scored.sum()
         mean_probs = outputs["router_probs"][scored].sum(dim=0) / tokens  # P_i, over `tokens`
         return load.shape[0] * (share * mean_probs).sum()
@@ -242,6 +252,40 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, aux_weight={self.aux_weight}, aux_stats={self.aux_stats!r}"
+def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(Q, dim), (K, dim) -> (Q, K) cosine similarities."""
+    return F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
+
+
+class InfoNCE(nn.Module):
+    """InfoNCE with in-batch negatives (van den Oord et al. 2018; SimCLR, CLIP; sentence-transformers'
+    MultipleNegativesRankingLoss): for embeddings (B, 2, dim), query i's positive is key i and the
+    other B - 1 keys of the batch are its negatives; the loss is the cross-entropy of the cosine
+    similarities divided by `temperature`. symmetric=True averages it with the keys-to-queries loss
+    (CLIP's). The targets are not read. A micro-batch's loss sees only its own keys, so the sum
+    of micro-batch losses is another objective: accumulating it is not the batch's gradient.
+    """
+
+    def __init__(self, temperature: float = 0.05, symmetric: bool = False, reduction: str = "mean"):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature={temperature} is not allowed: expected > 0")
+        self.temperature, self.symmetric = temperature, symmetric
+        self.reduction = check_reduction(reduction)
+
+    def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return cosine_similarity(queries, keys)
+
+    def forward(self, embeddings: torch.Tensor, targets=None) -> torch.Tensor:
+        logits = self.similarity(embeddings[:, 0], embeddings[:, 1]) / self.temperature
+        positives = torch.arange(len(logits), device=logits.device)
+        loss = F.cross_entropy(logits, positives, reduction=self.reduction)
+        if self.symmetric:
+            loss = (loss + F.cross_entropy(logits.T, positives, reduction=self.reduction)) / 2
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, symmetric={self.symmetric}, reduction={self.reduction!r}"
 
 
 class PerStage(nn.Module):
@@ -336,9 +380,15 @@ def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
+@LOSSES.register("infonce")
+def _infonce(cfg):
+    return InfoNCE(cfg.temperature, cfg.symmetric, getattr(cfg.reduction, "value", cfg.reduction))
+
+
 # The task kinds (runner.training.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
-        "multitask": {"multitask"}, "lm": {"sequence"}}
+        "multitask": {"multitask"}, "lm": {"sequence"},
+        "infonce": {"retrieval"}}
 
 
 def build_loss(cfg, spec, model_name: str) -> nn.Module:

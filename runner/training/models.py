@@ -17,6 +17,7 @@ from runner.config.registry import Registry
 from runner.training.data import TaskSpec
 
 IMAGE_SHAPE = (3, 10, 10)
+PAIR_SHAPE = (2, 16)  # dual_encoder, data=pairs: a query view and a key view of 16 features each
 
 
 class MLP(nn.Module):
@@ -200,6 +201,35 @@ class MoELM(CausalLM):
         return self.moe.assign(self.features(tokens))[3]
 
 
+class DualEncoder(nn.Module):
+    """Two towers (or one, shared) that map the query and the key view of a pair to embeddings:
+    inputs (B, 2, features) -> embeddings (B, 2, dim), row i from example i alone, so the output
+    slices along dim 0 like the batch. Each tower: `depth` Linear+ReLU(+Dropout) layers, then a
+    Linear to `dim`. Dropout draws fresh masks on every forward: a strategy that forwards twice
+    (backward=gradcache) must replay the random state to get the same masks.
+    """
+
+    def __init__(self, features: int, hidden: int = 64, dim: int = 16, depth: int = 2, shared: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+
+        def tower() -> nn.Sequential:
+            sizes = [features] + [hidden] * depth
+            layers = [layer for i in range(depth) for layer in
+                      (nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) + ((nn.Dropout(dropout),) if dropout else ())]
+            return nn.Sequential(*layers, nn.Linear(sizes[-1], dim))
+
+        self.query_tower = tower()
+        self.key_tower = None if shared else tower()  # None: not registered twice in the state_dict
+
+    def embed(self, pairs: torch.Tensor) -> torch.Tensor:
+        key_tower = self.key_tower if self.key_tower is not None else self.query_tower
+        return torch.stack([self.query_tower(pairs[:, 0]), key_tower(pairs[:, 1])], dim=1)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.embed(pairs)
+
+
 def sinusoid_positions(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """The Transformer paper's fixed position encodings, (length, width)."""
     position = torch.arange(length, device=like.device, dtype=like.dtype)[:, None]
@@ -269,6 +299,14 @@ def _moe(cfg) -> Tuple[nn.Module, TaskSpec]:
         raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
     return MoELM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell, cfg.experts, cfg.top_k), \
         TaskSpec((), "sequence", cfg.vocab)
+
+
+@MODELS.register("dual_encoder")
+def _dual_encoder(cfg) -> Tuple[nn.Module, TaskSpec]:
+    if cfg.depth < 1:
+        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
+    return (DualEncoder(PAIR_SHAPE[-1], cfg.hidden, cfg.outputs, cfg.depth, cfg.shared, cfg.dropout),
+            TaskSpec(PAIR_SHAPE, "retrieval", cfg.outputs))
 
 
 def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:

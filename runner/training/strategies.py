@@ -7,11 +7,12 @@ YAML file in conf/backward/. `step()` runs one optimizer step on
 one batch and returns detached tensors only (no .item(): on a GPU the loop reads them back in
 batches, never once per step). What a strategy needs from a model or a loss beyond
 `model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
-TwoStageModel here; MultiPartLoss, TokenLoss, RoutedLoss in runner.training.losses; Router in
-runner.training.models).
+TwoStageModel, Embedder here; MultiPartLoss, TokenLoss, RoutedLoss, EmbeddingLoss in
+runner.training.losses; Router in runner.training.models).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Dict, List, Optional, Protocol, runtime_checkable
@@ -24,6 +25,7 @@ from runner.config.backward_options import (
     PER_MICRO_BATCH_UPDATES,
     AccumulateOptions,
     ChainedOptions,
+    GradCacheOptions,
     MicroBatchOptions,
     NoOptions,
     PartialWindow,
@@ -40,6 +42,7 @@ from runner.execution.precision import FirstGradient, Precision
 from runner.record import EXPERT_LOAD_CV_COLUMN, TOKENS_COLUMN, grad_cos_column
 from runner.training.data import micro_batches
 from runner.training.losses import (
+    EmbeddingLoss,
     MultiPartLoss,
     RoutedLoss,
     TokenLoss,
@@ -449,6 +452,93 @@ class Accumulate(MicroBatched):
         stepped, self._stepped = self._stepped, []
         dtype = next(iter(self._owner)).dtype
         return torch.stack(stepped).sum().sqrt().to(dtype) if stepped else torch.zeros((), dtype=dtype)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A model that maps each example to its embedding from that example alone: backward=gradcache
+    embeds the batch micro-batch by micro-batch, twice (model=dual_encoder)."""
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+class RandomState:
+    """The random state a forward starts from, taken before it and replayed for a second forward,
+    so that dropout draws the same masks (torch.utils.checkpoint's preserve_rng_state;
+    sentence-transformers' RandContext in CachedMultipleNegativesRankingLoss). The replay runs in a
+    fork: afterwards the generators are where the first forward left them."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextmanager
+    def replayed(self):
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+@register
+class GradCache(Strategy):
+    """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup"; luyug/GradCache; sentence-transformers' CachedMultipleNegativesRankingLoss, #2916): a
+    loss with in-batch negatives couples the batch, so a micro-batch's own loss is not its share of
+    the batch's (accumulate sees 1/k of the negatives). Instead:
+
+    1. embed every micro-batch without a graph, keeping the random state each started from;
+    2. take the loss on the whole batch's embeddings and its gradient with respect to them;
+    3. forward each micro-batch again with a graph (the same dropout masks: its random state
+       replayed) and backward its slice of the cached gradient.
+
+    The chain rule makes that the full batch's gradient, while autograd holds the loss's graph
+    and then one micro-batch's graph at a time. The price: every forward runs twice.
+    """
+
+    name = "gradcache"
+
+    Options = GradCacheOptions
+
+    @property
+    def accumulation(self) -> int:
+        return self.options.accumulation
+
+    def check(self, model, loss_fn, batch_size: int) -> None:
+        if self.accumulation > batch_size:
+            raise StrategyMismatch(f"backward.accumulation={self.accumulation} is not allowed with backward=gradcache: "
+                                   f"expected at most data.batch_size ({batch_size})")
+        if not offers(model, Embedder):
+            raise StrategyMismatch("it needs a model offering embed(inputs), one embedding per example from that "
+                                   "example alone (the Embedder protocol: model=dual_encoder)", misfit="model")
+        if not offers(loss_fn, EmbeddingLoss):
+            raise StrategyMismatch("it needs a loss over the batch's embeddings offering similarity(queries, keys) "
+                                   "(the EmbeddingLoss protocol: loss=infonce)", misfit="loss")
+
+    def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None) -> StepResult:
+        self.zero_grad(optimizers)
+        mbs = micro_batches(inputs, targets, self.accumulation, "size", sizes)
+        states, cached = [], []
+        with torch.no_grad():  # 1. embeddings only: no graph is kept
+            for mb in mbs:
+                states.append(RandomState(mb.inputs.device))
+                with self.precision.forward():
+                    cached.append(model.embed(mb.inputs))
+        # 2. The loss on the whole batch; its backward leaves d loss / d embeddings in .grad (and a
+        # learnable loss's own gradients), scaled as the precision scales a loss.
+        embeddings = torch.cat(cached).requires_grad_()
+        with self.precision.forward():
+            loss, parts = loss_with_parts(loss_fn, embeddings, targets)
+        self.backward(loss)
+        gradients = embeddings.grad.split([len(c) for c in cached])
+        for mb, state, gradient in zip(mbs, states, gradients):  # 3. one micro-batch graph at a time
+            with state.replayed(), self.precision.forward():
+                embedded = model.embed(mb.inputs)
+            self.precision.backward_from(embedded, gradient)
+        norm = self.apply(model, optimizers)
+        return StepResult(loss.detach(), norm, parts, token_count(loss_fn, targets))
 
 
 def cosine(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
