@@ -7,9 +7,11 @@ from runner.report import build_report
 from tests.conftest import ROOT, read_summary, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-# Smaller data sets (and two accumulation factors for tokens) keep the focal, token and memory
-# sweeps to seconds; the claims do not depend on either.
-EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward.accumulation=2,8"],
+# Smaller data sets (and one micro-batched strategy at one accumulation factor for the seeded
+# sweeps) keep the focal, token and memory sweeps to seconds; the claims do not depend on either.
+EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "backward=full,accumulate",
+                    "backward.accumulation=8"],
+         "partial_window": ["backward=full,accumulate"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
