@@ -33,6 +33,8 @@ COMPARISON = "comparison.csv"
 REPLICATES = "replicates.csv"  # a sweep crossing seeds: one row per configuration without the seed
 LOSS_CURVES = "loss_curves.png"
 ORACLE_DRIFT = "grad_diff_to_oracle.png"  # first-gradient error against the float64 oracle, per accumulation
+# A sweep's pictures, in the order a report shows them.
+SWEEP_PICTURES = (LOSS_CURVES, ORACLE_DRIFT)
 SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
 
 # Columns every metrics.csv starts with; loss components and extras follow.

@@ -1,5 +1,6 @@
-"""A markdown report of a folder of sweeps: what each experiment shows (its `about`), every table
-and claim verdict, with the machine.
+"""A markdown report of a folder of sweeps: what each experiment shows (its `about`), its pictures
+(linked relative to the report, so it renders on GitHub and in an editor), every table and claim
+verdict, with the machine.
 
     python -m runner.report outputs/experiments/<time> [--out report.md]
 
@@ -29,7 +30,16 @@ def machine() -> str:
             f"{os.cpu_count()} CPUs, {device}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def build_report(base: Path) -> tuple[str, bool]:
+def pictures(sweep: Path, report_dir: Path) -> List[str]:
+    """Markdown images of the sweep's pictures that exist, by paths relative to the report's folder."""
+    found = [sweep / name for name in record.SWEEP_PICTURES if (sweep / name).is_file()]
+    return [f"![{path.stem.replace('_', ' ')}]({Path(os.path.relpath(path, report_dir)).as_posix()})" for path in found]
+
+
+def build_report(base: Path, report_dir: Optional[Path] = None) -> tuple[str, bool]:
+    """The report's text and whether every claim holds. `report_dir`: where the report will be
+    written (pictures are linked relative to it; default: `base`)."""
+    report_dir = Path(report_dir or base).resolve()
     lines = ["# backward-lab experiments", "",
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}", "",
              "Verdicts compare final parameters with the reference run: identical (same bytes), "
@@ -46,6 +56,8 @@ def build_report(base: Path) -> tuple[str, bool]:
         lines += [f"## {sweep.name}", ""] + ([about, ""] if about else [])
         lines += [f"{len(runs)} runs; {held}/{len(verdicts.claims)} claims hold"
                   + (f"; {len(verdicts.failed)} unexpected failures" if verdicts.failed else "") + ".", ""]
+        images = pictures(sweep.resolve(), report_dir)
+        lines += [" ".join(images), ""] if images else []
         table = compare.build_table(runs, verdicts.reference)
         lines.append(compare.to_markdown(table, verdicts.claims))
     return "\n".join(lines) + "\n", all_hold
@@ -59,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 2
-    text, all_hold = build_report(args.folder)
+    text, all_hold = build_report(args.folder, args.out.parent if args.out else Path.cwd())
     if args.out:
         record.atomic_write_bytes(args.out, text.encode())
         print(f"report: {args.out} ({'every claim holds' if all_hold else 'SOME CLAIMS FAIL'})")

@@ -53,6 +53,8 @@ def test_claims_hold(tmp_path, name):
     report, all_hold = build_report(tmp_path)
     about = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["about"]
     assert all_hold and f"## {name}\n\n{about}\n\n" in report and f"{claims}/{claims} claims hold" in report
+    # ... with its pictures, linked relative to the report's folder (it renders on GitHub).
+    assert f"![loss curves]({name}/loss_curves.png)" in report
 
 
 def test_glob_over_experiments_launches_every_job(tmp_path):
