@@ -121,6 +121,17 @@ class TwoHeads(nn.Module):
         return {"cls": x[:, :3], "reg": x[:, 3:]}
 
 
+class Routed(nn.Module):
+    """Returns fixed router outputs, rows aligned with the inputs (a stand-in for model=moe)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, x):
+        return self.outputs
+
+
 class InBatchNegatives(nn.Module):
     """InfoNCE over the rows of (B, 2, D) embeddings: each query's key among the batch's keys."""
 
@@ -138,7 +149,7 @@ def _token_batch(rows=7, length=6, vocab=5):
 
 
 def _identity_cases():
-    from runner.training.losses import FocalLoss, MultiTaskLoss, TokenCrossEntropy
+    from runner.training.losses import FocalLoss, InfoNCE, LoadBalancedTokenLoss, MultiTaskLoss, TokenCrossEntropy
 
     g = torch.Generator().manual_seed(1)
     logits, binary = torch.randn(9, 3, generator=g), (torch.rand(9, 3, generator=g) > 0.5).float()
@@ -156,8 +167,15 @@ def _identity_cases():
         yield f"lm {normalize}", nn.Identity(), TokenCrossEntropy(normalize), tokens, labels, []
     yield "soft F1", nn.Identity(), __import__("tests.custom_losses").custom_losses.SoftF1(), logits, binary, \
         ["loss: SoftF1"]
-    yield "InfoNCE", nn.Identity(), InBatchNegatives(), torch.randn(9, 2, 4, generator=g), classes, \
+    yield "in-batch negatives", nn.Identity(), InBatchNegatives(), torch.randn(9, 2, 4, generator=g), classes, \
         ["loss: InBatchNegatives"]
+    yield "infonce", nn.Identity(), InfoNCE(), torch.randn(9, 2, 4, generator=g), classes, ["loss: InfoNCE"]
+    # model=moe's output: logits and the router's statistics; the lm part passes, the aux part fails.
+    probs = torch.softmax(torch.randn(7, 6, 4, generator=g), dim=-1)
+    routed = {"logits": tokens, "router_probs": probs,
+              "expert_mask": torch.zeros_like(probs).scatter_(-1, probs.topk(2, dim=-1).indices, 1.0)}
+    yield "lm with router aux", Routed(routed), LoadBalancedTokenLoss(aux_weight=0.01), tokens, labels, \
+        ["loss: LoadBalancedTokenLoss (aux)"]
 
 
 @pytest.mark.parametrize("case", list(_identity_cases()), ids=lambda case: case[0])
