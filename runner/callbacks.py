@@ -54,6 +54,29 @@ class PrepareRun(Callback):
             report_bad_input(f"hydra.sweep.dir={sweep_dir} already holds a sweep: choose another directory "
                              "(outputs are never overwritten)")
             sys.exit(2)
+        _trackers(config, "start_sweep", sweep_dir)
+
+
+def _trackers(config: DictConfig, step: str, *args: Any) -> None:
+    """trainer.loggers' sweep-level records (runner.training.trackers): the MLflow parent run at the start,
+    each job's verdict and the parent's artifacts at the end. Loggers that are not valid are left to the
+    jobs, each of which records the one-line error."""
+    from runner.config.schema import ConfigError, validate_loggers
+
+    loggers = list(config.trainer.get("loggers", ["csv"]))
+    if loggers == ["csv"]:
+        return
+    try:
+        validate_loggers(config)
+    except ConfigError:
+        return
+    from runner.training import trackers
+
+    try:
+        getattr(trackers, step)(*args[:1], loggers, config.trainer.get("mlflow_uri"), *args[1:])
+    except Exception as exc:  # a tracker that cannot record the sweep must not stop it
+        print(f"warning: trainer.loggers: {step} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
@@ -107,4 +130,7 @@ class SweepComparison(Callback):
         from runner.cli import Exit
         from runner.compare import summarise_sweep
 
-        raise Exit(summarise_sweep(Path(config.hydra.sweep.dir)))  # the sweep's exit code, to runner.cli.entry
+        sweep_dir = Path(config.hydra.sweep.dir)
+        code = summarise_sweep(sweep_dir)
+        _trackers(config, "finish_sweep", sweep_dir, code)
+        raise Exit(code)  # the sweep's exit code, to runner.cli.entry

@@ -1,0 +1,152 @@
+"""trainer.loggers=[csv,mlflow,tensorboard]: runs read back with each tool's own reader (MlflowClient,
+TensorBoard's EventAccumulator): params, a metric's steps, the verdict tag, the sweep's parent run."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner import record
+from runner.config.schema import ConfigError, validate
+from runner.record import Summary
+from tests.conftest import make_config, read_summary, run_cli
+
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
+TINY = ["trainer.steps=3", "data.train_size=64", "data.eval_size=16", "model.hidden=8"]
+LOGGERS = "trainer.loggers=[csv,mlflow,tensorboard]"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """One outputs folder for the module: its runs and sweeps share the default store (mlflow.db), created once."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+def client_for(folder: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / record.MLFLOW_STORE}")
+    return client, client.get_experiment_by_name("backward-lab").experiment_id
+
+
+def mlflow_run(folder: Path, run_dir: Path):
+    client, experiment = client_for(folder)
+    found = client.search_runs([experiment], filter_string=f"tags.`backward_lab.run_dir` = '{Path(run_dir).resolve()}'")
+    assert len(found) == 1, found
+    return client, found[0]
+
+
+def scalars(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / record.TENSORBOARD_DIR))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_run_in_mlflow_and_tensorboard(outputs):
+    run_dir = outputs / "run"
+    result = run_cli(*TINY, "optim.lr=0.25", LOGGERS, f"hydra.run.dir={run_dir}", cwd=outputs)
+    assert result.returncode == 0, result.stderr
+    summary, metrics = read_summary(run_dir), pd.read_csv(run_dir / record.METRICS)
+    assert (outputs / record.MLFLOW_STORE).exists()  # the default store: above the run's folder
+
+    client, run = mlflow_run(outputs, run_dir)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["optim.lr"] == "0.25" and run.data.params["backward.name"] == "full"
+    assert run.data.params["trainer.steps"] == "3"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(metrics["loss"].tolist(), rel=1e-6)
+    assert run.data.tags["status"] == "ok" and run.data.tags["param_sha256"] == summary["param_sha256"]
+    assert run.data.metrics["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-12)
+    assert run.data.metrics["eval_value"] == pytest.approx(summary["eval_value"], rel=1e-12)
+    assert "mlflow.parentRunId" not in run.data.tags  # a single run has no sweep
+
+    board = scalars(run_dir)
+    assert [step for step, _ in board["loss"]] == [1, 2, 3]
+    assert [value for _, value in board["loss"]] == pytest.approx(metrics["loss"].tolist(), rel=1e-6)
+    assert board["final/final_loss"][-1][1] == pytest.approx(summary["final_loss"], rel=1e-6)
+
+
+def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
+    sweep_dir = outputs / "sweep"
+    result = run_cli("-m", "backward=full,sum", "backward.accumulation=2", *TINY, LOGGERS,
+                     f"hydra.sweep.dir={sweep_dir}", cwd=outputs)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(sweep_dir / record.COMPARISON)
+    assert table["verdict"].tolist() == ["reference", "equivalent"]
+
+    client, experiment = client_for(outputs)
+    parents = client.search_runs([experiment], filter_string=f"tags.`backward_lab.sweep_dir` = '{sweep_dir.resolve()}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {record.COMPARISON, record.LOSS_CURVES} <= artifacts
+    for row in table.itertuples():
+        _, job = mlflow_run(outputs, Path(row.run_dir))
+        assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert job.data.tags["verdict"] == row.verdict
+        assert job.data.params["backward.name"] == row.backward
+        assert job.data.metrics["max_abs_diff"] == pytest.approx(row.max_abs_diff, abs=1e-12)
+        assert scalars(Path(row.run_dir))["verdict/verdict_matches"] == [(0, 1.0)]
+
+
+def test_a_failing_run_ends_its_mlflow_run_failed(tmp_path, monkeypatch):
+    from runner.training import train
+    from runner.training.build import build_training
+
+    def run_with(patch, name):
+        config = make_config(trainer__steps=3, data__train_size=64, data__eval_size=16, model__hidden=8,
+                             trainer__loggers=["csv", "mlflow"],
+                             trainer__mlflow_uri=f"sqlite:///{tmp_path / record.MLFLOW_STORE}")
+        training = build_training(config)
+        patch(training)
+        run_dir = tmp_path / name
+        return training, run_dir, lambda: train.run(training, run_dir, Summary(config=training.config_record()))
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("the strategy broke")
+
+    training, run_dir, go = run_with(lambda t: monkeypatch.setattr(t.strategy, "step", broken_step), "error")
+    assert go().status == "error"  # the run's failure is a result: its MLflow run says so
+    _, run = mlflow_run(tmp_path, run_dir)
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "error"
+    assert "the strategy broke" in run.data.tags["error"]
+
+    def broken_finish(*args):
+        raise OSError("disk full")
+
+    _, run_dir, go = run_with(lambda t: monkeypatch.setattr(train, "_finish", broken_finish), "raised")
+    with pytest.raises(OSError, match="disk full"):
+        go()
+    client, run = mlflow_run(tmp_path, run_dir)
+    assert run.info.status == "FAILED"  # an exception past the loop still ends the MLflow run
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+
+
+def test_a_logger_without_its_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError) as raised:
+        validate(make_config(trainer__loggers=["csv", "tensorboard", "mlflow"]))
+    assert str(raised.value) == ("trainer.loggers=[csv,tensorboard,mlflow] needs the mlflow package, which is not "
+                                 "installed: pip install 'backward-lab[trackers]'")
+    validate(make_config(trainer__loggers=["csv", "tensorboard"]))  # tensorboard is installed
+
+
+@pytest.mark.parametrize("loggers, message", [
+    ("[csv,wandb]", "trainer.loggers=[csv,wandb] is not allowed: wandb is unknown, expected a list of csv, "
+                    "tensorboard, mlflow"),
+    ("[mlflow]", "trainer.loggers=[mlflow] is not allowed: metrics.csv is the record comparisons and resumes read, "
+                 "expected csv among them (e.g. trainer.loggers=[csv,mlflow])"),
+])
+def test_unknown_loggers_and_dropping_csv_are_one_line(tmp_path, loggers, message):
+    result = run_cli(*TINY, f"trainer.loggers={loggers}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
