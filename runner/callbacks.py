@@ -54,29 +54,33 @@ class PrepareRun(Callback):
             report_bad_input(f"hydra.sweep.dir={sweep_dir} already holds a sweep: choose another directory "
                              "(outputs are never overwritten)")
             sys.exit(2)
-        _trackers(config, "start_sweep", sweep_dir)
+        _trackers(config, lambda loggers, uri: _tracking().start_sweep(sweep_dir, loggers, uri))
 
 
-def _trackers(config: DictConfig, step: str, *args: Any) -> None:
-    """trainer.loggers' sweep-level records (runner.training.trackers): the MLflow parent run at the start,
-    each job's verdict and the parent's artifacts at the end. Loggers that are not valid are left to the
-    jobs, each of which records the one-line error."""
+def _trackers(config: DictConfig, sweep_step: Any) -> None:
+    """trainer.loggers' sweep-level records: `sweep_step(loggers, mlflow_uri)`, a function of
+    runner.training.trackers (the MLflow parent run at the start; each job's verdict and the parent's
+    artifacts at the end). Loggers that are not valid are left to the jobs, each of which records the
+    one-line error; a tracker that cannot record the sweep only warns."""
     from runner.config.schema import ConfigError, validate_loggers
 
     loggers = list(config.trainer.get("loggers", ["csv"]))
-    if loggers == ["csv"]:
-        return
     try:
         validate_loggers(config)
     except ConfigError:
         return
+    if loggers != ["csv"]:
+        try:
+            sweep_step(loggers, config.trainer.get("mlflow_uri"))
+        except Exception as exc:
+            print(f"warning: trainer.loggers: the sweep's record failed: {type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+
+
+def _tracking():
     from runner.training import trackers
 
-    try:
-        getattr(trackers, step)(*args[:1], loggers, config.trainer.get("mlflow_uri"), *args[1:])
-    except Exception as exc:  # a tracker that cannot record the sweep must not stop it
-        print(f"warning: trainer.loggers: {step} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
+    return trackers
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
@@ -132,5 +136,5 @@ class SweepComparison(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         code = summarise_sweep(sweep_dir)
-        _trackers(config, "finish_sweep", sweep_dir, code)
+        _trackers(config, lambda loggers, uri: _tracking().finish_sweep(sweep_dir, loggers, uri, code))
         raise Exit(code)  # the sweep's exit code, to runner.cli.entry

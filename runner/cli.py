@@ -344,13 +344,30 @@ class Command:
                 prepared = built(prepared)
             except ConfigError as exc:
                 report_bad_input(exc)
-                record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
-                                                      run_dir=str(run_dir.resolve())))
+                refused = replace(origin(cfg, hc), status="error", error=str(exc), run_dir=str(run_dir.resolve()))
+                record.write_summary(run_dir, refused)
+                if multirun:
+                    track_refused_job(cfg, run_dir, refused)
                 self.exit_code = 2 if not multirun else self.exit_code
                 return
         code = run_prepared(prepared, hc, multirun)
         if code is not None:
             self.exit_code = code
+
+
+def track_refused_job(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
+    """A sweep's job refused as bad input is still one of the sweep's runs in trainer.loggers' trackers
+    (runner.training.trackers), ended FAILED with its error; loggers that are themselves bad are skipped."""
+    try:
+        schema.validate_loggers(cfg)
+        if list(cfg.trainer.loggers) == ["csv"]:
+            return
+        from runner.training.trackers import Trackers
+
+        with Trackers.open(cfg, run_dir, summary):
+            pass
+    except Exception as exc:  # the job's error is recorded in its summary: a tracker only warns
+        print(f"warning: trainer.loggers: the refused job is not tracked: {_one_line(exc)}", file=sys.stderr)
 
 
 def reuse_twin(prepared: Prepared, hc) -> bool:

@@ -73,17 +73,18 @@ def test_a_run_in_mlflow_and_tensorboard(outputs):
 
 def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
     sweep_dir = outputs / "sweep"
-    result = run_cli("-m", "backward=full,sum", "backward.accumulation=2", *TINY, LOGGERS,
+    # backward=detach does not fit model=mlp: that job fails (bad input, recorded) and its run says so
+    result = run_cli("-m", "backward=full,sum,detach", "backward.accumulation=2", *TINY, LOGGERS,
                      f"hydra.sweep.dir={sweep_dir}", cwd=outputs)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1 and "job failed" in result.stderr and "Traceback" not in result.stderr
     table = pd.read_csv(sweep_dir / record.COMPARISON)
-    assert table["verdict"].tolist() == ["reference", "equivalent"]
+    assert table["verdict"].tolist() == ["reference", "equivalent", "error"]
 
     client, experiment = client_for(outputs)
     parents = client.search_runs([experiment], filter_string=f"tags.`backward_lab.sweep_dir` = '{sweep_dir.resolve()}'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FAILED" and parent.data.tags["exit_code"] == "1"  # the sweep's exit code
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {record.COMPARISON, record.LOSS_CURVES} <= artifacts
     for row in table.itertuples():
@@ -91,8 +92,12 @@ def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
         assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert job.data.tags["verdict"] == row.verdict
         assert job.data.params["backward.name"] == row.backward
-        assert job.data.metrics["max_abs_diff"] == pytest.approx(row.max_abs_diff, abs=1e-12)
-        assert scalars(Path(row.run_dir))["verdict/verdict_matches"] == [(0, 1.0)]
+        assert job.info.status == ("FINISHED" if row.status == "ok" else "FAILED")
+        if row.status == "ok":
+            assert job.data.metrics["max_abs_diff"] == pytest.approx(row.max_abs_diff, abs=1e-12)
+            assert scalars(Path(row.run_dir))["verdict/verdict_matches"] == [(0, 1.0)]
+        else:
+            assert "does not fit model=mlp" in job.data.tags["error"]
 
 
 def test_a_failing_run_ends_its_mlflow_run_failed(tmp_path, monkeypatch):
@@ -141,7 +146,7 @@ def test_a_logger_without_its_package_names_the_extra(monkeypatch):
 @pytest.mark.parametrize("loggers, message", [
     ("[csv,wandb]", "trainer.loggers=[csv,wandb] is not allowed: wandb is unknown, expected a list of csv, "
                     "tensorboard, mlflow"),
-    ("[mlflow]", "trainer.loggers=[mlflow] is not allowed: metrics.csv is the record comparisons and resumes read, "
+    ("[mlflow]", "trainer.loggers=[mlflow] is not allowed: csv writes the record comparisons and resumes read, "
                  "expected csv among them (e.g. trainer.loggers=[csv,mlflow])"),
 ])
 def test_unknown_loggers_and_dropping_csv_are_one_line(tmp_path, loggers, message):

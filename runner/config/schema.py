@@ -394,7 +394,7 @@ def validate_loggers(cfg: Config) -> None:
         raise ConfigError(f"{given} is not allowed: {unknown[0]} is unknown, expected a list of "
                           f"{', '.join(LOGGER_PACKAGES)} (csv always: e.g. trainer.loggers=[csv,mlflow])")
     if "csv" not in loggers:
-        raise ConfigError(f"{given} is not allowed: metrics.csv is the record comparisons and resumes read, "
+        raise ConfigError(f"{given} is not allowed: csv writes the record comparisons and resumes read, "
                           f"expected csv among them (e.g. trainer.loggers=[csv,{','.join(loggers) or 'mlflow'}])")
     for name in loggers:
         package = LOGGER_PACKAGES[name]

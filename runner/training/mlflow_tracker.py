@@ -55,13 +55,17 @@ def _client(uri: Optional[str], folder: Path):
 
 
 def _experiment_id(client, uri: Optional[str], folder: Path) -> str:
-    """The backward-lab experiment; with the default store its artifacts sit beside the database."""
+    """The backward-lab experiment; with a SQLite store its artifacts sit beside the database (a server
+    keeps its own artifact root)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None:
         return found.experiment_id
-    location = None if uri else (Path(folder).resolve() / record.MLFLOW_ARTIFACTS).as_uri()
+    sqlite = "sqlite:///"
+    database = store_uri(uri, folder)
+    location = (Path(database[len(sqlite):]).resolve().parent / record.MLFLOW_ARTIFACTS).as_uri() \
+        if database.startswith(sqlite) else None
     try:
         return client.create_experiment(EXPERIMENT, artifact_location=location)
     except MlflowException:  # another job of a parallel sweep created it first
