@@ -46,6 +46,19 @@ def scalars(run_dir: Path):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def session_hparams(run_dir: Path):
+    """The hparams TensorBoard's HParams plugin reads from the run's events (its session start)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir / record.TENSORBOARD_DIR))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in start.hparams.items()}
+
+
 def test_a_run_in_mlflow_and_tensorboard(outputs):
     run_dir = outputs / "run"
     result = run_cli(*TINY, "optim.lr=0.25", LOGGERS, f"hydra.run.dir={run_dir}", cwd=outputs)
@@ -69,6 +82,8 @@ def test_a_run_in_mlflow_and_tensorboard(outputs):
     assert [step for step, _ in board["loss"]] == [1, 2, 3]
     assert [value for _, value in board["loss"]] == pytest.approx(metrics["loss"].tolist(), rel=1e-6)
     assert board["final/final_loss"][-1][1] == pytest.approx(summary["final_loss"], rel=1e-6)
+    hparams = session_hparams(run_dir)  # what TensorBoard's HParams table shows for the run
+    assert hparams["optim.lr"] == 0.25 and hparams["backward.name"] == "full" and hparams["status"] == "ok"
 
 
 def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
