@@ -347,7 +347,7 @@ class Command:
                 refused = replace(origin(cfg, hc), status="error", error=str(exc), run_dir=str(run_dir.resolve()))
                 record.write_summary(run_dir, refused)
                 if multirun:
-                    track_refused_job(cfg, run_dir, refused)
+                    track_untrained_job(cfg, run_dir, refused)
                 self.exit_code = 2 if not multirun else self.exit_code
                 return
         code = run_prepared(prepared, hc, multirun)
@@ -355,19 +355,19 @@ class Command:
             self.exit_code = code
 
 
-def track_refused_job(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
-    """A sweep's job refused as bad input is still one of the sweep's runs in trainer.loggers' trackers
-    (runner.training.trackers), ended FAILED with its error; loggers that are themselves bad are skipped."""
+def track_untrained_job(config: Any, run_dir: Path, summary: Summary) -> None:
+    """A sweep's job that did not train (refused as bad input: ended FAILED with its error; reusing an
+    equal job's records) is still one of the sweep's runs in trainer.loggers' trackers
+    (runner.training.trackers); loggers that are themselves bad are skipped."""
     try:
-        schema.validate_loggers(cfg)
-        if list(cfg.trainer.loggers) == ["csv"]:
+        schema.validate_loggers(config)
+        if list(config.trainer.loggers) == ["csv"]:
             return
-        from runner.training.trackers import Trackers
+        from runner.training.trackers import record_untrained
 
-        with Trackers.open(cfg, run_dir, summary):
-            pass
-    except Exception as exc:  # the job's error is recorded in its summary: a tracker only warns
-        print(f"warning: trainer.loggers: the refused job is not tracked: {_one_line(exc)}", file=sys.stderr)
+        record_untrained(config, run_dir, summary)
+    except Exception as exc:  # the job's outcome is recorded in its summary: a tracker only warns
+        print(f"warning: trainer.loggers: {run_dir.name} is not tracked: {_one_line(exc)}", file=sys.stderr)
 
 
 def reuse_twin(prepared: Prepared, hc) -> bool:
@@ -388,6 +388,7 @@ def reuse_twin(prepared: Prepared, hc) -> bool:
             summary = replace(twin, choices=mine.choices, overrides=mine.overrides, config=mine.config,
                               run_dir=str(run_dir.resolve()), reused_from=twin_dir.name, warnings=[])
             record.write_summary(run_dir, summary)
+            track_untrained_job(prepared.config, run_dir, summary)
             print_summary(summary, multirun=True)
             return True
     return False

@@ -88,12 +88,14 @@ def test_a_run_in_mlflow_and_tensorboard(outputs):
 
 def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
     sweep_dir = outputs / "sweep"
-    # backward=detach does not fit model=mlp: that job fails (bad input, recorded) and its run says so
-    result = run_cli("-m", "backward=full,sum,detach", "backward.accumulation=2", *TINY, LOGGERS,
-                     f"hydra.sweep.dir={sweep_dir}", cwd=outputs)
+    # backward=detach does not fit model=mlp: that job fails (bad input, recorded) and its run says so;
+    # log_every=2 changes no result: those jobs reuse their twins' records, and are runs of the sweep too
+    result = run_cli("-m", "backward=full,sum,detach", "trainer.log_every=1,2", "backward.accumulation=2", *TINY,
+                     LOGGERS, f"hydra.sweep.dir={sweep_dir}", cwd=outputs)
     assert result.returncode == 1 and "job failed" in result.stderr and "Traceback" not in result.stderr
     table = pd.read_csv(sweep_dir / record.COMPARISON)
-    assert table["verdict"].tolist() == ["reference", "equivalent", "error"]
+    assert table["verdict"].tolist() == ["reference", "identical", "equivalent", "equivalent", "error", "error"]
+    assert table["reused_from"].notna().tolist() == [False, True, False, True, False, False]
 
     client, experiment = client_for(outputs)
     parents = client.search_runs([experiment], filter_string=f"tags.`backward_lab.sweep_dir` = '{sweep_dir.resolve()}'")
@@ -109,6 +111,7 @@ def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
         assert job.data.params["backward.name"] == row.backward
         assert job.info.status == ("FINISHED" if row.status == "ok" else "FAILED")
         if row.status == "ok":
+            assert [m.step for m in client.get_metric_history(job.info.run_id, "loss")] == [1, 2, 3]
             assert job.data.metrics["max_abs_diff"] == pytest.approx(row.max_abs_diff, abs=1e-12)
             assert scalars(Path(row.run_dir))["verdict/verdict_matches"] == [(0, 1.0)]
         else:

@@ -81,6 +81,20 @@ class Trackers:
                       f"{type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
 
 
+def record_untrained(config: Any, run_dir: Path, summary: Summary) -> None:
+    """A sweep's job recorded without training (refused as bad input, or reusing an equal job's records:
+    runner.cli.reuse_twin) is still one of the sweep's runs: its trackers get its metrics.csv rows, if
+    any, and its summary."""
+    from runner import record
+
+    with Trackers.open(config, run_dir, summary) as trackers:
+        metrics = record.read_metrics(run_dir) if trackers.sinks else None
+        if metrics is not None and len(metrics):  # a column only some rows carry reads as NaN elsewhere
+            rows = [{k: v for k, v in row.items() if v == v} for row in metrics.to_dict("records")]
+            for tracker in trackers.sinks:
+                tracker.write(rows)
+
+
 def start_sweep(sweep_dir: Path, loggers: Sequence[str], mlflow_uri: Optional[str]) -> None:
     """The sweep's parent MLflow run, created before its jobs start (they find it by the sweep's folder)."""
     if "mlflow" in loggers:
