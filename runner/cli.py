@@ -344,13 +344,30 @@ class Command:
                 prepared = built(prepared)
             except ConfigError as exc:
                 report_bad_input(exc)
-                record.write_summary(run_dir, replace(origin(cfg, hc), status="error", error=str(exc),
-                                                      run_dir=str(run_dir.resolve())))
+                refused = replace(origin(cfg, hc), status="error", error=str(exc), run_dir=str(run_dir.resolve()))
+                record.write_summary(run_dir, refused)
+                if multirun:
+                    track_untrained_job(cfg, run_dir, refused)
                 self.exit_code = 2 if not multirun else self.exit_code
                 return
         code = run_prepared(prepared, hc, multirun)
         if code is not None:
             self.exit_code = code
+
+
+def track_untrained_job(config: Any, run_dir: Path, summary: Summary) -> None:
+    """A sweep's job that did not train (refused as bad input: ended FAILED with its error; reusing an
+    equal job's records) is still one of the sweep's runs in trainer.loggers' trackers
+    (runner.training.trackers); loggers that are themselves bad are skipped."""
+    try:
+        schema.validate_loggers(config)
+        if list(config.trainer.loggers) == ["csv"]:
+            return
+        from runner.training.trackers import record_untrained
+
+        record_untrained(config, run_dir, summary)
+    except Exception as exc:  # the job's outcome is recorded in its summary: a tracker only warns
+        print(f"warning: trainer.loggers: {run_dir.name} is not tracked: {_one_line(exc)}", file=sys.stderr)
 
 
 def reuse_twin(prepared: Prepared, hc) -> bool:
@@ -371,6 +388,7 @@ def reuse_twin(prepared: Prepared, hc) -> bool:
             summary = replace(twin, choices=mine.choices, overrides=mine.overrides, config=mine.config,
                               run_dir=str(run_dir.resolve()), reused_from=twin_dir.name, warnings=[])
             record.write_summary(run_dir, summary)
+            track_untrained_job(prepared.config, run_dir, summary)
             print_summary(summary, multirun=True)
             return True
     return False
@@ -406,7 +424,7 @@ def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
         print(f"error: {outcome.summary.error}", file=sys.stderr)
     print_summary(outcome.summary, multirun)
     if multirun and outcome.status == "interrupted" and in_process_launcher(hc):
-        stop_sweep(run_dir, exit_code(outcome.status, outcome.signum))
+        stop_sweep(run_dir, exit_code(outcome.status, outcome.signum), training.config.trainer)
     return None if multirun else exit_code(outcome.status, outcome.signum)
 
 
@@ -431,7 +449,7 @@ def in_process_launcher(hc) -> bool:
     return "BasicLauncher" in (hc.launcher.get("_target_", "") if hc.launcher else "")
 
 
-def stop_sweep(run_dir: Path, code: int) -> None:
+def stop_sweep(run_dir: Path, code: int, trainer: Optional[schema.TrainerConf] = None) -> None:
     """Ctrl-C (or SIGTERM) stops the whole sweep, not just its current job: record this job's
     row and the comparison of the jobs so far, then exit 130/143 as a single run does. (Hydra
     skips on_job_end and on_multirun_end once the task exits, hence the explicit calls.)"""
@@ -440,6 +458,13 @@ def stop_sweep(run_dir: Path, code: int) -> None:
     sweep_dir = record.sweep_of(run_dir) or run_dir.parent
     append_job_row(sweep_dir, run_dir)
     summarise_sweep(sweep_dir)
+    if trainer is not None and list(trainer.loggers) != ["csv"]:  # the trackers' parent run ends too
+        from runner.training.trackers import finish_sweep
+
+        try:
+            finish_sweep(sweep_dir, list(trainer.loggers), trainer.mlflow_uri, code)
+        except Exception as exc:
+            print(f"warning: trainer.loggers: the sweep's record failed: {_one_line(exc)}", file=sys.stderr)
     print(f"sweep stopped: {run_dir.name} was interrupted; the jobs after it did not run", file=sys.stderr)
     raise Exit(code)
 

@@ -28,6 +28,11 @@ EMA_WEIGHTS = "ema_weights.pt"  # trainer.ema: the averaged model's state_dict (
 FIRST_GRAD = "first_grad.pt"  # parameter name -> the first optimizer step's gradient (trainer.first_grad)
 CHECKPOINT = "checkpoint.pt"
 GRADIENT_FLOW = "gradient_flow.csv"
+TENSORBOARD_DIR = "tensorboard"  # trainer.loggers=[...,tensorboard]: the run's SummaryWriter folder
+# trainer.loggers=[...,mlflow] without trainer.mlflow_uri: the SQLite store and the artifacts' folder, in the
+# folder above a run's folder (a sweep's jobs: above the sweep's folder), shared by the runs kept there
+MLFLOW_STORE = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
 # Per sweep
 COMPARISON = "comparison.csv"
 REPLICATES = "replicates.csv"  # a sweep crossing seeds: one row per configuration without the seed

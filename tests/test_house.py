@@ -78,7 +78,7 @@ def string_constants(tree: ast.Module):
 def test_every_record_file_name_is_spelled_once_in_the_package():
     names = [record.METRICS, record.SUMMARY, record.PARAMS, record.CHECKPOINT, record.GRADIENT_FLOW,
              record.COMPARISON, record.REPLICATES, record.LOSS_CURVES, record.SWEEP_MARKER,
-             record.EMA_WEIGHTS]
+             record.EMA_WEIGHTS, record.MLFLOW_STORE, record.MLFLOW_ARTIFACTS]
     for name in names:
         spelled = {module: sum(name in text for text in string_constants(tree))
                    for module, tree in MODULES.items()}

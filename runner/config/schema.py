@@ -253,6 +253,13 @@ class TrainerConf:
     first_grad: bool = key(True, Role.operational)
     # A sweep's job whose used configuration equals an earlier job's reuses its records: true trains again.
     rerun: bool = key(False, Role.operational)
+    # Where each run's per-step rows go (runner.training.trackers): csv (metrics.csv, the record the analysis
+    # reads, always kept), tensorboard (a SummaryWriter in the run's tensorboard/ folder) and mlflow (one MLflow
+    # run per job, a sweep's jobs nested in its parent run); the last two need `pip install backward-lab[trackers]`.
+    loggers: List[str] = key(role=Role.operational, default_factory=lambda: ["csv"])
+    # loggers=[csv,mlflow]: the MLflow tracking URI (a team's server: http://host:5000); null = a SQLite
+    # store, mlflow.db in the folder above the run's folder (a sweep's: above the sweep's), artifacts beside it.
+    mlflow_uri: Optional[str] = key(None, Role.operational)
 
 
 @dataclass
@@ -367,8 +374,33 @@ def validate(cfg: Config) -> None:
                           f"{plain(cfg.trainer.dtype)}: expected trainer.dtype=float32 (autocast keeps float32 "
                           "parameters; trainer.dtype=bfloat16 is pure bf16)")
     validate_routing(cfg)
+    validate_loggers(cfg)
     validate_processes(cfg)
     validate_step_in_backward(cfg)
+
+
+# trainer.loggers: each logger's Python package (checked without importing it: mlflow takes seconds).
+LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def validate_loggers(cfg: Config) -> None:
+    """Known names, csv kept (metrics.csv is what comparisons, claims and resumes read), packages installed."""
+    import importlib.util
+
+    loggers = list(cfg.trainer.loggers)
+    given = f"trainer.loggers=[{','.join(map(str, loggers))}]"
+    unknown = [name for name in loggers if name not in LOGGER_PACKAGES]
+    if unknown:
+        raise ConfigError(f"{given} is not allowed: {unknown[0]} is unknown, expected a list of "
+                          f"{', '.join(LOGGER_PACKAGES)} (csv always: e.g. trainer.loggers=[csv,mlflow])")
+    if "csv" not in loggers:
+        raise ConfigError(f"{given} is not allowed: csv writes the record comparisons and resumes read, "
+                          f"expected csv among them (e.g. trainer.loggers=[csv,{','.join(loggers) or 'mlflow'}])")
+    for name in loggers:
+        package = LOGGER_PACKAGES[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{given} needs the {package} package, which is not installed: "
+                              "pip install 'backward-lab[trackers]'")
 
 
 def validate_step_in_backward(cfg: Config) -> None:

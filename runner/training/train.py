@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -32,8 +32,9 @@ from runner.training import checkpoint
 from runner.training.build import Training
 from runner.training.checks import first_line
 from runner.training.evaluate import evaluate
-from runner.training.sinks import MetricsFile, Progress
+from runner.training.sinks import MetricsFile, Progress, Sink
 from runner.training.steplog import StepLog
+from runner.training.trackers import Trackers
 
 
 @dataclass
@@ -77,11 +78,14 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
     with its states, and metrics.csv is cut back to the rows it had then.
     """
     run_dir = Path(run_dir)
-    summary, started = _prepare(training, run_dir, summary or Summary(), resume)
     signum = None
-    if summary.status == "running":
-        signum = _train(training, run_dir, summary, started, append=resume is not None)
-    _finish(training, run_dir, summary)
+    # trainer.loggers beyond csv, opened before the run's clock starts (an MLflow store takes seconds);
+    # each tracker's run ends with the summary's status, FAILED on an exception.
+    with Trackers.open(training.config, run_dir, summary or Summary(), resumed=resume is not None) as trackers:
+        summary, started = trackers.follow(*_prepare(training, run_dir, summary or Summary(), resume))
+        if summary.status == "running":
+            signum = _train(training, run_dir, summary, started, append=resume is not None, trackers=trackers.sinks)
+        _finish(training, run_dir, summary)
     training.parallel.done()  # every rank waits for the others' records before any exits
     return Outcome(summary.status, summary, signum)
 
@@ -119,7 +123,8 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
     return summary, started
 
 
-def _train(t: Training, run_dir: Path, summary: Summary, started: float, append: bool) -> Optional[int]:
+def _train(t: Training, run_dir: Path, summary: Summary, started: float, append: bool,
+           trackers: Sequence[Sink] = ()) -> Optional[int]:
     """The loop. Fills in the summary's status, error and steps_done; returns a stopping signal."""
     trainer, start = t.config.trainer, summary.steps_done
     log_every = trainer.log_every or (50 if t.device.type == "cuda" else 1)
@@ -129,7 +134,8 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
         + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
     parallel, precision = t.parallel, t.precision
     metrics = MetricsFile(run_dir, append, host_columns)
-    log = StepLog(t.model, [metrics, Progress(trainer.progress, trainer.steps, start)], parallel.param_sums)
+    log = StepLog(t.model, [metrics, Progress(trainer.progress, trainer.steps, start), *trackers],
+                  parallel.param_sums)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
