@@ -18,7 +18,7 @@ GPT2 = "experiments.examples.gpt2_tiny.tiny_gpt2"
 TABULAR = "runner.experiments.examples.tabular.TabularNet"
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
 # The model: GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=16, n_positions=64)).
-GPT2_KWARGS = {"hidden": 16, "positions": 64}
+GPT2_KWARGS = {"n_embd": 16, "n_positions": 64}
 
 
 def gpt2_config(**overrides):
@@ -196,3 +196,12 @@ def test_a_bad_cell_warns_on_the_command_line_before_training(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"warning: data.path={path}: 2 non-numeric column(s) left out of the features: 'note' (row 2: 'a'); " \
            "'f6' (row 5: 'n/a?')" in result.stderr
+
+
+def test_the_stdlib_corpus_exports_paragraphs_of_varied_length(tmp_path):
+    from experiments.examples.stdlib_corpus import export
+
+    assert export(tmp_path / "stdlib.txt") > 1000
+    inputs, labels = read_text(tmp_path / "stdlib.txt", max_length=64)
+    scored = (labels != IGNORE_INDEX).sum(dim=1)
+    assert len(inputs) > 1000 and scored.min() < 20 and scored.max() == 63  # real text: lengths vary

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator, List
 
@@ -39,7 +40,9 @@ def docstrings(module_name: str) -> Iterator[str]:
 
 
 def corpus(modules=MODULES) -> List[str]:
-    return [doc for name in modules for doc in docstrings(name)]
+    with warnings.catch_warnings():  # reading typing.io's docstring warns that typing.io is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [doc for name in modules for doc in docstrings(name)]
 
 
 def export(path: Path) -> int:

@@ -152,7 +152,7 @@ def build_dataset(cfg: Config, spec: TaskSpec):
     if data.name in ("seq", "text") or spec.kind == "sequence":
         if data.name not in ("seq", "text") or cfg.model.name not in ("seq", "moe", "custom"):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
-                              "model=seq or moe with data=seq and loss=lm (or model=custom on data=seq)")
+                              "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
         if data.name == "text":  # your paragraphs, bytes as tokens (runner.training.user_data.read_text)
             if cfg.model.vocab != user_data.BYTE_VOCAB:
