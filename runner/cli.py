@@ -400,7 +400,7 @@ def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
 
     run_dir = Path(hc.runtime.output_dir)
     training = prepared.training
-    for warning in training.strategy.ignored_switches(training.config.backward):
+    for warning in training.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     coupling = training.findings.coupling
     reason = coupling and record.expected_difference(coupling.batch_coupled, coupling.stochastic, coupling.modules)

@@ -120,6 +120,10 @@ class Summary:
     stochastic: Optional[bool] = None
     coupling_modules: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    features: Optional[List[str]] = None  # data=csv: the table's columns the model was fed, in order
+    # model=custom under a built-in loss: "logits" where the model returned a mapping (a Hugging Face
+    # ModelOutput) and the loss read its logits entry; None where it returned the tensor itself
+    outputs_from: Optional[str] = None
     run_dir: Optional[str] = None
     resumed_from_step: Optional[int] = None
     diverged_at_step: Optional[int] = None

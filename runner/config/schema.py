@@ -141,11 +141,16 @@ class DataConf:
     eval_size: int = 1024  # synthetic data: held-out examples
     positive_rate: float = 0.5  # share of positive labels the hidden teacher produces
     noise: float = 0.0  # label noise: share of flipped binary labels
-    path: Optional[str] = None  # csv, tensors: the file
+    path: Optional[str] = None  # csv, tensors, text: the file
     target: Any = None  # csv: the target column, or several (A,B or [A, B]) for multi-label targets
-    eval_fraction: float = 0.2  # csv, tensors: the share held out, chosen by `seed`
-    min_length: int = 2  # seq: the shortest sequence (tokens, so min_length - 1 predicted tokens)
-    max_length: int = 32  # seq: the longest; shorter sequences are right-padded, their labels -100
+    # csv: the feature columns (A,B or [A, B]), each numeric; null = every numeric column but the target(s),
+    # and the non-numeric ones left out are named in a warning
+    features: Any = None
+    eval_fraction: float = 0.2  # csv, tensors, text: the share held out, chosen by `seed`
+    # seq: the shortest sequence (tokens, so min_length - 1 predicted tokens); text: shorter paragraphs are left out
+    min_length: int = 2
+    # seq: the longest; text: where a paragraph's bytes are cut; shorter sequences are right-padded, their labels -100
+    max_length: int = 32
     # Loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of
     # them per optimizer step, in epochs over the training rows; null = batches of data.batch_size.
     micro_batch_size: Optional[int] = None
@@ -335,7 +340,7 @@ def validate(cfg: Config) -> None:
          cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),
         (not loader or cfg.data.micro_batch_size >= 1, "data.micro_batch_size", cfg.data.micro_batch_size,
          "an integer >= 1 (or null for batches of data.batch_size)"),
-        (not loader or cfg.data.micro_batch_size <= cfg.data.train_size or cfg.data.name in ("csv", "tensors"),
+        (not loader or cfg.data.micro_batch_size <= cfg.data.train_size or cfg.data.name in ("csv", "tensors", "text"),
          "data.micro_batch_size", cfg.data.micro_batch_size,
          f"at most the data set's data.train_size ({cfg.data.train_size})"),
         (cfg.data.min_length >= 2, "data.min_length", cfg.data.min_length, "an integer >= 2 (a token to predict)"),
@@ -456,8 +461,8 @@ def validate_processes(cfg: Config) -> None:
     if rank_normalize != "global" and cfg.loss.name not in ("lm", "custom"):
         raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with loss={cfg.loss.name}: it "
                           "divides a token loss by a token count, expected loss=lm (or loss.rank_normalize=global)")
-    if cfg.data.sort_lengths and cfg.data.name != "seq":
-        raise ConfigError(f"data.sort_lengths=true is not allowed with data={cfg.data.name}: expected data=seq")
+    if cfg.data.sort_lengths and cfg.data.name not in ("seq", "text"):
+        raise ConfigError(f"data.sort_lengths=true is not allowed with data={cfg.data.name}: expected data=seq or text")
     if processes == 1:
         return
     name = cfg.backward.name

@@ -30,6 +30,7 @@ from runner.training.loader import Batches, LoaderWindows
 from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, per_stage
 from runner.training.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
 from runner.training.optim import build_optimizers, build_schedulers
+from runner.training.outputs import outputs_from, take_logits
 from runner.training.strategies import (
     PartialWindow,
     Strategy,
@@ -78,6 +79,12 @@ class Training:
     def schedulers(self) -> List[Any]:
         """The LR schedulers (optim.scheduler), in optimizer order; the strategy steps them."""
         return list(self.strategy.updates.schedulers.values())
+
+    def warnings(self) -> List[str]:
+        """The lines printed before training and kept in the summary: options the strategy ignores, and
+        the columns a table's features left out."""
+        columns = self.dataset.columns
+        return self.strategy.ignored_switches(self.config.backward) + (columns.warnings if columns else [])
 
     def used_config_id(self) -> str:
         """What this training uses (runner.config.identity): equal for two jobs that train the same."""
@@ -142,11 +149,17 @@ def build_dataset(cfg: Config, spec: TaskSpec):
     data = cfg.data
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
-    if data.name == "seq" or spec.kind == "sequence":
-        if data.name != "seq" or cfg.model.name not in ("seq", "moe", "custom"):
+    if data.name in ("seq", "text") or spec.kind == "sequence":
+        if data.name not in ("seq", "text") or cfg.model.name not in ("seq", "moe", "custom"):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
-                              "model=seq or moe with data=seq and loss=lm (or model=custom on data=seq)")
+                              "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
+        if data.name == "text":  # your paragraphs, bytes as tokens (runner.training.user_data.read_text)
+            if cfg.model.vocab != user_data.BYTE_VOCAB:
+                raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data=text: its tokens are "
+                                  f"bytes, expected model.vocab={user_data.BYTE_VOCAB}")
+            inputs, labels = user_data.read_text(data.path, data.max_length, data.min_length)
+            return _split_rows(data, inputs, labels, cfg.seed, batch_size), spec
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
                          data.min_length, data.max_length, data.sort_lengths, data.topics), spec
     if data.name == "pairs" or spec.kind == "retrieval":
@@ -156,19 +169,26 @@ def build_dataset(cfg: Config, spec: TaskSpec):
         spec = TaskSpec(PAIR_SHAPE, "retrieval", cfg.model.outputs)
         return pairs(spec, cfg.seed, data.train_size, data.eval_size, batch_size), spec
     if data.name in user_data.READERS:
-        inputs, targets, found = user_data.READERS[data.name](data)
+        inputs, targets, found, columns = user_data.READERS[data.name](data)
         if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
             raise ConfigError(f"model={cfg.model.name} takes inputs of shape {spec.input_shape}, and "
                               f"data={data.name} ({data.path}) has {found.input_shape}: use model=custom "
                               "model._target_=... (your model)")
-        rows = train_rows(len(inputs), data.eval_fraction)
-        if batch_size > rows:
-            key = "data.batch_size" if data.micro_batch_size is None else "data.micro_batch_size"
-            raise ConfigError(f"{key}={batch_size} is not allowed with data.path={data.path}: "
-                              f"expected at most its {rows} training rows")
-        return split(inputs, targets, cfg.seed, data.eval_fraction, batch_size), found
+        dataset = _split_rows(data, inputs, targets, cfg.seed, batch_size)
+        dataset.columns = columns  # a table's features and what was left out of them (user_data.Columns)
+        return dataset, found
     return synthetic(spec, cfg.seed, data.train_size, data.eval_size, batch_size, data.positive_rate,
                      data.noise), spec
+
+
+def _split_rows(data, inputs, targets, seed: int, batch_size: int) -> Dataset:
+    """The user's rows (data.path), split into train and held-out parts by `seed`."""
+    rows = train_rows(len(inputs), data.eval_fraction)
+    if batch_size > rows:
+        key = "data.batch_size" if data.micro_batch_size is None else "data.micro_batch_size"
+        raise ConfigError(f"{key}={batch_size} is not allowed with data.path={data.path}: "
+                          f"expected at most its {rows} training rows")
+    return split(inputs, targets, seed, data.eval_fraction, batch_size, data.sort_lengths)
 
 
 def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
@@ -238,6 +258,8 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     seed_everything(cfg.seed)
     try:
         model, spec = build_model_and_spec(cfg, model_kwargs)
+        # A built-in loss wants a tensor: a mapping output's logits (a Hugging Face ModelOutput) stand in for it.
+        logits_hook = take_logits(model) if cfg.model.name == "custom" and cfg.loss.name != "custom" else None
         # Data comes from its own generators: the model's initial parameters depend on the seed alone.
         dataset, spec = build_dataset(cfg, spec)
         dataset.to(device, dtype)
@@ -257,6 +279,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(device=device, dtype=dtype)
     findings = probe(cfg, planned, model, loss_fn, batches, spec)
+    findings.outputs_from = outputs_from(logits_hook)  # the probe's forward showed what the model returns
     if cfg.backward.activation_checkpointing:  # after the probes, which must see the plain model
         recompute_blocks(model)
     # Sharding replaces the parameters (FSDP): the optimizers are built over what it leaves.
@@ -286,6 +309,7 @@ class Findings:
     # Can micro-batches equal the batch? (runner.training.checks.Coupling)
     coupling: Optional[checks.Coupling] = None
     gradient_flow: List[Dict[str, Any]] = field(default_factory=list)  # per module and loss component
+    outputs_from: Optional[str] = None  # "logits": the loss read the logits of the model's mapping output
 
 
 def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec) -> Findings:

@@ -215,12 +215,13 @@ def train_rows(n: int, eval_fraction: float) -> int:
     return n - int(round(eval_fraction * n))
 
 
-def split(inputs: torch.Tensor, targets: Targets, seed: int, eval_fraction: float, batch_size: int) -> "Dataset":
+def split(inputs: torch.Tensor, targets: Targets, seed: int, eval_fraction: float, batch_size: int,
+          sort_lengths: bool = False) -> "Dataset":
     """A data set of the user's (runner.training.user_data), split into train and held-out parts by `seed`."""
     n = inputs.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + _SPLIT_STREAM))
     return Dataset(inputs[order], map_targets(targets, lambda t: t[order]), seed, train_rows(n, eval_fraction),
-                   batch_size)
+                   batch_size, sort_lengths)
 
 
 class Dataset:
@@ -250,6 +251,7 @@ class Dataset:
         self.batches_per_epoch = train_size // batch_size
         self._epoch = -1
         self._order = None
+        self.columns = None  # the user's table: its feature columns and a warning (user_data.Columns)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Dataset":
         """Move every tensor once; floating point tensors take the run's dtype."""

@@ -6,6 +6,7 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Dict, Optional, Protocol, runtime_checkable
 
@@ -53,8 +54,9 @@ class RoutedLoss(Protocol):
 
 
 def logits_of(outputs) -> torch.Tensor:
-    """The logits of a model's output: the output itself, or its `logits` entry (model=moe)."""
-    return outputs["logits"] if isinstance(outputs, dict) else outputs
+    """The logits of a model's output: the output itself, or the `logits` entry of a mapping (model=moe's
+    dict, a Hugging Face ModelOutput, which subclasses OrderedDict)."""
+    return outputs["logits"] if isinstance(outputs, Mapping) else outputs
 
 
 @runtime_checkable

@@ -106,7 +106,8 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
     summary = replace(
         summary, status="running", steps_done=start_step, device=str(t.device),
         dtype=plain(t.config.trainer.dtype), seed=t.config.seed, accumulation=t.strategy.accumulation,
-        params_without_grad=t.findings.params_without_grad, warnings=t.strategy.ignored_switches(t.config.backward),
+        params_without_grad=t.findings.params_without_grad, warnings=t.warnings(),
+        features=t.dataset.columns.features if t.dataset.columns else None, outputs_from=t.findings.outputs_from,
         processes=world, parallel=t.parallel.name,
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
         training_id=training_id(t.config_record()), used_config_id=t.used_config_id())
