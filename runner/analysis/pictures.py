@@ -15,6 +15,7 @@ matplotlib is imported only here.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +24,8 @@ from runner.analysis.replicates import SEED_KEY, configuration, groups, same_see
 from runner.analysis.runs import TOLERANCES, Run, varying_keys
 
 MOST_LEGEND_ENTRIES = 12
-STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1)),
+          (0, (1, 1)), (0, (5, 3, 1, 3, 1, 3)), (0, (10, 3, 1, 3))]
 COLOUR_KEY = "backward"
 
 
@@ -135,7 +137,9 @@ def draw(runs: List[Run], reference: Optional[Run], sweep_dir: Path) -> Path:
     bottom.set_ylabel("|param_sum − reference's|")
     ref_label = ", ".join(f"{k}={reference.keys.get(k)}" for k in varying) if reference is not None else "none"
     same_seed = " at each run's own seed" if len({r.keys.get(SEED_KEY) for r in runs}) > 1 else ""
-    bottom.set_title(f"divergence from the reference ({ref_label or 'the first run'}){same_seed}")
+    # Long references wrap: a title wider than the axes is cut at the figure's edge.
+    bottom.set_title(textwrap.fill(f"divergence from the reference ({ref_label or 'the first run'}){same_seed}", 80),
+                     fontsize="medium")
     _legend(top, members, colour_of, style_of, colour_key, style_keys)
     _legend(bottom, members, colour_of, style_of, colour_key, style_keys)
     path = record.save_figure(fig, sweep_dir)
