@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 
 # One torch thread per test process, and for the runs it starts: two test workers at torch's
@@ -60,6 +61,20 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def assert_params_close(a: dict, b: dict, **tol) -> None:
     for name in a:
         torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def refusal(*overrides) -> str:
+    """The one-line ConfigError `python -m runner OVERRIDES` prints after "error: " (and exits 2 for),
+    found in-process through runner.api.compose: the command line's own compose, validate and
+    build, without a subprocess (test_cli checks that a ConfigError becomes that line and exit 2)."""
+    from runner import api
+    from runner.config.schema import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        api.compose(list(overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
 
 
 def run_cli(*args, cwd=None, timeout=120, env_extra=None):

@@ -10,7 +10,7 @@ from runner import record
 from runner.config.schema import ConfigError, validate
 from runner.training import strategies
 from runner.training.build import build_training
-from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
+from tests.conftest import assert_params_close, make_config, max_abs_diff, refusal, run_cli, train
 
 # A small contrastive setup: 32 pairs a batch, a 16-dimensional embedding, Adam (SGD learns slowly here).
 CONTRASTIVE = dict(model__name="dual_encoder", model__outputs=16, data__name="pairs", loss__name="infonce",
@@ -139,10 +139,14 @@ def test_gradcache_holds_less_than_full_at_8(tmp_path):
     (["model=dual_encoder", "data=pairs", "loss=infonce", "backward=gradcache", "trainer.processes=2"],
      "trainer.processes=2 is not allowed with backward=gradcache"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = run_cli(*args, "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_input_is_one_line(args, message):
+    assert message in refusal(*args, "trainer.steps=1")
+
+
+def test_bad_input_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    result = run_cli("backward=gradcache", "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "it needs a model offering embed(inputs)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -9,7 +9,7 @@ from runner.training.build import build_training
 from runner.training.data import IGNORE_INDEX
 from runner.training.losses import LoadBalancedTokenLoss
 from runner.training.models import MoELM
-from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
+from tests.conftest import assert_params_close, make_config, max_abs_diff, refusal, run_cli, train
 
 # Short topic-clustered sequences on a small top-2-of-8 model: a step takes milliseconds.
 MOE = dict(model__name="moe", data__name="seq", loss__name="lm", loss__aux_weight=0.01, data__topics=4,
@@ -186,7 +186,11 @@ MOE_ARGS = ["model=moe", "data=seq", "loss=lm"]
     (["loss=bce", "loss.aux_weight=0.01"],
      "loss.aux_weight=0.01 is not allowed with loss=bce: expected loss=lm (with model=moe), or loss.aux_weight=0"),
 ])
-def test_bad_input_is_one_line(tmp_path, overrides, message):
-    result = run_cli(*overrides, "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_input_is_one_line(overrides, message):
+    assert message in refusal(*overrides, "trainer.steps=1")
+
+
+def test_bad_input_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    result = run_cli(*MOE_ARGS, "model.top_k=9", "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "model.top_k=9 is not allowed" in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ from runner.analysis.claims import evaluate_claim
 from runner.analysis.runs import compare_to, load_run
 from runner.config.identity import config_record, used_config_id
 from runner.training.build import build_training
-from tests.conftest import make_config, max_abs_diff, read_summary, run_cli, train
+from tests.conftest import make_config, max_abs_diff, read_summary, refusal, run_cli, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
 K, DECAY = 4, 0.99
@@ -208,10 +208,14 @@ def test_a_resumed_run_continues_its_average(tmp_path):
     (["trainer.ema=0.9", "trainer.processes=2", "trainer.parallel=fsdp"],
      "error: trainer.ema=0.9 is not allowed with trainer.parallel=fsdp"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
-    result = run_cli(*args, cwd=tmp_path)
+def test_bad_input_is_refused_in_one_line(args, needle):
+    assert needle.removeprefix("error: ") in refusal(*args)
+
+
+def test_bad_input_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    result = run_cli("trainer.ema=1.5", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert needle in result.stderr
+    assert "error: trainer.ema=1.5 is not allowed" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
