@@ -17,7 +17,8 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
          "moe": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "model.hidden=16"],
          "step_state": ["data.train_size=512", "data.eval_size=64"],
-         "contrastive": ["data.train_size=1024", "data.eval_size=256"]}
+         "contrastive": ["data.train_size=1024", "data.eval_size=256"],
+         "factors": ["model.depth=1", "data.train_size=1024", "data.eval_size=64"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps; so does the gap between the two gradient norms
