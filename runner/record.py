@@ -316,27 +316,32 @@ def load_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / PARAMS, map_location="cpu", weights_only=True)
 
 
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({name: t.detach().cpu() for name, t in tensors.items()}, tmp)
+
+
+def _load_tensors(path: Path) -> Optional[Dict[str, torch.Tensor]]:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
 def write_ema_weights(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
     """ema_weights.pt: the averaged model's state_dict (trainer.ema), named as params.pt's."""
-    with atomic_path(Path(run_dir) / EMA_WEIGHTS) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    _save_tensors(Path(run_dir) / EMA_WEIGHTS, state)
 
 
 def load_ema_weights(run_dir: Path) -> Optional[dict[str, torch.Tensor]]:
     """ema_weights.pt, or None where the run kept no average."""
-    path = Path(run_dir) / EMA_WEIGHTS
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    return _load_tensors(Path(run_dir) / EMA_WEIGHTS)
 
 
 def write_first_grad(run_dir: Path, grads: Dict[str, torch.Tensor]) -> None:
-    with atomic_path(Path(run_dir) / FIRST_GRAD) as tmp:
-        torch.save({name: g.detach().cpu() for name, g in grads.items()}, tmp)
+    _save_tensors(Path(run_dir) / FIRST_GRAD, grads)
 
 
 def load_first_grad(run_dir: Path) -> Optional[Dict[str, torch.Tensor]]:
     """first_grad.pt, or None where the run wrote none (trainer.first_grad=false, an early error)."""
-    path = Path(run_dir) / FIRST_GRAD
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    return _load_tensors(Path(run_dir) / FIRST_GRAD)
 
 
 # ---- checkpoints (their content is runner.training.checkpoint's; the file is this module's) ---------------

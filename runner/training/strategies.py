@@ -193,13 +193,18 @@ class Strategy:
         self.first_gradient.keep(params)
         for opt in optimizers:
             precision.step(opt)
-            scheduler = updates.schedulers.get(id(opt))
-            if scheduler is not None:
-                # Per micro-batch, the schedule runs k times too fast (what Accelerate's adjust_scheduler avoids).
-                for _ in range(micro_batches if updates.scheduler_every == "micro_batch" else 1):
-                    scheduler.step()
+        self.advance_schedules(optimizers, micro_batches)
         precision.after_step()  # GradScaler's update: once per optimizer step
         return norm
+
+    def advance_schedules(self, optimizers, micro_batches: int) -> None:
+        """Each optimizer's LR schedule, once per optimizer step, or once per micro-batch with
+        optim.scheduler_every=micro_batch: k times too fast (what Accelerate's adjust_scheduler avoids)."""
+        for opt in optimizers:
+            scheduler = self.updates.schedulers.get(id(opt))
+            if scheduler is not None:
+                for _ in range(micro_batches if self.updates.scheduler_every == "micro_batch" else 1):
+                    scheduler.step()
 
     def clip_after_backward(self, optimizers) -> None:
         """clip_every=micro_batch: clip the running gradient after each micro-batch's backward, as
@@ -281,10 +286,8 @@ class Scored:
     last: bool = True  # the window's last micro-batch (the optimizer step follows its backward)
 
 
-class MicroBatched(Strategy):
-    """Shared by the strategies that split the batch into `backward.accumulation` micro-batches."""
-
-    Options = MicroBatchOptions
+class SplitsBatch(Strategy):
+    """A strategy that splits the batch into `backward.accumulation` micro-batches (at most one row each)."""
 
     @property
     def accumulation(self) -> int:
@@ -295,6 +298,12 @@ class MicroBatched(Strategy):
             raise StrategyMismatch(
                 f"backward.accumulation={self.accumulation} is not allowed with backward={self.name}: "
                 f"expected at most data.batch_size ({batch_size})")
+
+
+class MicroBatched(SplitsBatch):
+    """Shared by the strategies that weight and backward each micro-batch's own loss."""
+
+    Options = MicroBatchOptions
 
     def scored(self, model, loss_fn, inputs, targets, sizes=None, batch_tokens=None, handed=None):
         """Each micro-batch's forward and loss, weighted so that the losses add up to the batch's.
@@ -443,11 +452,7 @@ class Accumulate(MicroBatched):
         """The step's remainder once the hooks stepped: the schedules (once per step, or per micro-batch
         with optim.scheduler_every=micro_batch); returns the norm of the gradients the hooks stepped with
         (the window's gradient for `last`; for `every`, the root of the k micro-batch steps' squared norms)."""
-        for opt in optimizers:
-            scheduler = self.updates.schedulers.get(id(opt))
-            if scheduler is not None:
-                for _ in range(micro_batches if self.updates.scheduler_every == "micro_batch" else 1):
-                    scheduler.step()
+        self.advance_schedules(optimizers, micro_batches)
         self.precision.after_step()
         stepped, self._stepped = self._stepped, []
         dtype = next(iter(self._owner)).dtype
@@ -483,7 +488,7 @@ class RandomState:
 
 
 @register
-class GradCache(Strategy):
+class GradCache(SplitsBatch):
     """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
     Setup"; luyug/GradCache; sentence-transformers' CachedMultipleNegativesRankingLoss, #2916): a
     loss with in-batch negatives couples the batch, so a micro-batch's own loss is not its share of
@@ -502,14 +507,8 @@ class GradCache(Strategy):
 
     Options = GradCacheOptions
 
-    @property
-    def accumulation(self) -> int:
-        return self.options.accumulation
-
     def check(self, model, loss_fn, batch_size: int) -> None:
-        if self.accumulation > batch_size:
-            raise StrategyMismatch(f"backward.accumulation={self.accumulation} is not allowed with backward=gradcache: "
-                                   f"expected at most data.batch_size ({batch_size})")
+        super().check(model, loss_fn, batch_size)
         if not offers(model, Embedder):
             raise StrategyMismatch("it needs a model offering embed(inputs), one embedding per example from that "
                                    "example alone (the Embedder protocol: model=dual_encoder)", misfit="model")

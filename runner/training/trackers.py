@@ -20,14 +20,13 @@ from typing import Any, List, Optional, Protocol, Sequence
 
 from runner.config.schema import ConfigError
 from runner.execution import processes
-from runner.training.checks import first_line
 from runner.record import Summary
+from runner.training.checks import first_line
+from runner.training.sinks import Sink
 
 
-class Tracker(Protocol):
-    def write(self, rows: List[dict]) -> None: ...
-
-    def close(self) -> None: ...
+class Tracker(Sink, Protocol):
+    """A sink (runner.training.sinks) that also ends its tracker's run with the run's outcome."""
 
     def finish(self, summary: Summary, failed: bool = False) -> None: ...
 
