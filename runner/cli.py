@@ -45,6 +45,17 @@ CONF_DIR = _conf_dir()
 schema.register()
 
 
+def _reference(part: str) -> str:
+    """`--help`'s groups and keys, generated from the keys' declarations as docs/reference.md is:
+    conf/config.yaml's hydra.help.template reads them as ${reference:groups} and ${reference:keys}."""
+    from runner.config import reference
+
+    return reference.groups_text(CONF_DIR) if part == "groups" else reference.text(CONF_DIR)
+
+
+OmegaConf.register_new_resolver("reference", _reference, replace=True)
+
+
 class Exit(BaseException):
     """A sweep's exit code, raised from its last callback past Hydra (which catches Exception and
     exits 1 itself: bad input exits 2 here, so `entry` maps Hydra's 1; ours never use it)."""

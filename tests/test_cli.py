@@ -107,6 +107,9 @@ def test_help_lists_groups_and_options():
                  "data: csv, default, imbalanced, pairs, seq, tensors"):
         assert text in result.stdout, text
     assert "base_config" not in result.stdout
+    # the key reference, generated from the schema (tests/test_reference.py checks its content)
+    assert "  loss.normalize = tokens    allowed: tokens | micro_batch | sequence | double" in result.stdout
+    assert [line for line in result.stdout.splitlines() if len(line) > 100] == []
 
 
 @pytest.mark.parametrize("cls,why", [("ItemLoss", "not a tensor"), ("ArgmaxLoss", "no grad_fn")])

@@ -8,47 +8,53 @@ reads. Adding a strategy is its class, its entry here, and its YAML file in conf
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from enum import Enum
 from typing import Dict, List, Tuple
 
-
-class Scale(str, Enum):
-    size = "size"  # weight each micro-batch by its share of the batch: exact for mean losses
-    mean = "mean"  # divide by the number of micro-batches, as common frameworks do
+from runner.config.keys import Choice, at_least, key
 
 
-class PartialWindow(str, Enum):
+class Scale(Choice):
+    size = "size", "weight each micro-batch by its share of the batch: exact for mean losses"
+    mean = "mean", "divide by the number of micro-batches, as common frameworks do (wrong on uneven splits)"
+
+
+class PartialWindow(Choice):
     """Loader mode: an epoch's last window may hold fewer than backward.accumulation micro-batches."""
 
-    exact = "exact"  # weight by what the window holds (examples, or tokens for loss=lm)
-    k = "k"  # divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)
-    drop = "drop"  # skip it: the next epoch starts
+    exact = "exact", "weight by what the window holds (examples, or tokens for loss=lm)"
+    k = "k", "divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)"
+    drop = "drop", "skip it: the next epoch starts"
 
 
-class GradAccumDType(str, Enum):
+class GradAccumDType(Choice):
     """Where micro-batch gradients add up when parameters are bf16 (trainer.dtype=bfloat16)."""
 
-    param = "param"  # in .grad, in the parameters' dtype (bf16 rounding at every addition)
-    float32 = "float32"  # in a float32 buffer, copied back into .grad before the step
+    param = "param", "in .grad, in the parameters' dtype (bf16 rounding at every addition)"
+    float32 = "float32", "in a float32 buffer (Megatron-LM's main_grad), copied back into .grad before the step"
 
 
-class Sync(str, Enum):
+class Sync(Choice):
     """With several processes (trainer.processes > 1): which micro-batch's backward synchronises
     the gradients across ranks (runner.execution.parallel)."""
 
-    last = "last"  # the last: the others add up locally (one round per step)
-    every = "every"  # each one: the same gradient, k rounds of traffic per step
-    first = "first"  # the first (an off-by-one bug): later micro-batches never reach the other ranks
+    last = "last", "the last: the others add up locally under no_sync (one round per step)"
+    every = "every", "each one: the same gradient, k rounds of traffic per step"
+    first = "first", "the first (an off-by-one bug, FunASR PR #3472): later micro-batches never reach the other ranks"
 
 
-class StepInBackward(str, Enum):
+class StepInBackward(Choice):
     """backward=accumulate: step each parameter from its post-accumulate-grad hook, inside backward()
     (PyTorch's "fusing the optimizer step into the backward pass" tutorial), so that its .grad is
     freed at once instead of held until the optimizer step."""
 
-    off = "off"  # one optimizer step after the window's backwards
-    last = "last"  # the hooks step on the window's last micro-batch only: the accumulated gradient (exact)
-    every = "every"  # the hooks step on every micro-batch (pytorch #124523, DeepSpeed #8443): k steps per window
+    off = "off", "one optimizer step after the window's backwards"
+    last = "last", "the hooks step on the window's last micro-batch only: the accumulated gradient (exact)"
+    every = "every", "the hooks step on every micro-batch (pytorch #124523, DeepSpeed #8443): k steps per window"
+
+
+# backward.accumulation, declared alike by every strategy that splits the batch.
+ACCUMULATION = "micro-batches per optimizer step; strategies that do not split the batch record 1"
+AT_LEAST_ONE = at_least(1, integer=True)
 
 
 @dataclass
@@ -56,8 +62,10 @@ class PassOptions:
     """backward.* keys every strategy reads: how its passes run (runner.execution.precision,
     runner.execution.recompute)."""
 
-    grad_accum_dtype: GradAccumDType = GradAccumDType.param
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    grad_accum_dtype: GradAccumDType = key(GradAccumDType.param, "trainer.dtype=bfloat16: where micro-batch "
+                                                                 "gradients add up")
+    activation_checkpointing: bool = key(False, "each block of the model keeps only its inputs and recomputes "
+                                                "its activations in backward (torch.utils.checkpoint)")
 
 
 @dataclass
@@ -69,15 +77,17 @@ class NoOptions:
 class MicroBatchOptions:
     """The strategies that split the batch into backward.accumulation micro-batches."""
 
-    accumulation: int = 1  # micro-batches per optimizer step
-    scale: Scale = Scale.size
-    partial_window: PartialWindow = PartialWindow.exact  # loader mode: an epoch's short last window
+    accumulation: int = key(1, ACCUMULATION, allowed=AT_LEAST_ONE)
+    scale: Scale = key(Scale.size, "how micro-batch losses are weighted")
+    partial_window: PartialWindow = key(PartialWindow.exact, "loader mode (data.micro_batch_size): an epoch's "
+                                                             "short last window")
 
 
 @dataclass
 class AccumulateOptions(MicroBatchOptions):
-    sync: Sync = Sync.last  # several processes: the micro-batch whose backward synchronises (see Sync)
-    step_in_backward: StepInBackward = StepInBackward.off  # the optimizer step inside backward (see StepInBackward)
+    sync: Sync = key(Sync.last, "several processes: the micro-batch whose backward synchronises the gradients")
+    step_in_backward: StepInBackward = key(StepInBackward.off, "the optimizer step inside backward, from each "
+                                                               "parameter's post-accumulate-grad hook")
 
 
 @dataclass
@@ -85,18 +95,18 @@ class GradCacheOptions:
     """backward=gradcache: the loss is taken on the whole batch's embeddings, so no micro-batch is
     weighted (no scale) and a loader window of any length is exact (no partial_window)."""
 
-    accumulation: int = 1  # micro-batches per optimizer step
+    accumulation: int = key(1, ACCUMULATION, allowed=AT_LEAST_ONE)
 
 
 @dataclass
 class SeparateOptions:
-    step_per_task: bool = False  # step the optimizer after each task's backward
-    reforward: bool = False  # run the forward again after each step (so also step per task)
+    step_per_task: bool = key(False, "step the optimizer after each task's backward (fails in place on a deep trunk)")
+    reforward: bool = key(False, "run the forward again after each step (so also step per task), as DCGAN does")
 
 
 @dataclass
 class ChainedOptions:
-    joint: bool = False  # the stage-2 optimizer owns both stages' parameters
+    joint: bool = key(False, "stage 2's optimizer owns both stages' parameters (the itertools.chain caveat)")
 
 
 # backward.name -> the options that strategy reads.

@@ -1,15 +1,18 @@
-"""Structured configs: the types, defaults and roles of every config key.
+"""Structured configs: the types, defaults, meanings and roles of every config key.
 
 Registered in Hydra's ConfigStore as `base_config`, the first entry of conf/config.yaml's defaults
 list, so each group option (conf/model/*.yaml, ...) merges into a typed node: a wrong type or an
 unknown enum value fails during composition with Hydra's message naming the key. Range checks
-that types cannot express live in `validate()`, which runs before anything is written.
+run in `validate()` before anything is written: a key's own range is declared with the key
+(runner.config.keys.Allowed), checks across keys are written out there.
+
+Each key is declared once, with `key()`: its default, what it means, its role (`Role`: resume,
+checkpoints and the comparison read the roles instead of keeping their own lists of keys) and
+what it allows. The key reference (`python -m runner --help`, docs/reference.md) is generated from
+these declarations (runner.config.reference): edit a key's meaning here, nowhere else.
 
 `backward.*` is not declared here: it is `name` plus the options each strategy reads, declared in
 runner.config.backward_options, so the config side never imports the training code.
-
-Each key declares its role once, as field metadata (see `Role`); resume, checkpoints and the
-comparison read the roles instead of keeping their own lists of keys.
 
 The dataclasses are plain Python: a notebook can build `Config(...)` and call
 `runner.training.build.build_training` without Hydra.
@@ -22,89 +25,76 @@ from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
+from runner.config.keys import Allowed, Choice, Role, above, at_least, at_most, half_open, key, strictly_between
+
+__all__ = ["Role", "Choice", "Config", "ConfigError", "validate", "plain"]
 
 
-class Role(str, Enum):
-    """What a key means for a run's identity."""
-
-    training = "training"  # defines the training: a resume keeps the run's value; comparisons show it
-    extent = "extent"  # how long or where it runs: a resume may change it; comparisons show it
-    operational = "operational"  # changes no result (logging, threads, ...): resumes and comparisons ignore it
+class Device(Choice):
+    auto = "auto", "cuda where torch sees a GPU, else cpu"
+    cpu = "cpu", "the CPU"
+    cuda = "cuda", "the GPU (refused where torch sees none)"
 
 
-def key(default: Any = MISSING, role: Role = Role.training, **kwargs) -> Any:
-    """A dataclass field with its role; `default_factory` passes through."""
-    return field(default=default, metadata={"role": role}, **kwargs)
+class DType(Choice):
+    float32 = "float32", "float32 parameters, gradients and arithmetic"
+    float64 = "float64", "the oracle a float32 run is measured against (within_drift)"
+    bfloat16 = "bfloat16", '"pure" bf16: parameters, gradients and arithmetic in bf16'
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+class Autocast(Choice):
+    off = "off", "no autocast"
+    bf16 = "bf16", "torch.autocast to bfloat16: float32 parameters and gradients"
+    fp16 = "fp16", "torch.autocast to float16, with GradScaler's loss scaling (unscale, step, update once per step)"
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    float64 = "float64"  # the oracle a float32 run is measured against (within_drift)
-    bfloat16 = "bfloat16"  # "pure" bf16: parameters, gradients and arithmetic in bf16
+class Reduction(Choice):
+    none = "none", "refused for training (a loss to train on is one number)"
+    mean = "mean", "the mean over examples: micro-batches are weighted by their share of the batch"
+    sum = "sum", "the sum over examples: micro-batches add up unweighted"
 
 
-class Autocast(str, Enum):
-    off = "off"
-    bf16 = "bf16"  # torch.autocast to bfloat16: float32 parameters and gradients
-    fp16 = "fp16"  # torch.autocast to float16, with GradScaler's loss scaling
+class Normalize(Choice):
+    tokens = "tokens", "the summed loss / the effective batch's non-ignored tokens: exact under any split"
+    micro_batch = "micro_batch", "the mean over each micro-batch's tokens (the Trainer before transformers #34191)"
+    sequence = "sequence", "the mean over each sequence's tokens, then over sequences (another objective)"
+    double = "double", ("tokens, then divided again by backward.accumulation when backwarded (TRL #2617, "
+                        "axolotl #2262): the gradient is 1/k of the batch's, which only some optimizers notice")
 
 
-class Reduction(str, Enum):
-    none = "none"
-    mean = "mean"
-    sum = "sum"
+class AuxStats(Choice):
+    window = "window", "f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)"
+    micro_batch = "micro_batch", "each micro-batch's own f_i: accumulation's default (refused by torchtitan PR #3000)"
 
 
-class Normalize(str, Enum):
-    tokens = "tokens"  # the summed loss / the effective batch's non-ignored tokens: exact under any split
-    micro_batch = "micro_batch"  # the mean over each micro-batch's tokens (the pre-2024 Trainer)
-    sequence = "sequence"  # the mean over each sequence's tokens, then over sequences
-    # tokens, then divided again by backward.accumulation when backwarded (TRL #2617, axolotl #2262):
-    # the gradient is 1/k of the batch's, which only some optimizers notice
-    double = "double"
+# `global` is a Python keyword, hence the functional form (OmegaConf matches enum values by member name).
+RankNormalize = Choice("RankNormalize", {
+    "global": ("global", "the step's scored tokens over every rank, the mean over ranks undone: exact"),
+    "local": ("local", "the rank's own tokens (transformers #34242)"),
+    "no_world": ("no_world", "the global count, the mean over ranks not undone: 1/world (torchtitan #1842)"),
+}, module=__name__)
 
 
-class AuxStats(str, Enum):
-    # f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)
-    window = "window"
-    micro_batch = "micro_batch"  # each micro-batch's own f_i: accumulation's default (torchtitan PR #3000)
+class ParallelEngine(Choice):
+    ddp = "ddp", "DistributedDataParallel: the whole model and gradient on every rank"
+    fsdp = "fsdp", "FSDP2 fully_shard: 1/world of every parameter, gradient and optimizer state per rank"
 
 
-# With several processes and a token loss: what each rank's loss is divided by. `global` is a
-# Python keyword, hence the functional form (OmegaConf matches enum values by member name).
-RankNormalize = Enum("RankNormalize", {
-    "global": "global",  # the step's scored tokens over every rank, the mean over ranks undone: exact
-    "local": "local",  # the rank's own tokens (transformers #34242)
-    "no_world": "no_world",  # the global count, the mean over ranks not undone: 1/world (torchtitan #1842)
-}, type=str)
+class Scheduler(Choice):
+    none = "none", "a constant learning rate"
+    linear = "linear", "linear warmup, then linear decay to 0 at trainer.steps"
+    cosine = "cosine", "linear warmup, then half a cosine down to 0 at trainer.steps"
 
 
-class ParallelEngine(str, Enum):
-    ddp = "ddp"  # DistributedDataParallel: the whole model and gradient on every rank
-    fsdp = "fsdp"  # FSDP2 fully_shard: 1/world of every parameter, gradient and optimizer state per rank
+class Every(Choice):
+    step = "step", "once per optimizer step"
+    micro_batch = "micro_batch", "once per micro-batch (the accumulation bug)"
 
 
-class Scheduler(str, Enum):
-    none = "none"
-    linear = "linear"  # linear warmup, then linear decay to 0 at trainer.steps
-    cosine = "cosine"  # linear warmup, then half a cosine down to 0 at trainer.steps
-
-
-class Every(str, Enum):
-    step = "step"  # once per optimizer step
-    micro_batch = "micro_batch"  # once per micro-batch (the accumulation bugs)
-
-
-class MemoryMeter(str, Enum):
-    first = "first"  # measure the first optimizer step only (shapes do not change)
-    every = "every"
-    off = "off"
+class MemoryMeter(Choice):
+    first = "first", "measure the first optimizer step only (shapes do not change)"
+    every = "every", "measure every step"
+    off = "off", "do not measure"
 
 
 def plain(value: Any) -> Any:
@@ -112,75 +102,96 @@ def plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+POSITIVE_INT = at_least(1, integer=True)
+
+
 @dataclass
 class ModelConf:
-    name: str = "mlp"
-    hidden: int = 64
-    outputs: int = 5
-    batchnorm: bool = False
-    # Initialise the output bias to -log((1-prior)/prior), as RetinaNet does for rare positives.
-    prior_bias: bool = False
-    prior: float = 0.01
-    depth: int = 2  # layers in a shared trunk (multi-task models), or the recurrent/attention layers (seq)
-    vocab: int = 16  # seq: the vocabulary (tokens 0..vocab-1)
-    cell: str = "gru"  # seq, moe: gru | transformer (causal self-attention)
-    experts: int = 8  # moe: experts in the mixture-of-experts feed-forward layer
-    top_k: int = 2  # moe: experts each token is sent to, 1..model.experts
-    # dual_encoder: one tower embeds both views (else a tower per view, each model.depth layers of model.hidden
-    # units, then model.outputs embedding dimensions)
-    shared: bool = False
-    dropout: float = 0.0  # dual_encoder: dropout probability inside each tower, in [0, 1)
-    _target_: Optional[str] = None  # custom: import path of your nn.Module class
+    """The network. Each model=OPTION (conf/model/) sets some of these keys; model=custom builds your class."""
+
+    name: str = key("mlp", "the option model=OPTION chose (set by it)")
+    hidden: int = key(64, "hidden units per layer", allowed=POSITIVE_INT)
+    outputs: int = key(5, "output units (labels, classes, or embedding dimensions)", allowed=POSITIVE_INT)
+    batchnorm: bool = key(False, "mlp, cnn: add BatchNorm, which couples the examples of a batch")
+    prior_bias: bool = key(False, "initialise the output bias to -log((1-prior)/prior), as RetinaNet does "
+                                  "for rare positives")
+    prior: float = key(0.01, "prior_bias: the positive rate the output bias starts at",
+                       allowed=strictly_between(0, 1))
+    depth: int = key(2, "layers of a shared trunk (multitask), or the recurrent/attention layers (seq, moe)")
+    vocab: int = key(16, "seq, moe, custom on data=seq/text: the vocabulary, tokens 0..vocab-1 (256 for data=text)",
+                     allowed=at_least(2, integer=True))
+    cell: str = key("gru", "seq, moe: the sequence layer: gru, or transformer (causal self-attention)",
+                    values="gru | transformer")
+    experts: int = key(8, "moe: experts in the mixture-of-experts feed-forward layer", allowed=POSITIVE_INT)
+    top_k: int = key(2, "moe: experts each token is sent to", values="an integer in 1..model.experts")
+    shared: bool = key(False, "dual_encoder: one tower embeds both views (else a tower per view, each model.depth "
+                              "layers of model.hidden units, then model.outputs embedding dimensions)")
+    dropout: float = key(0.0, "dual_encoder: dropout probability inside each tower (gradcache replays its masks)",
+                         allowed=half_open(0, 1))
+    _target_: Optional[str] = key(None, "custom: the import path of your nn.Module class; its constructor's "
+                                        "arguments as +model.KEY=VALUE", values="package.module.Class")
 
 
 @dataclass
 class DataConf:
-    name: str = "default"
-    batch_size: int = 32  # the effective batch of one optimizer step
-    train_size: int = 4096  # synthetic data: examples to train on
-    eval_size: int = 1024  # synthetic data: held-out examples
-    positive_rate: float = 0.5  # share of positive labels the hidden teacher produces
-    noise: float = 0.0  # label noise: share of flipped binary labels
-    path: Optional[str] = None  # csv, tensors, text: the file
-    target: Any = None  # csv: the target column, or several (A,B or [A, B]) for multi-label targets
-    # csv: the feature columns (A,B or [A, B]), each numeric; null = every numeric column but the target(s),
-    # and the non-numeric ones left out are named in a warning
-    features: Any = None
-    eval_fraction: float = 0.2  # csv, tensors, text: the share held out, chosen by `seed`
-    # seq: the shortest sequence (tokens, so min_length - 1 predicted tokens); text: shorter paragraphs are left out
-    min_length: int = 2
-    # seq: the longest; text: where a paragraph's bytes are cut; shorter sequences are right-padded, their labels -100
-    max_length: int = 32
-    # Loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of
-    # them per optimizer step, in epochs over the training rows; null = batches of data.batch_size.
-    micro_batch_size: Optional[int] = None
-    # seq: each batch ordered by scored tokens, so that with several processes rank 0's share holds
-    # the short sequences and the last rank's the long ones (the skew of transformers #34242)
-    sort_lengths: bool = False
-    # seq: 0 = one Markov chain; T > 0: T topics, each with its own chain favouring its share of the
-    # vocabulary, and each batch ordered by topic, so that a micro-batch's statistics (an MoE router's
-    # expert load) differ from the window's
-    topics: int = 0
+    """What the model trains on: seeded synthetic data, or your table, tensors or text (data=OPTION, conf/data/)."""
+
+    name: str = key("default", "the option data=OPTION chose (set by it)")
+    batch_size: int = key(32, "the effective batch of one optimizer step, whatever the accumulation",
+                          allowed=POSITIVE_INT)
+    train_size: int = key(4096, "synthetic data: examples to train on", values="an integer >= data.batch_size")
+    eval_size: int = key(1024, "synthetic data: held-out examples", allowed=at_least(0))
+    positive_rate: float = key(0.5, "default, imbalanced: the share of positive labels the hidden teacher produces",
+                               allowed=strictly_between(0, 1))
+    noise: float = key(0.0, "label noise: the share of flipped binary labels", allowed=half_open(0, 0.5))
+    path: Optional[str] = key(None, "csv, tensors, text: your file", values="a file path")
+    target: Any = key(None, "csv: the target column, or several (A,B or [A, B]) for a multi-label target")
+    features: Any = key(None, "csv: the feature columns (A,B or [A, B]), each numeric; null = every numeric column "
+                              "but the target(s), and the non-numeric ones left out are named in a warning")
+    eval_fraction: float = key(0.2, "csv, tensors, text: the share held out, chosen by seed",
+                               allowed=half_open(0, 1))
+    min_length: int = key(2, "seq: the shortest sequence (min_length - 1 predicted tokens); text: shorter "
+                             "paragraphs are left out", allowed=at_least(2, integer=True, note=" (a token to predict)"))
+    max_length: int = key(32, "seq: the longest sequence; text: where a paragraph's bytes are cut; shorter "
+                              "sequences are right-padded, their labels -100", values="an integer >= data.min_length")
+    micro_batch_size: Optional[int] = key(
+        None, "loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of them "
+              "per optimizer step, in epochs over the training rows; null = batches of data.batch_size",
+        values="null, or an integer in 1..data.train_size")
+    sort_lengths: bool = key(False, "seq, text: each batch ordered by scored tokens, so that with several processes "
+                                    "rank 0's share holds the short sequences and the last rank's the long ones "
+                                    "(the skew of transformers #34242)")
+    topics: int = key(0, "seq: 0 = one Markov chain; T > 0: T topics, each with its own chain favouring its share of "
+                         "the vocabulary, each batch ordered by topic, so that a micro-batch's statistics (an MoE "
+                         "router's expert load) differ from the window's", allowed=at_least(0, integer=True))
 
 
 @dataclass
 class LossConf:
-    name: str = "bce"
-    reduction: Reduction = Reduction.mean
-    alpha: float = 0.25  # focal: weight of positives; < 0 turns the alpha weighting off
-    gamma: float = 2.0  # focal: focusing parameter, >= 0
-    weights: Dict[str, float] = field(default_factory=dict)  # multitask: weight per task
-    weighting: str = "fixed"  # multitask: fixed | uncertainty
-    normalize: Normalize = Normalize.tokens  # lm: what the token loss is divided by
-    rank_normalize: RankNormalize = RankNormalize["global"]  # lm with several processes (RankNormalize)
-    # lm on model=moe: weight of Switch Transformer's load-balancing loss E * sum_i f_i * P_i (part `aux`);
-    # 0 = none (needs a model with a router when > 0)
-    aux_weight: float = 0.0
-    aux_stats: AuxStats = AuxStats.window  # lm with aux_weight > 0: whose f_i a micro-batch's term uses
-    # infonce: similarities (cosine) are divided by it before the softmax, > 0 (0.05 = sentence-transformers' scale 20)
-    temperature: float = 0.05
-    symmetric: bool = False  # infonce: also score each key against every query, and average the two losses
-    _target_: Optional[str] = None  # custom: import path of an nn.Module loss class
+    """What is minimised (loss=OPTION, conf/loss/); loss=custom builds your class."""
+
+    name: str = key("bce", "the option loss=OPTION chose (set by it)")
+    reduction: Reduction = key(Reduction.mean, "how the loss reduces over examples")
+    alpha: float = key(0.25, "focal: the weight of positives; < 0 turns the alpha weighting off",
+                       allowed=at_most(1, note=" (or < 0 to disable)"))
+    gamma: float = key(2.0, "focal: the focusing parameter (gamma=0 with alpha<0 is bce)", allowed=at_least(0))
+    weights: Dict[str, float] = key(help="multitask: the weight of each task (loss.weights.cls, loss.weights.reg)",
+                                    default_factory=dict)
+    weighting: str = key("fixed", "multitask: fixed weights, or uncertainty (learned, Kendall et al. 2018)",
+                         values="fixed | uncertainty")
+    normalize: Normalize = key(Normalize.tokens, "lm: what the token loss is divided by")
+    rank_normalize: RankNormalize = key(RankNormalize["global"], "lm with several processes: what each rank's loss "
+                                                                 "is divided by")
+    aux_weight: float = key(0.0, "lm on model=moe: the weight of Switch Transformer's load-balancing loss "
+                                 "E * sum_i f_i * P_i (part `aux`); 0 = none (> 0 needs a model with a router)",
+                            allowed=at_least(0, note=" (0 = no load-balancing loss)"))
+    aux_stats: AuxStats = key(AuxStats.window, "lm with aux_weight > 0: whose expert load f_i a micro-batch's term uses")
+    temperature: float = key(0.05, "infonce: cosine similarities are divided by it before the softmax (0.05 = "
+                                   "sentence-transformers' scale 20)", allowed=above(0))
+    symmetric: bool = key(False, "infonce: also score each key against every query, and average the two losses")
+    _target_: Optional[str] = key(None, "custom: the import path of your loss class, called as loss(outputs, "
+                                        "targets); its constructor's arguments as +loss.KEY=VALUE",
+                                  values="package.module.Class")
 
 
 def _backward_conf() -> type:
@@ -191,11 +202,15 @@ def _backward_conf() -> type:
     for name, options in list(OPTIONS.items()) + [("*", PassOptions)]:
         hints = typing.get_type_hints(options)
         for f in fields(options):
-            spec = (f.name, hints[f.name], f.default)
-            if declared.setdefault(f.name, spec) != spec:
+            spec = (f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+            known = declared.setdefault(f.name, spec)
+            if (known[1], known[2].default, known[2].metadata) != (spec[1], f.default, f.metadata):
                 raise TypeError(f"backward.{f.name} is declared differently by backward={name}")
-    return make_dataclass("BackwardConf", [("name", str, field(default="full"))] +
-                          [(name, kind, field(default=default)) for name, kind, default in declared.values()])
+    name = ("name", str, key("full", "the option backward=OPTION chose (set by it)"))
+    conf = make_dataclass("BackwardConf", [name] + list(declared.values()))
+    conf.__doc__ = ("How backward runs: the strategy (backward=OPTION, conf/backward/) and the options it reads; "
+                    "an option another strategy reads is ignored with a warning.")
+    return conf
 
 
 BackwardConf = _backward_conf()
@@ -203,68 +218,76 @@ BackwardConf = _backward_conf()
 
 @dataclass
 class OptimConf:
-    # The optimizer's label in choices and comparisons; without a _target_ (a Config built in
-    # Python) it picks the class (runner.training.optim.TARGETS: sgd, adam, adamw, rmsprop).
-    name: str = "sgd"
-    # The optimizer class (torch.optim.AdamW, or your own), built as a partial and called with each
-    # parameter group; it gets optim.lr, and momentum, weight_decay and betas where its signature
-    # names them, and its own arguments as +optim.KEY=VALUE (name, scheduler*, warmup_steps and
-    # clip_* are the runner's and never reach it).
-    _target_: Optional[str] = None
-    _partial_: bool = True
-    lr: float = 0.5
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: Scheduler = Scheduler.none  # the learning-rate schedule over trainer.steps
-    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to optim.lr
-    scheduler_every: Every = Every.step  # micro_batch: advance the schedule per micro-batch (the bug)
-    clip_norm: float = 0.0  # clip the gradient's L2 norm to this (0 = off)
-    clip_every: Every = Every.step  # micro_batch: clip the running gradient after each micro-batch (the bug)
+    """The optimizer (optim=OPTION, conf/optim/: a torch.optim class, or yours), its schedule and clipping."""
+
+    name: str = key("sgd", "the option optim=OPTION chose; without a _target_ (a Config built in Python) it picks "
+                           "the class (sgd, adam, adamw, rmsprop)")
+    _target_: Optional[str] = key(
+        None, "the optimizer class (torch.optim.AdamW, or yours), built as a partial and called with each parameter "
+              "group; it gets optim.lr, and momentum, weight_decay and betas where its signature names them, and "
+              "its own arguments as +optim.KEY=VALUE", values="package.module.Class")
+    _partial_: bool = key(True, "Hydra builds the class as a partial (the parameters come later)")
+    lr: float = key(0.5, "the learning rate (the peak, with a schedule)", allowed=above(0))
+    momentum: float = key(0.0, "for optimizers whose signature takes it (SGD, RMSprop)")
+    weight_decay: float = key(0.0, "for optimizers whose signature takes it (AdamW decoupled; Adam, SGD as L2)")
+    betas: List[float] = key(help="for optimizers whose signature takes it (Adam, AdamW)",
+                             default_factory=lambda: [0.9, 0.999])
+    scheduler: Scheduler = key(Scheduler.none, "the learning-rate schedule over trainer.steps")
+    warmup_steps: int = key(0, "optimizer steps of linear warmup from 0 to optim.lr", allowed=at_least(0))
+    scheduler_every: Every = key(Every.step, "sum, accumulate: when the schedule advances")
+    clip_norm: float = key(0.0, "clip the gradient's L2 norm to this (0 = off)", allowed=at_least(0, note=" (0 = off)"))
+    clip_every: Every = key(Every.step, "accumulate: when the gradient is clipped")
 
 
 @dataclass
 class TrainerConf:
-    steps: int = key(100, Role.extent)
-    device: Device = key(Device.auto, Role.extent)
-    dtype: DType = DType.float32
-    # Forward and loss under torch.autocast (parameters and gradients stay in trainer.dtype=float32).
-    autocast: Autocast = Autocast.off
-    init_scale: float = 2.0 ** 16  # autocast=fp16: GradScaler's first loss scale
-    # Processes, each training on its share of every batch with DistributedDataParallel (gloo on
-    # CPU, nccl on CUDA), launched through torch.distributed.run; torchrun sets it from WORLD_SIZE.
-    processes: int = key(1, Role.extent)
-    parallel: ParallelEngine = ParallelEngine.ddp  # how the processes share the model (trainer.processes > 1)
-    deterministic: bool = False
-    # Decay of an exponential moving average of the weights (torch.optim.swa_utils.AveragedModel with
-    # get_ema_multi_avg_fn, buffers averaged too), updated after every optimizer step; 0 = off. Recorded
-    # as ema_weights.pt, ema_param_sha256/ema_param_sum and ema_eval_value; comparisons add ema_max_abs_diff.
-    ema: float = 0.0
-    # micro_batch: update the average after every micro-batch of backward=accumulate, k times per step, most
-    # on not-yet-stepped weights (the bug of lightly-train #968, F5-TTS #631); other strategies: per step.
-    ema_every: Every = Every.step
-    # Rows are buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on CUDA)
-    # so that logging never forces a host-device sync per step on a GPU.
-    log_every: int = key(0, Role.operational)
-    memory: MemoryMeter = key(MemoryMeter.first, Role.operational)
-    progress: bool = key(True, Role.operational)  # a rich progress bar when stdout is a terminal
-    eval: bool = key(True, Role.extent)
-    # torch intra-op threads; 0 = auto: the cores shared out between concurrent training processes
-    # (joblib sweep workers, ranks on a node), torch's default for one process
-    threads: int = key(0, Role.operational)
-    checkpoint_every: int = key(0, Role.operational)
-    resume: Optional[str] = key(None, Role.operational)
-    # first_grad.pt: the first optimizer step's gradient (false for models too large to keep it twice)
-    first_grad: bool = key(True, Role.operational)
-    # A sweep's job whose used configuration equals an earlier job's reuses its records: true trains again.
-    rerun: bool = key(False, Role.operational)
-    # Where each run's per-step rows go (runner.training.trackers): csv (metrics.csv, the record the analysis
-    # reads, always kept), tensorboard (a SummaryWriter in the run's tensorboard/ folder) and mlflow (one MLflow
-    # run per job, a sweep's jobs nested in its parent run); the last two need `pip install backward-lab[trackers]`.
-    loggers: List[str] = key(role=Role.operational, default_factory=lambda: ["csv"])
-    # loggers=[csv,mlflow]: the MLflow tracking URI (a team's server: http://host:5000); null = a SQLite
-    # store, mlflow.db in the folder above the run's folder (a sweep's: above the sweep's), artifacts beside it.
-    mlflow_uri: Optional[str] = key(None, Role.operational)
+    """How and where training runs, what it keeps and where it logs."""
+
+    steps: int = key(100, "optimizer steps", Role.extent, allowed=POSITIVE_INT)
+    device: Device = key(Device.auto, "where it trains", Role.extent)
+    dtype: DType = key(DType.float32, "the parameters' and arithmetic's dtype")
+    autocast: Autocast = key(Autocast.off, "forward and loss under torch.autocast (parameters and gradients stay "
+                                           "in trainer.dtype=float32)")
+    init_scale: float = key(2.0 ** 16, "autocast=fp16: GradScaler's first loss scale", allowed=above(0))
+    processes: int = key(1, "processes, each training on its share of every batch (gloo on CPU, nccl on CUDA), "
+                            "launched through torch.distributed.run; under torchrun, its world size",
+                         Role.extent, allowed=POSITIVE_INT)
+    parallel: ParallelEngine = key(ParallelEngine.ddp, "how several processes share the model (full, sum and "
+                                                       "accumulate only)")
+    deterministic: bool = key(False, "torch.use_deterministic_algorithms(True)")
+    ema: float = key(0.0, "the decay of an exponential moving average of the weights (torch.optim.swa_utils."
+                          "AveragedModel with get_ema_multi_avg_fn, buffers averaged too); 0 = off. Recorded as "
+                          "ema_weights.pt, ema_param_sha256, ema_eval_value; comparisons add ema_max_abs_diff",
+                     allowed=half_open(0, 1, note=" (the EMA's decay; 0 = off)"))
+    ema_every: Every = key(Every.step, "accumulate: when the average is updated; micro_batch: k times per step, "
+                                       "mostly on not-yet-stepped weights (lightly-train #968, F5-TTS #631)")
+    log_every: int = key(0, "rows buffered on the device and written every log_every steps (0 = 1 on CPU, 50 on "
+                            "CUDA), so that logging never syncs the GPU per step", Role.operational,
+                         allowed=at_least(0))
+    memory: MemoryMeter = key(MemoryMeter.first, "when peak_saved_bytes is measured", Role.operational)
+    progress: bool = key(True, "a rich progress bar when stdout is a terminal", Role.operational)
+    eval: bool = key(True, "score the held-out data at the end (eval_metric, eval_value)", Role.extent)
+    threads: int = key(0, "torch intra-op threads; 0 = auto: the cores shared out between concurrent training "
+                          "processes (joblib sweep workers, ranks on a node), torch's default for one process",
+                       Role.operational, allowed=at_least(0, note=" (0 = auto)"))
+    checkpoint_every: int = key(0, "write checkpoint.pt every N steps (0 = never)", Role.operational,
+                                allowed=at_least(0, note=" (0 = no checkpoints)"))
+    resume: Optional[str] = key(None, "a run folder to continue from its checkpoint, in that folder",
+                                Role.operational, values="null, or a run folder")
+    first_grad: bool = key(True, "write first_grad.pt, the first optimizer step's gradient (false for models too "
+                                 "large to keep it twice)", Role.operational)
+    rerun: bool = key(False, "a sweep's job whose used configuration equals an earlier job's reuses its records; "
+                             "true trains it again", Role.operational)
+    loggers: List[str] = key(
+        help="where each run's per-step rows go: csv (metrics.csv, the record the analysis reads, always kept), "
+             "tensorboard (a SummaryWriter in the run's tensorboard/ folder), mlflow (one MLflow run per job, a "
+             "sweep's jobs nested in its parent run); the last two need pip install 'backward-lab[trackers]'",
+        role=Role.operational, values="a list of csv, tensorboard, mlflow with csv among them",
+        default_factory=lambda: ["csv"])
+    mlflow_uri: Optional[str] = key(None, "loggers with mlflow: the tracking URI (a team's server: http://host:5000); "
+                                          "null = a SQLite store, mlflow.db in the folder above the run's folder (a "
+                                          "sweep's: above the sweep's), artifacts beside it", Role.operational,
+                                    values="null, or a tracking URI")
 
 
 @dataclass
@@ -275,11 +298,11 @@ class Config:
     backward: BackwardConf = field(default_factory=BackwardConf)
     optim: OptimConf = field(default_factory=OptimConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
-    seed: int = 0
-    # Declared expectations of a sweep (see runner.analysis.claims); ignored by single runs.
-    claims: List[Any] = key(role=Role.operational, default_factory=list)
-    # What an experiment shows, in a sentence or two with its public reference (the report prints it).
-    about: Optional[str] = key(None, Role.operational)
+    seed: int = key(0, "model initialisation, data and data order depend on it alone")
+    claims: List[Any] = key(help="a sweep's declared expectations (runner.analysis.claims); single runs ignore them",
+                            role=Role.operational, default_factory=list)
+    about: Optional[str] = key(None, "what an experiment shows, in a sentence or two with its public reference "
+                                     "(the report prints it)", Role.operational, values="null, or text")
 
 
 # Which group a choice (model=cnn) picks for; the option's `name` repeats the choice.
@@ -323,19 +346,24 @@ def set_keys(conf: Any, declared: type, skip: Tuple[str, ...] = ("name", "_targe
             if f.name not in skip and f.default is not MISSING and getattr(conf, f.name) != f.default}
 
 
+def declared_ranges(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any, Allowed]]:
+    """(dotted key, its value, its declared range) for every key of `node` that declares one."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            yield from declared_ranges(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("allowed") is not None:
+            yield prefix + f.name, value, f.metadata["allowed"]
+
+
 def validate(cfg: Config) -> None:
-    """Range checks Hydra's types cannot make. Raises ConfigError naming the key."""
+    """Range checks Hydra's types cannot make: each key's own (declared with it), then those across
+    keys. Raises ConfigError naming the key."""
+    for dotted, value, allowed in declared_ranges(cfg):
+        if not allowed.ok(value):
+            raise ConfigError(f"{dotted}={value} is not allowed: expected {allowed.text}")
     loader = cfg.data.micro_batch_size is not None
     checks = [
-        (cfg.trainer.steps >= 1, "trainer.steps", cfg.trainer.steps, "an integer >= 1"),
-        (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "an integer >= 1"),
-        (cfg.backward.accumulation >= 1, "backward.accumulation", cfg.backward.accumulation,
-         "an integer >= 1"),
-        (cfg.loss.alpha <= 1, "loss.alpha", cfg.loss.alpha, "<= 1 (or < 0 to disable)"),
-        (cfg.loss.gamma >= 0, "loss.gamma", cfg.loss.gamma, ">= 0"),
-        (cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "> 0"),
-        (0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
-        (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
         (loader or cfg.data.train_size >= cfg.data.batch_size, "data.train_size",
          cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),
         (not loader or cfg.data.micro_batch_size >= 1, "data.micro_batch_size", cfg.data.micro_batch_size,
@@ -343,31 +371,10 @@ def validate(cfg: Config) -> None:
         (not loader or cfg.data.micro_batch_size <= cfg.data.train_size or cfg.data.name in ("csv", "tensors", "text"),
          "data.micro_batch_size", cfg.data.micro_batch_size,
          f"at most the data set's data.train_size ({cfg.data.train_size})"),
-        (cfg.data.min_length >= 2, "data.min_length", cfg.data.min_length, "an integer >= 2 (a token to predict)"),
         (cfg.data.max_length >= cfg.data.min_length, "data.max_length", cfg.data.max_length,
          f">= data.min_length ({cfg.data.min_length})"),
-        (cfg.model.vocab >= 2, "model.vocab", cfg.model.vocab, "an integer >= 2"),
-        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, ">= 0"),
-        (cfg.optim.clip_norm >= 0, "optim.clip_norm", cfg.optim.clip_norm, ">= 0 (0 = off)"),
-        (cfg.data.eval_size >= 0, "data.eval_size", cfg.data.eval_size, ">= 0"),
-        (0 < cfg.data.positive_rate < 1, "data.positive_rate", cfg.data.positive_rate,
-         "strictly between 0 and 1"),
-        (0 <= cfg.data.noise < 0.5, "data.noise", cfg.data.noise, "in [0, 0.5)"),
-        (0 < cfg.model.prior < 1, "model.prior", cfg.model.prior, "strictly between 0 and 1"),
-        (cfg.model.hidden >= 1, "model.hidden", cfg.model.hidden, "an integer >= 1"),
-        (cfg.model.outputs >= 1, "model.outputs", cfg.model.outputs, "an integer >= 1"),
-        (cfg.trainer.init_scale > 0, "trainer.init_scale", cfg.trainer.init_scale, "> 0"),
-        (cfg.trainer.threads >= 0, "trainer.threads", cfg.trainer.threads, ">= 0 (0 = auto)"),
-        (cfg.trainer.log_every >= 0, "trainer.log_every", cfg.trainer.log_every, ">= 0"),
-        (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
-         cfg.trainer.checkpoint_every, ">= 0 (0 = no checkpoints)"),
-        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "in [0, 1)"),
-        (cfg.model.experts >= 1, "model.experts", cfg.model.experts, "an integer >= 1"),
         (1 <= cfg.model.top_k <= cfg.model.experts, "model.top_k", cfg.model.top_k,
          f"an integer in 1..model.experts ({cfg.model.experts})"),
-        (cfg.loss.aux_weight >= 0, "loss.aux_weight", cfg.loss.aux_weight, ">= 0 (0 = no load-balancing loss)"),
-        (cfg.data.topics >= 0, "data.topics", cfg.data.topics, "an integer >= 0 (0 = one chain)"),
-        (0 <= cfg.trainer.ema < 1, "trainer.ema", cfg.trainer.ema, "in [0, 1) (the EMA's decay; 0 = off)"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:
@@ -452,8 +459,6 @@ DDP_STRATEGIES = ("full", "sum", "accumulate")
 
 def validate_processes(cfg: Config) -> None:
     processes, parallel = cfg.trainer.processes, plain(cfg.trainer.parallel)
-    if processes < 1:
-        raise ConfigError(f"trainer.processes={processes} is not allowed: expected an integer >= 1")
     if parallel == "fsdp" and cfg.backward.name not in DDP_STRATEGIES:
         raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
                           f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
