@@ -29,9 +29,9 @@ from runner.config.schema import GROUPS, Config
 
 # The two groups that are not a node of the config: presets and ready-made sweeps.
 PRESET_GROUPS = {
-    "precision": "Presets of trainer.dtype, trainer.autocast and backward.grad_accum_dtype together, so that a "
-                 "sweep can cross them (python -m runner -m precision=float32,pure_bf16).",
-    "experiment": "Ready-made sweeps with claims (experiments/*.yaml), run as python -m runner -m experiment=NAME.",
+    "precision": "The dtype, autocast and gradient buffer together: presets of trainer.dtype, trainer.autocast "
+                 "and backward.grad_accum_dtype, so that a sweep can cross them (-m precision=float32,pure_bf16).",
+    "experiment": "A ready-made sweep with claims (experiments/*.yaml): python -m runner -m experiment=NAME.",
 }
 ROLE_NOTES = {Role.extent: "A resume may change it.",
               Role.operational: "Changes no result: comparisons and resumes ignore it."}
@@ -77,6 +77,11 @@ class Group:
     name: str
     about: str
     options: List[Option]
+    default: Optional[str]  # the option conf/config.yaml picks
+
+    def summary(self) -> str:
+        """The description's first sentence (up to its colon), for the README's table."""
+        return self.about.split(". ")[0].split(": ")[0].rstrip(".")
 
 
 def _sentence(text: str) -> str:
@@ -201,12 +206,14 @@ def _doc(f, hint: Any, prefix: str, set_by: Dict[str, Dict[str, str]], readers: 
 
 def groups(conf: Path) -> List[Group]:
     hints = typing.get_type_hints(Config)
+    chosen = {name: option for entry in yaml.safe_load((conf / "config.yaml").read_text())["defaults"]
+              if isinstance(entry, dict) for name, option in entry.items()}
     found = []
     for name in (*GROUPS, *PRESET_GROUPS):
         about = PRESET_GROUPS.get(name) or " ".join((hints[name].__doc__ or "").split())
         folder = conf / name
         options = [Option(option, _header(folder / f"{option}.yaml")) for option in _options(conf, name)]
-        found.append(Group(name, about, options))
+        found.append(Group(name, about, options, chosen.get(name)))
     return found
 
 
@@ -254,8 +261,9 @@ def _cell(text: str) -> str:
 def groups_table(conf: Path) -> str:
     rows = ["| group | what it chooses | options |", "| --- | --- | --- |"]
     for group in groups(conf):
-        options = ", ".join(f"`{option.name}`" for option in group.options)
-        rows.append(f"| [`{group.name}`](docs/reference.md#{group.name}) | {_cell(group.about)} | {options} |")
+        options = ", ".join(f"`{option.name}`" + (" (default)" if option.name == group.default else "")
+                            for option in group.options)
+        rows.append(f"| [`{group.name}`](docs/reference.md#{group.name}) | {_cell(group.summary())} | {options} |")
     return "\n".join(rows)
 
 

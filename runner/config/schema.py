@@ -107,7 +107,7 @@ POSITIVE_INT = at_least(1, integer=True)
 
 @dataclass
 class ModelConf:
-    """The network. Each model=OPTION (conf/model/) sets some of these keys; model=custom builds your class."""
+    """The network: a built-in model, or your nn.Module (model=custom). Each option sets some of these keys."""
 
     name: str = key("mlp", "the option model=OPTION chose (set by it)")
     hidden: int = key(64, "hidden units per layer", allowed=POSITIVE_INT)
@@ -134,7 +134,7 @@ class ModelConf:
 
 @dataclass
 class DataConf:
-    """What the model trains on: seeded synthetic data, or your table, tensors or text (data=OPTION, conf/data/)."""
+    """The examples and their targets: seeded synthetic data, or your table, tensors or text."""
 
     name: str = key("default", "the option data=OPTION chose (set by it)")
     batch_size: int = key(32, "the effective batch of one optimizer step, whatever the accumulation",
@@ -168,7 +168,7 @@ class DataConf:
 
 @dataclass
 class LossConf:
-    """What is minimised (loss=OPTION, conf/loss/); loss=custom builds your class."""
+    """The objective: a built-in loss, or your own (loss=custom)."""
 
     name: str = key("bce", "the option loss=OPTION chose (set by it)")
     reduction: Reduction = key(Reduction.mean, "how the loss reduces over examples")
@@ -208,8 +208,8 @@ def _backward_conf() -> type:
                 raise TypeError(f"backward.{f.name} is declared differently by backward={name}")
     name = ("name", str, key("full", "the option backward=OPTION chose (set by it)"))
     conf = make_dataclass("BackwardConf", [name] + list(declared.values()))
-    conf.__doc__ = ("How backward runs: the strategy (backward=OPTION, conf/backward/) and the options it reads; "
-                    "an option another strategy reads is ignored with a warning.")
+    conf.__doc__ = ("How backward and the optimizer step are called, and the options each strategy reads. An "
+                    "option another strategy reads is ignored with a warning, so that one sweep can cross them.")
     return conf
 
 
@@ -218,7 +218,7 @@ BackwardConf = _backward_conf()
 
 @dataclass
 class OptimConf:
-    """The optimizer (optim=OPTION, conf/optim/: a torch.optim class, or yours), its schedule and clipping."""
+    """The optimizer (any torch.optim class, or yours), its learning-rate schedule and clipping."""
 
     name: str = key("sgd", "the option optim=OPTION chose; without a _target_ (a Config built in Python) it picks "
                            "the class (sgd, adam, adamw, rmsprop)")
