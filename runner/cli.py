@@ -27,21 +27,12 @@ from omegaconf.errors import OmegaConfBaseException
 from runner import record
 from runner.analysis.runs import flatten
 from runner.config import schema
+from runner.config.location import CONF_DIR
 from runner.config.schema import GROUPS, Config, ConfigError, LossConf, ModelConf, OptimConf
 from runner.execution import processes
 from runner.record import Summary
 
 
-def _conf_dir() -> Path:
-    """runner/conf inside an installed wheel; <repo>/conf in a checkout or an editable install."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "conf", here.parent / "conf"):
-        if (folder / "config.yaml").is_file():
-            return folder
-    raise FileNotFoundError(f"no conf/config.yaml next to or above {here}")
-
-
-CONF_DIR = _conf_dir()
 schema.register()
 
 

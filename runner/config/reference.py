@@ -25,6 +25,7 @@ import yaml
 
 from runner.config.backward_options import readers_by_option
 from runner.config.keys import Choice, Role
+from runner.config.location import CONF_DIR
 from runner.config.schema import GROUPS, Config
 
 # The two groups that are not a node of the config: presets and ready-made sweeps.
@@ -312,8 +313,6 @@ def stale(root: Path, conf: Path) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from runner.cli import CONF_DIR
-
     parser = argparse.ArgumentParser(prog="python -m runner.config.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite docs/reference.md and the README's table")
     parser.add_argument("--check", action="store_true", help="exit 1 when they are out of date")

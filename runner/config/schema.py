@@ -27,8 +27,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
 from runner.config.keys import Allowed, Choice, Role, above, at_least, at_most, half_open, key, strictly_between
 
-__all__ = ["Role", "Choice", "Config", "ConfigError", "validate", "plain"]
-
 
 class Device(Choice):
     auto = "auto", "cuda where torch sees a GPU, else cpu"
