@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run test bench experiments gpu-check clean
+.PHONY: help install run test bench experiments reference gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,9 @@ experiments: $(STAMP)  ## run every experiment in experiments/ and write a markd
 	done; \
 	$(PY) -m runner.report $(EXPERIMENTS_DIR) --out $(EXPERIMENTS_DIR)/report.md || status=1; \
 	exit $$status
+
+reference: $(STAMP)  ## regenerate docs/reference.md and the README's groups table from the keys' declarations
+	$(PY) -m runner.config.reference --write
 
 gpu-check: $(STAMP)  ## on a CUDA machine: GPU tests and the precision, ddp, fsdp and memory experiments on cuda, with a markdown report
 	$(PY) -m runner.gpu_check $(ARGS)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docs_reference_and_the_readme_groups_table_are_up_to_date():
-    assert reference.stale(ROOT, CONF_DIR) == [], "run: python -m runner.config.reference --write"
+    assert reference.stale(ROOT, CONF_DIR) == [], "run: make reference"
 
 
 def test_a_stale_reference_or_readme_table_is_caught(tmp_path):

@@ -321,7 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         outdated = stale(args.root, CONF_DIR)
         for name in outdated:
-            print(f"{name} is out of date: run python -m runner.config.reference --write", file=sys.stderr)
+            print(f"{name} is out of date: run make reference (python -m runner.config.reference --write)",
+                  file=sys.stderr)
         return 1 if outdated else 0
     if args.write:
         (args.root / "docs" / "reference.md").write_text(markdown(CONF_DIR))
