@@ -18,6 +18,8 @@
    torch.cuda.max_memory_allocated on a GPU).
    contrastive: backward=gradcache's step against accumulate's at the same accumulation, on a dual
    encoder with loss=infonce (every forward runs twice, so target: ratio <= 1.5).
+   trackers: the step with trainer.loggers=[csv,mlflow,tensorboard] against csv alone (target:
+   within 10%; needs the trackers extra).
 6. launchers (only with --only launchers: minutes): heavier jobs with the basic launcher and joblib.
 Figures are measurements, not test assertions.
 """
@@ -211,6 +213,25 @@ def bench_contrastive_steps(rows: List[Dict], repeats: int, steps: int, device: 
                               f"({device}): gradcache vs accumulate",
                          runner=g * 1e3, baseline=a * 1e3, unit="ms/step",
                          result=f"ratio {g / a:.3f} (spread {spread:.1%})", target="ratio <= 1.5", met=g / a <= 1.5))
+
+
+def bench_tracker_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
+    """The same training logged to csv alone and to csv, MLflow (a SQLite store in workdir) and
+    TensorBoard: what the trackers add per step (target: within 10%). Ten times the other steps'
+    length, so that the steady state holds several of the trackers' sends
+    (runner.training.trackers.SEND_EVERY_S)."""
+    configs = {}
+    for loggers in (["csv"], ["csv", "mlflow", "tensorboard"]):
+        cfg = config("mlp", "accumulate", 10 * steps, device)
+        cfg.trainer.loggers = loggers
+        configs["+".join(loggers)] = cfg
+    times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
+    (alone, tracked), spread = (statistics.median(t) for t in times.values()), max(map(_spread, times.values()))
+    rows.append(dict(benchmark="trackers step",
+                     case=f"mlp accumulate x4, batch 512 ({device}): loggers=[csv,mlflow,tensorboard] vs [csv]",
+                     runner=tracked * 1e3, baseline=alone * 1e3, unit="ms/step",
+                     result=f"ratio {tracked / alone:.3f} (spread {spread:.1%})", target="ratio <= 1.10",
+                     met=tracked / alone <= 1.10))
 
 
 def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:
@@ -413,7 +434,7 @@ def print_table(rows: List[Dict]) -> None:
     Console(width=200).print(table)
 
 
-SECTIONS = ("step", "sequence", "contrastive", "sweep", "cold", "probe", "memory", "launchers")
+SECTIONS = ("step", "sequence", "contrastive", "trackers", "sweep", "cold", "probe", "memory", "launchers")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -422,7 +443,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.csv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", choices=SECTIONS,
-                        default=["step", "sequence", "contrastive", "sweep", "cold", "probe", "memory"],
+                        default=["step", "sequence", "contrastive", "trackers", "sweep", "cold", "probe", "memory"],
                         help="sections to run (default: all but launchers, which takes minutes)")
     args = parser.parse_args(argv)
     repeats, steps = (1, 5) if args.quick else (7, 150)
@@ -435,6 +456,7 @@ def main(argv: List[str] | None = None) -> int:
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
             "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir, args.quick),
             "contrastive": lambda: bench_contrastive_steps(rows, repeats, steps, args.device, workdir, args.quick),
+            "trackers": lambda: bench_tracker_steps(rows, repeats, steps, args.device, workdir),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
             "cold": lambda: bench_cold_start(rows, 2 * process_repeats - 1, workdir),
             "probe": lambda: bench_probe(rows, repeats, args.device),

@@ -175,3 +175,31 @@ def test_dropping_csv_is_refused():
                                           r"comparisons and resumes read, expected csv among them "
                                           r"\(e.g. trainer.loggers=\[csv,mlflow\]\)$"):
         validate(make_config(trainer__loggers=["mlflow"]))
+
+
+def test_a_tracker_gets_rows_at_most_every_few_seconds_and_the_rest_before_the_run_ends():
+    """On a CPU the loop hands its sinks every step; a tracker store (MLflow's SQLite) gets them in batches."""
+    from runner.training.trackers import Batched
+
+    class Recorder:
+        def __init__(self):
+            self.calls, self.ended = [], None
+
+        def write(self, rows):
+            self.calls.append([row["step"] for row in rows])
+
+        def close(self):
+            pass
+
+        def finish(self, summary, failed=False):
+            self.ended = (summary, failed)
+
+    now = [0.0]
+    tracker = Recorder()
+    batched = Batched(tracker, every_s=2.0, clock=lambda: now[0])
+    for step in range(1, 8):
+        now[0] = 0.5 * step
+        batched.write([{"step": step}])
+    assert tracker.calls == [[1, 2, 3, 4]]  # sent once 2 s had passed; 5..7 wait
+    batched.finish("summary", failed=True)
+    assert tracker.calls == [[1, 2, 3, 4], [5, 6, 7]] and tracker.ended == ("summary", True)

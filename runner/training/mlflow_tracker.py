@@ -1,7 +1,9 @@
 """trainer.loggers=[csv,mlflow]: one MLflow run per job, a sweep as a parent run with its jobs nested.
 
 A job's run gets the run's config as params (flattened keys: optim.lr), the per-step rows as metrics,
-one `log_batch` per batch StepLog hands over (never a call per column per step), and at the end the
+queued with `log_batch(..., synchronous=False)` a batch at a time (runner.training.trackers.Batched:
+never a call per column per step; MLflow's own thread writes them, and the run's end waits for
+them), and at the end the
 summary's figures as metrics (final_loss, eval_value, param_sum, peak_saved_bytes, ...) and its
 outcome as tags (status, error, param_sha256); it ends FINISHED, FAILED (error, diverged, or an
 exception) or KILLED (interrupted). The sweep's parent run is found or created by its folder (tag
@@ -116,6 +118,7 @@ class MlflowTracker:
         run_dir = Path(run_dir).resolve()
         folder = store_folder(run_dir)
         self.client = _client(uri, folder)
+        self.pending: List[Any] = []  # log_batch operations queued, not yet known to be stored
         experiment_id = _experiment_id(self.client, uri, folder)
         tags = {RUN_DIR_TAG: str(run_dir), **{f"choice.{g}": _text(v) for g, v in summary.choices.items() if v}}
         sweep_dir = record.sweep_of(run_dir)
@@ -141,14 +144,20 @@ class MlflowTracker:
         metrics = [Metric(column, float(value), now, int(row[step_column]))
                    for row in rows for column, value in row.items()
                    if column != step_column and _number(value) is not None]
-        for chunk in _chunks(metrics, MAX_METRICS):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        for chunk in _chunks(metrics, MAX_METRICS):  # queued: MLflow's own thread writes them to the store
+            self.pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
 
     def close(self) -> None:
-        """Rows are sent as they come; the run ends in `finish`, once the summary is complete."""
+        """The queued rows reach the store (a failure to store them raises here); the run ends in
+        `finish`, once the summary is complete."""
+        pending, self.pending = self.pending, []
+        for operation in pending:
+            operation.wait()
 
     def finish(self, summary: Summary, failed: bool = False) -> None:
         from mlflow.entities import Metric, RunTag
+
+        self.close()
 
         now = int(time.time() * 1000)
         step = summary.steps_done

@@ -1,6 +1,6 @@
 """trainer.loggers=[csv,tensorboard]: torch.utils.tensorboard's SummaryWriter in the run's folder.
 
-Per-step scalars (one per column per step, at the row's optimizer step), and at the end the run's
+Per-step scalars (one per column per step, at the row's optimizer step, one event per step), and at the end the run's
 hparams (its config, flattened, scalar values only, and its status) with the summary's figures
 as the HParams metrics (final/final_loss, ...); the sweep's end adds each job's verdict (max_abs_diff, verdict_matches: 1 where the
 verdict is reference, identical or equivalent, 0 where it differs) to its folder, so that
@@ -43,11 +43,16 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(log_dir=str(log_dir(run_dir)))
 
     def write(self, rows: List[Dict[str, Any]]) -> None:
+        """One event per row, holding each column as the scalar add_scalar would write (a simple_value
+        under the column's tag): a third of the cost of an event per column."""
+        from tensorboard.compat.proto.summary_pb2 import Summary as Scalars
+
         step_column = record.BASE_COLUMNS[0]
         for row in rows:
-            for column, value in row.items():
-                if column != step_column and _number(value) is not None:
-                    self.writer.add_scalar(column, value, row[step_column])
+            values = [Scalars.Value(tag=column, simple_value=number) for column, number in
+                      ((column, _number(value)) for column, value in row.items() if column != step_column)
+                      if number is not None]
+            self.writer.file_writer.add_summary(Scalars(value=values), int(row[step_column]))
         self.writer.flush()
 
     def close(self) -> None:

@@ -15,8 +15,9 @@ folder. The sweep's start and end (runner.callbacks) call `start_sweep` and `fin
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
-from typing import Any, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from runner.config.schema import ConfigError
 from runner.execution import processes
@@ -43,6 +44,42 @@ def _build(name: str, run_dir: Path, trainer: Any, summary: Summary, resumed: bo
     return None  # csv: metrics.csv, the loop's own sink
 
 
+# At most one call per tracker every this many seconds while a run trains: on a CPU the loop hands its
+# sinks every step (metrics.csv is flushed per step so that a killed run reads to its last step), and
+# one MLflow log_batch into SQLite per step would cost more than the step (`python -m runner.bench
+# --only trackers`). metrics.csv stays the complete record; a tracker lags it by at most this much.
+SEND_EVERY_S = 2.0
+
+
+class Batched:
+    """A tracker fed the rows of at most every SEND_EVERY_S seconds at once; the rest goes before it
+    closes or ends its run."""
+
+    def __init__(self, tracker: Tracker, every_s: float = SEND_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.tracker, self.every_s, self.clock = tracker, every_s, clock
+        self.rows: List[Dict[str, Any]] = []
+        self.sent_at = clock()
+
+    def write(self, rows: List[Dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        if self.clock() - self.sent_at >= self.every_s:
+            self.send()
+
+    def send(self) -> None:
+        if self.rows:
+            rows, self.rows = self.rows, []
+            self.tracker.write(rows)
+        self.sent_at = self.clock()
+
+    def close(self) -> None:
+        self.send()
+        self.tracker.close()
+
+    def finish(self, summary: Summary, failed: bool = False) -> None:
+        self.send()
+        self.tracker.finish(summary, failed)
+
+
 class Trackers:
     def __init__(self, trackers: Sequence[Tracker], summary: Summary):
         self.sinks: List[Tracker] = list(trackers)
@@ -61,7 +98,7 @@ class Trackers:
                 uri = f" (trainer.mlflow_uri={config.trainer.mlflow_uri})" if name == "mlflow" else ""
                 raise ConfigError(f"trainer.loggers: {name}{uri} cannot start a run: "
                                   f"{type(exc).__name__}: {first_line(exc)}") from None
-        return cls([tracker for tracker in built if tracker is not None], summary)
+        return cls([Batched(tracker) for tracker in built if tracker is not None], summary)
 
     def follow(self, summary: Summary, *rest: Any):
         """The run's summary from here on (the loop completes it in place); returns its arguments."""
