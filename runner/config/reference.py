@@ -126,10 +126,6 @@ def _kind(hint: Any) -> Tuple[str, bool]:
     return getattr(hint, "__name__", str(hint)), False
 
 
-def _option_yaml(conf: Path, group: str, option: str) -> Dict[str, Any]:
-    return yaml.safe_load((conf / group / f"{option}.yaml").read_text()) or {}
-
-
 def _options(conf: Path, group: str) -> List[str]:
     return sorted(path.stem for path in (conf / group).glob("*.yaml"))
 
@@ -164,7 +160,7 @@ def _set_by(conf: Path) -> Dict[str, Dict[str, str]]:
     found: Dict[str, Dict[str, str]] = {}
     for group in (*GROUPS, "precision"):
         for option in _options(conf, group):
-            tree = _option_yaml(conf, group, option)
+            tree = yaml.safe_load((conf / group / f"{option}.yaml").read_text()) or {}
             prefix = "" if group == "precision" else f"{group}."
             for dotted, value in _flat({k: v for k, v in tree.items() if k != "defaults"}, prefix):
                 if not dotted.endswith(".name"):

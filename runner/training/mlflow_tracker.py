@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from runner import record
 from runner.record import Summary
+from runner.training.sinks import number, step_scalars
 
 EXPERIMENT = "backward-lab"
 RUN_DIR_TAG = "backward_lab.run_dir"  # a job's run: its folder (the sweep's end finds it by this)
@@ -91,12 +92,6 @@ def _chunks(items: List[Any], size: int) -> Iterable[List[Any]]:
         yield items[start:start + size]
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def start_sweep(sweep_dir: Path, uri: Optional[str]) -> str:
     """The sweep's parent run, found by its folder or created: its run id."""
     sweep_dir = Path(sweep_dir).resolve()
@@ -140,10 +135,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        step_column = record.BASE_COLUMNS[0]
-        metrics = [Metric(column, float(value), now, int(row[step_column]))
-                   for row in rows for column, value in row.items()
-                   if column != step_column and _number(value) is not None]
+        metrics = [Metric(column, value, now, step)
+                   for step, scalars in map(step_scalars, rows) for column, value in scalars]
         for chunk in _chunks(metrics, MAX_METRICS):  # queued: MLflow's own thread writes them to the store
             self.pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
 
@@ -161,8 +154,8 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         step = summary.steps_done
-        figures = {key: _number(getattr(summary, key)) for key in FINAL_METRICS}
-        figures.update({f"eval.{name}": _number(value) for name, value in summary.eval.items()})
+        figures = {key: number(getattr(summary, key)) for key in FINAL_METRICS}
+        figures.update({f"eval.{name}": number(value) for name, value in summary.eval.items()})
         metrics = [Metric(key, value, now, step) for key, value in figures.items() if value is not None]
         tags = [RunTag(key, _text(getattr(summary, key))) for key in FINAL_TAGS if getattr(summary, key) is not None]
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags)

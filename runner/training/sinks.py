@@ -6,11 +6,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from runner import record
 
 Row = Dict[str, Any]
+
+
+def number(value: Any) -> Optional[float]:
+    """A figure a tracker can log (an int or float, not a bool), as a float; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def step_scalars(row: Row) -> Tuple[int, List[Tuple[str, float]]]:
+    """A metrics row as (its optimizer step, its numeric columns but the step)."""
+    step_column = record.BASE_COLUMNS[0]
+    values = ((column, number(value)) for column, value in row.items() if column != step_column)
+    return int(row[step_column]), [(column, value) for column, value in values if value is not None]
 
 
 class Sink(Protocol):

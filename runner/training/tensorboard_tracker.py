@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from runner import record
 from runner.record import Summary
+from runner.training.sinks import number, step_scalars
 
 # The HParams table's metrics: the summary's figures, then the verdict's (a sweep's jobs).
 FINAL_METRICS = ("final_loss", "eval_value", "param_sum", "peak_saved_bytes", "wall_s")
@@ -25,12 +26,6 @@ MATCHING_VERDICTS = ("reference", "identical", "equivalent")
 
 def log_dir(run_dir: Path) -> Path:
     return Path(run_dir) / record.TENSORBOARD_DIR
-
-
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
 
 
 class TensorBoardTracker:
@@ -47,12 +42,9 @@ class TensorBoardTracker:
         under the column's tag): a third of the cost of an event per column."""
         from tensorboard.compat.proto.summary_pb2 import Summary as Scalars
 
-        step_column = record.BASE_COLUMNS[0]
-        for row in rows:
-            values = [Scalars.Value(tag=column, simple_value=number) for column, number in
-                      ((column, _number(value)) for column, value in row.items() if column != step_column)
-                      if number is not None]
-            self.writer.file_writer.add_summary(Scalars(value=values), int(row[step_column]))
+        for step, scalars in map(step_scalars, rows):
+            values = [Scalars.Value(tag=column, simple_value=value) for column, value in scalars]
+            self.writer.file_writer.add_summary(Scalars(value=values), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -62,7 +54,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         config = dict(_scalars(self.config), status="failed" if failed else summary.status)
-        figures = {f"final/{key}": _number(getattr(summary, key)) for key in FINAL_METRICS}
+        figures = {f"final/{key}": number(getattr(summary, key)) for key in FINAL_METRICS}
         figures = {key: value for key, value in figures.items() if value is not None}
         declared = dict(figures)
         if self.in_sweep:  # declared now, written by the sweep's end (finish_sweep) once verdicts exist
