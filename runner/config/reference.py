@@ -278,8 +278,18 @@ def markdown(conf: Path) -> str:
         table = [doc for doc in docs if doc.dotted.startswith(f"{group.name}.")]
         if table:
             out += _key_table(table)
+    for name, about in _nodes().items():
+        out += [f"## {name}", "", about, ""] + _key_table([doc for doc in docs if doc.dotted.startswith(f"{name}.")])
     out += ["## Other keys", ""] + _key_table([doc for doc in docs if "." not in doc.dotted])
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _nodes() -> Dict[str, str]:
+    """The config's sections that no group chooses (trainer): name -> its dataclass docstring. Their keys
+    have no group's section to sit in, so each gets its own, or the page would silently omit them."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: " ".join((hints[f.name].__doc__ or "").split()) for f in fields(Config)
+            if is_dataclass(hints[f.name]) and f.name not in GROUPS}
 
 
 def _key_table(docs: List[KeyDoc]) -> List[str]:
