@@ -58,6 +58,61 @@ def test_the_probe_leaves_no_trace():
     assert all(p.grad is None for p in model.parameters())
 
 
+class MixTheTokens(nn.Module):
+    """Token inputs whose embeddings are mixed across the batch (the batch mean added)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(5, 4), nn.Linear(4, 5)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        return self.out(x + x.mean(0, keepdim=True))
+
+
+class CountTheTokens(nn.Module):
+    """Integer inputs and no embedding: nothing to take a gradient of."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, tokens):
+        return self.fc(tokens.float())
+
+
+def _token_models():
+    from runner.training.models import CausalLM, MoELM
+
+    torch.manual_seed(0)
+    yield "seq gru", CausalLM(vocab=5), False
+    yield "seq transformer", CausalLM(vocab=5, cell="transformer"), False
+    yield "moe", MoELM(vocab=5), False
+    yield "mixed embeddings", MixTheTokens(), True
+    yield "no embedding", CountTheTokens(), None
+
+
+@pytest.mark.parametrize("case", list(_token_models()), ids=lambda case: case[0])
+def test_the_probe_decides_token_models_at_their_embedding_and_leaves_no_trace(case):
+    _, model, coupled = case
+    tokens = torch.randint(5, (8, 6), generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert probe_coupling(model, tokens).batch_coupled is coupled
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())  # the probe's hooks are gone
+
+
+@pytest.mark.parametrize("overrides", [["model=seq", "data=seq", "loss=lm"], ["model=moe", "data=seq", "loss=lm"]])
+def test_a_token_model_is_probed_before_training(overrides):
+    from runner import api
+
+    training = api.compose(overrides + ["trainer.steps=1"])
+    assert training.findings.coupling.batch_coupled is False and training.findings.coupling.modules == []
+
+
 def test_a_coupled_runs_comparison_says_why_and_an_equivalent_claim_fails_with_it(tmp_path):
     base = dict(model__batchnorm=True, trainer__steps=20)
     for name, overrides in {"full": {}, "accumulate": dict(backward__name="accumulate", backward__accumulation=4)}.items():

@@ -20,8 +20,9 @@ which leaves .grad untouched.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 
@@ -146,16 +147,17 @@ RANDOM_TYPES = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout, torc
 class Coupling:
     """Can a micro-batch's gradient be the batch's? Not when examples mix or masks are random."""
 
-    batch_coupled: Optional[bool]  # None: not tested (a batch of one, or inputs without gradients)
+    batch_coupled: Optional[bool]  # None: not tested (a batch of one, or integer inputs no nn.Embedding looks up)
     stochastic: bool
     modules: List[str]  # "name: Type" of the modules responsible, where they can be named
 
 
 def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
     """In train mode, on `rows` examples: does output i depend on input j != i (autograd of the
-    first and the last output with respect to all inputs), and does the forward draw random
-    numbers (the generator's state before and after)? Leaves no trace: the RNG is restored,
-    buffers (BatchNorm's running statistics) are put back, no .grad is written."""
+    first and the last output with respect to all inputs, or, for token inputs, to the embeddings
+    of the tokens), and does the forward draw random numbers (the generator's state before and
+    after)? Leaves no trace: the RNG is restored, buffers (BatchNorm's running statistics) are put
+    back, no .grad is written."""
     suspects = {name: module for name, module in model.named_modules() if name}
     coupling_named = [f"{n}: {type(m).__name__}" for n, m in suspects.items() if isinstance(m, COUPLING_TYPES)]
     random_named = [f"{n}: {type(m).__name__}" for n, m in suspects.items() if isinstance(m, RANDOM_TYPES)]
@@ -170,18 +172,14 @@ def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
         try:
             before = torch.get_rng_state()
             probe_input = batch.detach().clone().requires_grad_(batch.is_floating_point())
-            outputs = model(probe_input)
+            with _embedding_leaves(model, probe_input) as leaves:
+                outputs = model(probe_input)
             stochastic = not torch.equal(before, torch.get_rng_state())
             if devices:
                 stochastic = stochastic or _cuda_rng_moved(model, batch)
             flat = _first_tensor(outputs)
-            if probe_input.requires_grad and len(batch) > 1 and flat is not None and flat.requires_grad:
-                coupled = False
-                for i in (0, len(batch) - 1):
-                    (grad,) = torch.autograd.grad(flat[i].sum(), probe_input, retain_graph=True, allow_unused=True)
-                    if grad is not None:
-                        others = torch.cat([grad[:i], grad[i + 1:]])
-                        coupled = coupled or bool(others.abs().sum() > 0)
+            if leaves and len(batch) > 1 and flat is not None and flat.requires_grad:
+                coupled = _depends_on_others(flat, leaves)
         except Exception:  # a forward that fails in train mode on a few examples: not decided here
             coupled, stochastic = None, False  # (training on the real batch reports its own error)
         finally:
@@ -191,6 +189,51 @@ def probe_coupling(model: torch.nn.Module, inputs, rows: int = 4) -> Coupling:
                     buffer.copy_(buffers[name])
     named = (coupling_named if coupled else []) + (random_named if stochastic else [])
     return Coupling(coupled, stochastic, named)
+
+
+@contextmanager
+def _embedding_leaves(model: torch.nn.Module, probe_input: torch.Tensor) -> Iterator[List[torch.Tensor]]:
+    """The tensors whose gradient says which example an output depends on: the input itself when it
+    takes a gradient; for token inputs, which have none, the output of every nn.Embedding lookup of
+    the input's own tokens (a forward hook swaps it for a leaf, filled in during the forward). A
+    lookup of anything else (positions) is left alone: its rows are not the batch's examples."""
+    leaves: List[torch.Tensor] = []
+    if probe_input.requires_grad:
+        yield [probe_input]
+        return
+
+    def as_leaf(module, args, output):
+        if args and _looks_up(args[0], probe_input) and isinstance(output, torch.Tensor) \
+                and output.is_floating_point():
+            leaf = output.detach().requires_grad_()  # its own leaf: the embedding weights' .grad is never written
+            leaves.append(leaf)
+            return leaf
+        return None
+
+    handles = [m.register_forward_hook(as_leaf) for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        yield leaves
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _looks_up(indices, tokens: torch.Tensor) -> bool:
+    """Are these an embedding's indices for the batch's tokens, one row per example (a model may
+    reshape them)?"""
+    return isinstance(indices, torch.Tensor) and indices.device == tokens.device \
+        and indices.numel() == tokens.numel() and indices.shape[:1] == tokens.shape[:1] \
+        and torch.equal(indices.reshape(tokens.shape), tokens)
+
+
+def _depends_on_others(outputs: torch.Tensor, leaves: List[torch.Tensor]) -> bool:
+    """Does the first or the last example's output have a gradient on another example's row of a leaf?"""
+    for i in (0, len(outputs) - 1):
+        grads = torch.autograd.grad(outputs[i].sum(), leaves, retain_graph=True, allow_unused=True)
+        for grad in grads:
+            if grad is not None and bool(torch.cat([grad[:i], grad[i + 1:]]).abs().sum() > 0):
+                return True
+    return False
 
 
 # The identity holds to float32 rounding for a loss that averages over examples; coupled losses
