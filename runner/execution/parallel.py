@@ -1,24 +1,28 @@
-"""Parallel: how one training spreads over ranks, built once from the config and never patched.
+"""The engine: how one training's passes and updates run, on one process or over ranks.
 
     trainer.parallel=ddp|fsdp with trainer.processes=N (or under torchrun); one process: none
 
-A strategy and the loop call the same few methods whichever unit they hold:
+An engine owns the update path, with precision (runner.execution.precision) as its policy: a
+strategy and the update rule (runner.training.update) call the same few methods whichever engine
+they hold, and never ask which one it is:
 
-    module         what the strategy trains (the model, its DDP wrapper, or the fully_shard-ed model)
-    sync(i, k)     the context of micro-batch i of k: gradients synchronise in the micro-batch
-                   backward.sync picks (DDP's no_sync, FSDP2's set_requires_gradient_sync(False))
-    shard(...)     this rank's share of the batch (tensor_split, uneven allowed) and its exact share
-                   of the batch's loss; `weighted(loss)` then applies the rank's loss weight
-    gather(...)    the logged loss, parts and token count of the whole batch (one all-reduce)
-    full_state()   full tensors for the records (params.pt, param_sha256, first_grad.pt)
-    figures(steps) summary figures: parallel, communication rounds per step, peak gradient bytes
-    agree(sha)     whether every rank ends with bit-identical parameters
+    module              what the strategy trains (the model, its DDP wrapper, the fully_shard-ed model)
+    autocast()          the context of a forward and its loss (torch.autocast under trainer.autocast)
+    sync(i, k)          the context of micro-batch i of k and its backward: gradients synchronise in the
+                        micro-batch backward.sync picks (DDP's no_sync, FSDP2's set_requires_gradient_sync)
+    backward(loss, w)   backward of loss x w, w the exact weight the caller computed (this rank's share
+                        of the batch under DDP and FSDP, runner.training.weighting.rank_shard)
+    unscale, clip, grad_norm, step, after_step, zero_grad
+                        the optimizer side: GradScaler's unscale_ and update, clip_grad_norm_, step
+    optimizer_states()  the optimizers' state for checkpoints (an engine that owns its optimizer says)
+    gather(...)         the logged loss, parts and token count of the whole batch (one all-reduce)
+    full_state()        full tensors for the records (params.pt, param_sha256, first_grad.pt)
+    figures(steps)      summary figures: parallel, communication rounds per step, peak gradient bytes
+    agree(sha)          whether every rank ends with bit-identical parameters
 
-Exact weights (DESIGN, Numerics): DDP and FSDP average gradients over ranks, so a rank's loss is
-weighted by world x its share of the batch (rows, or scored tokens for a token loss counted over
-every rank). loss.rank_normalize reproduces the two cross-rank bugs of token losses: `local`
-divides by the rank's own token count (transformers #34242), `no_world` divides by the global
-count without undoing the mean over ranks, 1/world of the gradient (torchtitan #1842).
+An engine that owns the optimizer step (DeepSpeed, Lightning Fabric) is one more class registered in
+ENGINES that overrides the optimizer side; `needs_ranks = False` lets it run in one process too.
+Execution imports no component: what a loss or a data set knows reaches an engine as a number.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from runner.config.registry import Registry
+from runner.execution.precision import Precision
 from runner.execution.processes import local_rank
 from runner.record import ADDITIVE_COLUMNS
 
@@ -43,19 +48,62 @@ class Single:
 
     name = "none"
     rank, world = 0, 1
+    needs_ranks = False  # registered engines that do (DDP, FSDP) fall back to this one in one process
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, precision: Optional[Precision] = None):
         self.module = model
+        self.precision = precision or Precision()
+
+    def use(self, precision: Precision) -> "Single":
+        """The precision policy, built once the optimizers are (sharding replaces the parameters first)."""
+        self.precision = precision
+        return self
+
+    # The passes.
+    def autocast(self):
+        return self.precision.forward()
 
     def sync(self, index: int, count: int):
         return nullcontext()
 
-    def shard(self, inputs, targets, loss_fn):
-        """(inputs, targets, the share of the batch's loss they carry)."""
-        return inputs, targets, 1.0
+    def backward(self, loss: torch.Tensor, weight=None, retain_graph: bool = False) -> None:
+        """backward() of loss x weight (None: the loss as it is), scaled for the precision."""
+        self.precision.backward(loss if weight is None else loss * weight, retain_graph=retain_graph)
 
-    def weighted(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+    def backward_from(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        """backward() of `outputs` given their gradient (backward=gradcache's cached embedding gradient)."""
+        self.precision.backward_from(outputs, grad)
+
+    # The optimizer side, in the order the update rule calls it.
+    def unscale(self, optimizers, params: Sequence[nn.Parameter]) -> None:
+        """True gradients in .grad: float32 buffers copied back, GradScaler's unscale_."""
+        self.precision.before_step(optimizers, list(params))
+
+    def clip(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_; the norm before clipping, as the whole model's."""
+        return self.plain(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.precision.step(optimizer)
+
+    def after_step(self) -> None:
+        """Once per optimizer step: GradScaler's update."""
+        self.precision.after_step()
+
+    def zero_grad(self, optimizers) -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def columns(self) -> Dict[str, torch.Tensor]:
+        """This step's metrics.csv columns of the engine (grad_scale, step_skipped under fp16)."""
+        return self.precision.columns()
+
+    def optimizer_states(self, optimizers) -> List[Dict]:
+        return [opt.state_dict() for opt in optimizers]
+
+    def load_optimizer_states(self, optimizers, states: List[Dict]) -> None:
+        for optimizer, saved in zip(optimizers, states, strict=True):
+            optimizer.load_state_dict(saved)
 
     def gather(self, result, share: float):
         return result
@@ -105,17 +153,17 @@ class Ranks(Single):
 
     rounds_key = ""  # the summary key of the rounds per optimizer step
 
-    def __init__(self, model: nn.Module, device: torch.device, sync: str, rank_normalize: str,
-                 token_loss: bool):
+    needs_ranks = True
+
+    def __init__(self, model: nn.Module, device: torch.device, sync: str):
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device, self.policy, self.token_loss = device, sync, token_loss
-        self.rank_normalize = rank_normalize
+        self.device, self.policy = device, sync
+        self.precision = Precision()
         self.calls = [0]  # the engine's collective calls, counted by its own communication hook
-        self._weight: Optional[torch.Tensor] = None
         self._peak_grad_bytes = 0
         self._measuring = True  # gradient bytes are measured on the first optimizer step
         self.module = self.wrap(model)
@@ -133,22 +181,6 @@ class Ranks(Single):
     def _measure(self) -> None:
         if self._measuring:
             self._peak_grad_bytes = max(self._peak_grad_bytes, self.held_grad_bytes())
-
-    def shard(self, inputs, targets, loss_fn):
-        from runner.training.data import micro_batches
-        from runner.training.losses import exact_share
-
-        mine = micro_batches(inputs, targets, self.world)[self.rank]
-        batch_tokens = loss_fn.count_tokens(targets) if self.token_loss else None
-        share = exact_share(loss_fn, mine.targets, batch_tokens, mine.share)
-        # Ranks average their gradients: world x share undoes the mean exactly. `local` keeps the
-        # rank's own normalisation (weight 1); `no_world` forgets the mean (weight = share).
-        weight = {"global": self.world * share, "local": None, "no_world": share}[self.rank_normalize]
-        self._weight = weight
-        return mine.inputs, mine.targets, share
-
-    def weighted(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss if self._weight is None else loss * self._weight
 
     def gather(self, result, share: float):
         """The batch's loss, parts and counts from every rank's share of them (one all-reduce)."""
@@ -235,12 +267,14 @@ def register(cls):
     return ENGINES.register(cls.name)(cls)
 
 
-def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last",
-                   rank_normalize: str = "global", token_loss: bool = False):
-    """The unit trainer.parallel names, joined to the ranks torchrun started (world > 1)."""
+def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last"):
+    """The engine trainer.parallel names, joined to the ranks torchrun started (world > 1); in one
+    process the plain one, unless the named engine runs without ranks."""
+    if name in ENGINES and not ENGINES[name].needs_ranks:
+        return ENGINES[name](model, device, sync)
     if world <= 1:
         return Single(model)
-    return ENGINES.get(name)(model, device, sync, rank_normalize, token_loss)
+    return ENGINES.get(name)(model, device, sync)
 
 
 def leave() -> None:

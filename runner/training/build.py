@@ -31,15 +31,16 @@ from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, pe
 from runner.training.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
 from runner.training.optim import build_optimizers, build_schedulers
 from runner.training.outputs import outputs_from, take_logits
+from runner.training.weighting import rank_shard
 from runner.training.strategies import (
     PartialWindow,
     Strategy,
     StrategyMismatch,
-    Updates,
     build_strategy,
-    parameters_of,
     readers_of,
+    build_update,
 )
+from runner.training.update import parameters_of
 
 
 @dataclass
@@ -62,23 +63,34 @@ class Training:
     findings: "Findings" = None  # what the checks before training found (build.probe)
 
     @property
-    def parallel(self):
-        """How the training spreads over ranks (runner.execution.parallel): the strategy's unit."""
-        return self.strategy.parallel
+    def update(self):
+        """The update rule the strategy calls (runner.training.update)."""
+        return self.strategy.update
+
+    @property
+    def engine(self):
+        """How the passes and updates run, on one process or over ranks (runner.execution.parallel)."""
+        return self.strategy.engine
+
 
     @property
     def precision(self):
-        return self.strategy.precision
+        return self.engine.precision
 
     @property
     def ema(self) -> Optional[WeightAverage]:
         """The weights' moving average (trainer.ema), or None."""
-        return self.strategy.updates.ema
+        return self.update.ema
 
     @property
     def schedulers(self) -> List[Any]:
-        """The LR schedulers (optim.scheduler), in optimizer order; the strategy steps them."""
-        return list(self.strategy.updates.schedulers.values())
+        """The LR schedulers (optim.scheduler), in optimizer order; the update rule steps them."""
+        return list(self.update.schedulers.values())
+
+    def shard(self, window):
+        """This rank's rows of a window and its loss weight (runner.training.weighting.rank_shard)."""
+        return rank_shard(window.inputs, window.targets, self.loss_fn, self.engine.rank, self.engine.world,
+                          plain(self.config.loss.rank_normalize))
 
     def warnings(self) -> List[str]:
         """The lines printed before training and kept in the summary: options the strategy ignores, and
@@ -201,19 +213,18 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
     return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, drop)
 
 
-def build_parallel_unit(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device):
-    """The parallel unit (runner.execution.parallel): one process, or this rank of the ranks torchrun started.
+def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device):
+    """The engine (runner.execution.parallel): one process, or this rank of the ranks torchrun started.
     A command that launches its ranks itself (trainer.processes=N, not under torchrun) trains in
     none of them: it builds for its checks and hands the run to the ranks (runner.cli)."""
-    token_loss = offers(loss_fn, TokenLoss)
     rank_normalize = plain(cfg.loss.rank_normalize)
-    if rank_normalize != "global" and not token_loss:
+    if rank_normalize != "global" and not offers(loss_fn, TokenLoss):
         raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with {loss_label(cfg)}: it "
                           "divides a token loss by a token count, expected a token loss (loss=lm)")
     # backward.sync is accumulate's: sum synchronises its one backward, as full does.
     sync = plain(cfg.backward.sync) if cfg.backward.name in readers_of("sync") else "last"
     world = cfg.trainer.processes if under_torchrun() else 1
-    return build_parallel(plain(cfg.trainer.parallel), model, device, world, sync, rank_normalize, token_loss)
+    return build_parallel(plain(cfg.trainer.parallel), model, device, world, sync)
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
@@ -283,18 +294,19 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     if cfg.backward.activation_checkpointing:  # after the probes, which must see the plain model
         recompute_blocks(model)
     # Sharding replaces the parameters (FSDP): the optimizers are built over what it leaves.
-    parallel = build_parallel_unit(cfg, model, loss_fn, device)
+    engine = build_engine(cfg, model, loss_fn, device)
     extra_loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
     # Learnable loss weights (e.g. uncertainty weighting) train with the model.
     groups = planned.with_loss_parameters(planned.param_groups(model), extra_loss_params)
     optimizers = build_optimizers(cfg.optim, groups, optim_kwargs)
-    precision = Precision(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
-                          cfg.trainer.init_scale, parameters_of(optimizers))
-    updates = Updates(schedulers={id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))},
-                      scheduler_every=plain(cfg.optim.scheduler_every), clip_norm=cfg.optim.clip_norm,
-                      clip_every=plain(cfg.optim.clip_every),
-                      ema=build_ema(cfg, model))
-    strategy = build_strategy(cfg.backward, updates, precision, parallel, FirstGradient(cfg.trainer.first_grad))
+    engine.use(Precision(device.type, plain(cfg.trainer.autocast), plain(cfg.backward.grad_accum_dtype),
+                         cfg.trainer.init_scale, parameters_of(optimizers)))
+    rule = build_update(
+        cfg.backward, engine, schedulers={id(opt): s for opt, s in zip(optimizers, build_schedulers(cfg, optimizers))},
+        scheduler_every=plain(cfg.optim.scheduler_every), clip_norm=cfg.optim.clip_norm,
+        clip_every=plain(cfg.optim.clip_every), ema=build_ema(cfg, model), model=model,
+        first_gradient=FirstGradient(cfg.trainer.first_grad))
+    strategy = build_strategy(cfg.backward, rule)
     return Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
                     loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings)
 

@@ -36,7 +36,7 @@ def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: floa
         "elapsed_s": float(elapsed_s),
         "config_json": json.dumps(training.config_record(), sort_keys=True, default=str),
         "model": training.model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in training.optimizers],
+        "optimizers": training.engine.optimizer_states(training.optimizers),
         "schedulers": [scheduler.state_dict() for scheduler in training.schedulers],
         "loss": training.loss_fn.state_dict() if isinstance(training.loss_fn, torch.nn.Module) else {},
         "ema": training.ema.state_dict() if training.ema is not None else {},
@@ -91,8 +91,7 @@ def restore(state: Dict[str, Any], training) -> int:
     """Load the states into the training; returns the step to continue from."""
     try:
         training.model.load_state_dict(state["model"])
-        for optimizer, saved in zip(training.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        training.engine.load_optimizer_states(training.optimizers, state["optimizers"])
         for scheduler, saved in zip(training.schedulers, state.get("schedulers", []), strict=True):
             scheduler.load_state_dict(saved)
         if isinstance(training.loss_fn, torch.nn.Module):

@@ -86,14 +86,14 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
         if summary.status == "running":
             signum = _train(training, run_dir, summary, started, append=resume is not None, trackers=trackers.sinks)
         _finish(training, run_dir, summary)
-    training.parallel.done()  # every rank waits for the others' records before any exits
+    training.engine.done()  # every rank waits for the others' records before any exits
     return Outcome(summary.status, summary, signum)
 
 
 def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict[str, Any]]):
     run_dir.mkdir(parents=True, exist_ok=True)
     world = t.config.trainer.processes
-    if world > 1 and t.parallel.world == 1:
+    if world > 1 and t.engine.world == 1:
         raise ConfigError(f"trainer.processes={world} needs its ranks started: run it with python -m runner "
                           f"(which launches them) or torchrun --nproc-per-node={world} -m runner")
     start_step, elapsed = 0, 0.0
@@ -108,7 +108,7 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         dtype=plain(t.config.trainer.dtype), seed=t.config.seed, accumulation=t.strategy.accumulation,
         params_without_grad=t.findings.params_without_grad, warnings=t.warnings(),
         features=t.dataset.columns.features if t.dataset.columns else None, outputs_from=t.findings.outputs_from,
-        processes=world, parallel=t.parallel.name,
+        processes=world, parallel=t.engine.name,
         run_dir=str(run_dir.resolve()), resumed_from_step=start_step if resume is not None else None,
         training_id=training_id(t.config_record()), used_config_id=t.used_config_id())
     coupling = t.findings.coupling
@@ -133,10 +133,10 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     scheduled = bool(t.schedulers)
     host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
         + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
-    parallel, precision = t.parallel, t.precision
+    engine = t.engine
     metrics = MetricsFile(run_dir, append, host_columns)
     log = StepLog(t.model, [metrics, Progress(trainer.progress, trainer.steps, start), *trackers],
-                  parallel.param_sums)
+                  engine.param_sums)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
@@ -148,15 +148,12 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
                 host = window.columns()  # loader mode's epoch and window_size
                 if scheduled:  # the learning rate this step uses
                     host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
-                # This rank's share of the batch, and of its loss (all of it in one process).
-                inputs, targets, share = parallel.shard(window.inputs, window.targets, t.loss_fn)
+                shard = t.shard(window)  # this rank's share of the batch and its loss weight (all of it in one process)
                 with SavedTensorsMeter() if measure else nullcontext() as meter:
-                    result = t.strategy.step(parallel.module, t.loss_fn, t.optimizers, inputs, targets,
-                                             window.sizes)
-                if t.ema is not None:  # once per optimizer step, on the stepped weights (runner.training.ema)
-                    t.ema.update(t.model)
-                result = parallel.gather(result, share)  # the batch's loss, from every rank's share
-                result.extras.update(precision.columns())  # grad_scale, step_skipped (fp16)
+                    result = t.strategy.step(engine.module, t.loss_fn, t.optimizers, shard.inputs, shard.targets,
+                                             window.sizes, shard.weight)
+                result = engine.gather(result, shard.share)  # the batch's loss, from every rank's share
+                result.extras.update(engine.columns())  # grad_scale, step_skipped (fp16)
                 if step == start:
                     _write_first_grad(t, run_dir, resumed=start > 0)
                 if measure:
@@ -183,7 +180,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
             log.flush()
             summary.status, summary.steps_done = "error", step
             summary.error = f"{type(exc).__name__}: {first_line(exc)}"
-            summary.hint = t.parallel.hint(exc) or t.strategy.hint or None
+            summary.hint = t.engine.hint(exc) or t.strategy.hint or None
         finally:
             log.close()
     ran = summary.steps_done - start
@@ -191,7 +188,7 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     summary.wall_s = time.perf_counter() - started
     summary.peak_saved_bytes = log.peak_saved
     summary.final_loss = float(log.last_loss) if log.last_loss is not None else None
-    for key, value in parallel.figures(summary.steps_done - start).items():  # rounds, gradient bytes
+    for key, value in engine.figures(summary.steps_done - start).items():  # rounds, gradient bytes
         setattr(summary, key, value)
     return stop.signum
 
@@ -199,13 +196,13 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
 def _write_first_grad(t: Training, run_dir: Path, resumed: bool) -> None:
     """first_grad.pt: parameter name -> the gradient the first optimizer step applied (a learnable
     loss's parameters as loss.NAME), as full tensors. A resumed run wrote it before."""
-    grads = t.strategy.first_gradient.take()
+    grads = t.update.first_gradient.take()
     if not grads or resumed:
         return
     named = list(t.model.named_parameters())
     if isinstance(t.loss_fn, torch.nn.Module):
         named += [(f"loss.{name}", p) for name, p in t.loss_fn.named_parameters()]
-    record.write_first_grad(run_dir, t.parallel.full({name: grads[id(p)] for name, p in named if id(p) in grads}))
+    record.write_first_grad(run_dir, t.engine.full({name: grads[id(p)] for name, p in named if id(p) in grads}))
 
 
 def _diverged(summary: Summary, step: int) -> None:
@@ -219,13 +216,13 @@ def _finish(t: Training, run_dir: Path, summary: Summary) -> None:
     if t.device.type == "cuda":
         summary.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(t.device)
     if summary.status != "error":
-        params, state = t.parallel.full_state(t.model)  # full tensors, however the ranks hold them
+        params, state = t.engine.full_state(t.model)  # full tensors, however the ranks hold them
         record.write_params(run_dir, state)
         summary.param_sum = record.param_sum(params)
         summary.param_sha256 = record.param_sha256(params)
         summary.param_names = sorted(params)
     # Every rank takes part, whatever its status, so that none waits (None in one process).
-    summary.ranks_agree = t.parallel.agree(summary.param_sha256)
+    summary.ranks_agree = t.engine.agree(summary.param_sha256)
     if summary.status == "ok" and t.config.trainer.eval:
         metrics = evaluate(t.model, t.dataset.eval_inputs, t.dataset.eval_targets, t.spec.kind)
         if metrics:
