@@ -250,8 +250,10 @@ class TrainerConf:
     processes: int = key(1, "processes, each training on its share of every batch (gloo on CPU, nccl on CUDA), "
                             "launched through torch.distributed.run; under torchrun, its world size",
                          Role.extent, allowed=POSITIVE_INT)
-    parallel: ParallelEngine = key(ParallelEngine.ddp, "how several processes share the model (full, sum and "
-                                                       "accumulate only)")
+    parallel: str = key("ddp", "the engine: how backward and the optimizer step run, and how several processes "
+                               "share the model (full, sum and accumulate only)",
+                        values=" | ".join(f"{c.value} ({c.meaning})" for c in ParallelEngine)
+                        + " | package.module.Class (your engine: a subclass of runner.execution.parallel.Single)")
     deterministic: bool = key(False, "torch.use_deterministic_algorithms(True)")
     ema: float = key(0.0, "the decay of an exponential moving average of the weights (torch.optim.swa_utils."
                           "AveragedModel with get_ema_multi_avg_fn, buffers averaged too); 0 = off. Recorded as "

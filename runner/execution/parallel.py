@@ -50,9 +50,10 @@ class Single:
     rank, world = 0, 1
     needs_ranks = False  # registered engines that do (DDP, FSDP) fall back to this one in one process
 
-    def __init__(self, model: nn.Module, precision: Optional[Precision] = None):
+    def __init__(self, model: nn.Module, device: Optional[torch.device] = None, sync: str = "last"):
+        """Every engine is built alike: (model, device, backward.sync); its precision comes with `use`."""
         self.module = model
-        self.precision = precision or Precision()
+        self.precision = Precision()
 
     def use(self, precision: Precision) -> "Single":
         """The precision policy, built once the optimizers are (sharding replaces the parameters first)."""
@@ -267,14 +268,32 @@ def register(cls):
     return ENGINES.register(cls.name)(cls)
 
 
+def engine_class(name: str) -> type:
+    """The engine trainer.parallel names: a registered one (ddp, fsdp), or the import path of your own
+    class (package.module.Class) with Single's methods. ValueError names what is allowed."""
+    if name in ENGINES or "." not in name:
+        return ENGINES.get(name)
+    import importlib
+
+    module, _, attribute = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"trainer.parallel={name} cannot be imported ({type(exc).__name__}: {exc}): expected "
+                         f"one of {sorted(ENGINES)} or the import path of an engine class") from None
+    if not (isinstance(cls, type) and issubclass(cls, Single)):
+        raise ValueError(f"trainer.parallel={name} is not an engine: expected a subclass of "
+                         "runner.execution.parallel.Single")
+    return cls
+
+
 def build_parallel(name: str, model: nn.Module, device: torch.device, world: int, sync: str = "last"):
     """The engine trainer.parallel names, joined to the ranks torchrun started (world > 1); in one
     process the plain one, unless the named engine runs without ranks."""
-    if name in ENGINES and not ENGINES[name].needs_ranks:
-        return ENGINES[name](model, device, sync)
-    if world <= 1:
-        return Single(model)
-    return ENGINES.get(name)(model, device, sync)
+    cls = engine_class(name)
+    if world <= 1 and cls.needs_ranks:
+        return Single(model, device, sync)
+    return cls(model, device, sync)
 
 
 def leave() -> None:

@@ -18,7 +18,7 @@ import torch
 from runner.config.identity import config_record, used_config_id
 from runner.config.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
 from runner.execution import fsdp  # noqa: F401  (registers trainer.parallel=fsdp)
-from runner.execution.parallel import build_parallel
+from runner.execution.parallel import build_parallel, engine_class
 from runner.execution.precision import FirstGradient, Precision
 from runner.execution.processes import under_torchrun
 from runner.execution.recompute import recompute_blocks
@@ -156,8 +156,9 @@ def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
     return model, TaskSpec(IMAGE_SHAPE, "multilabel", cfg.model.outputs)
 
 
-def build_dataset(cfg: Config, spec: TaskSpec):
-    """The data set, and the TaskSpec it describes (the user's files describe themselves)."""
+def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] = None):
+    """The data set, and the TaskSpec it describes (the user's files describe themselves). `model`:
+    data=text checks that the user's own (model=custom) scores bytes."""
     data = cfg.data
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
@@ -167,9 +168,8 @@ def build_dataset(cfg: Config, spec: TaskSpec):
                               "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
         if data.name == "text":  # your paragraphs, bytes as tokens (runner.training.user_data.read_text)
-            if cfg.model.vocab != user_data.BYTE_VOCAB:
-                raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data=text: its tokens are "
-                                  f"bytes, expected model.vocab={user_data.BYTE_VOCAB}")
+            check_scores_bytes(cfg, model)
+            spec = TaskSpec((), "sequence", user_data.BYTE_VOCAB)
             inputs, labels = user_data.read_text(data.path, data.max_length, data.min_length)
             return _split_rows(data, inputs, labels, cfg.seed, batch_size), spec
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
@@ -191,6 +191,22 @@ def build_dataset(cfg: Config, spec: TaskSpec):
         return dataset, found
     return synthetic(spec, cfg.seed, data.train_size, data.eval_size, batch_size, data.positive_rate,
                      data.noise), spec
+
+
+def check_scores_bytes(cfg: Config, model: Optional[torch.nn.Module]) -> None:
+    """data=text's tokens are bytes: the model must score all 256. A built-in model scores model.vocab
+    tokens; the user's own scores what its own output says (model.vocab is not its key: a Hugging Face
+    config's vocab_size is), so it is asked by a forward of one sequence (runner.training.checks)."""
+    if cfg.model.name != "custom":
+        if cfg.model.vocab != user_data.BYTE_VOCAB:
+            raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data=text: its tokens are "
+                              f"bytes, expected model.vocab={user_data.BYTE_VOCAB}")
+        return
+    width = checks.output_width(model) if model is not None else None
+    if width is not None and width != user_data.BYTE_VOCAB:  # None: the probe names a model that fails
+        raise ConfigError(f"model._target_={cfg.model._target_} scores {width} tokens, and data=text's tokens "
+                          f"are bytes: expected a model that scores {user_data.BYTE_VOCAB} (a vocabulary of "
+                          f"{user_data.BYTE_VOCAB}: model.vocab={user_data.BYTE_VOCAB} where it takes vocab)")
 
 
 def _split_rows(data, inputs, targets, seed: int, batch_size: int) -> Dataset:
@@ -224,6 +240,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.dev
     # backward.sync is accumulate's: sum synchronises its one backward, as full does.
     sync = plain(cfg.backward.sync) if cfg.backward.name in readers_of("sync") else "last"
     world = cfg.trainer.processes if under_torchrun() else 1
+    try:
+        engine_class(plain(cfg.trainer.parallel))
+    except ValueError as exc:  # an unknown engine, or the user's own that does not import
+        raise ConfigError(str(exc)) from None
     return build_parallel(plain(cfg.trainer.parallel), model, device, world, sync)
 
 
@@ -272,7 +292,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         # A built-in loss wants a tensor: a mapping output's logits (a Hugging Face ModelOutput) stand in for it.
         logits_hook = take_logits(model) if cfg.model.name == "custom" and cfg.loss.name != "custom" else None
         # Data comes from its own generators: the model's initial parameters depend on the seed alone.
-        dataset, spec = build_dataset(cfg, spec)
+        dataset, spec = build_dataset(cfg, spec, model)
         dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
         check_router(cfg, model, loss_fn)
