@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from runner.config.schema import ConfigError
 from runner.training.build import build_training
+from runner.training.checks import output_width
 from runner.training.data import IGNORE_INDEX
 from runner.training.train import run
 from runner.training.user_data import read_text
@@ -128,6 +129,34 @@ def test_data_text_refuses_a_vocabulary_that_is_not_bytes_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: model.vocab=16 is not allowed with data=text: its tokens are bytes, "
                                      "expected model.vocab=256")
+
+
+def byte_gpt2():
+    """A user's factory whose own config scores bytes: GPT2Config(vocab_size=256), no `vocab` argument."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                      use_cache=False, bos_token_id=None, eos_token_id=None))
+
+
+def test_a_custom_model_on_data_text_is_judged_by_the_width_it_scores_not_by_model_vocab(tmp_path):
+    pytest.importorskip("transformers")
+    from runner import api
+    from tests.conftest import refusal
+
+    path = write_text(tmp_path / "t.txt")
+    text = ["model=custom", "data=text", f"data.path={path}", "data.max_length=40", "data.batch_size=8",
+            "loss=lm", "trainer.steps=1"]
+    training = api.compose([*text, f"model._target_={__name__}.byte_gpt2"])  # model.vocab left at its 16
+    assert training.config.model.vocab == 16 and training.spec.outputs == 256
+    assert training.findings.coupling.batch_coupled is False  # the probe reaches GPT-2's token embedding
+    # The width is asked by a forward that leaves no trace: no RNG draw, the training mode kept.
+    model, rng = byte_gpt2().train(), torch.get_rng_state()
+    assert output_width(model) == 256 and torch.equal(torch.get_rng_state(), rng) and model.training
+    assert refusal(*text, f"model._target_={GPT2}") == (
+        f"model._target_={GPT2} scores 16 tokens, and data=text's tokens are bytes: expected a model that "
+        "scores 256 (a vocabulary of 256: model.vocab=256 where it takes vocab)")
+    assert api.compose([*text, f"model._target_={GPT2}", "model.vocab=256"]).spec.outputs == 256
 
 
 def test_text_that_is_not_utf8_is_refused_naming_the_key(tmp_path):

@@ -119,6 +119,24 @@ def probe_loss(model: torch.nn.Module, loss_fn, inputs, targets, label: str, mod
     return [n for (n, _), g in zip(named, grads) if g is None]
 
 
+def output_width(model: torch.nn.Module, length: int = 2) -> Optional[int]:
+    """How many tokens a token model scores: its output's last dimension on one sequence of `length`
+    zero tokens (0 is in any vocabulary), or None where the forward fails or gives no tensor (the
+    loss probe then names it). Leaves no trace: eval mode (no BatchNorm statistics), no graph, the
+    RNG restored."""
+    tokens = torch.zeros(1, length, dtype=torch.long, device=next(model.parameters(), torch.empty(0)).device)
+    was_training = model.training
+    with torch.random.fork_rng(devices=[tokens.device] if tokens.device.type == "cuda" else []), torch.no_grad():
+        model.eval()
+        try:
+            outputs = _first_tensor(model(tokens))
+        except Exception:
+            return None
+        finally:
+            model.train(was_training)
+    return int(outputs.shape[-1]) if outputs is not None and outputs.dim() > 0 else None
+
+
 def check_outputs_fit(outputs, targets, spec, model_label: str, data_label: str, loss_label: str) -> None:
     """The model's output must have the targets' shape for a built-in loss (a logit per class for
     class-index targets). UserCodeError naming both shapes otherwise."""
