@@ -82,6 +82,18 @@ def test_a_python_config_picks_the_optimizer_by_name():
     assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["lr"] == 0.5
 
 
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_training_in_one_line():
+    from tests.conftest import refusal
+
+    assert refusal("optim._target_=torch.optim.LBFGS") == (
+        "optim._target_=torch.optim.LBFGS is not allowed: its step(closure) evaluates the loss itself, and a "
+        "strategy calls step() once after its own backward passes: expected an optimizer whose step takes no "
+        "closure (torch.optim.SGD, Adam, AdamW, RMSprop)")
+    params = [[torch.nn.Parameter(torch.zeros(2))]]
+    for target in ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.RMSprop"):  # step(closure=None) trains
+        build_optimizers(OptimConf(_target_=target), params)
+
+
 def test_a_target_wins_over_the_name_and_an_unknown_name_is_refused():
     params = [[torch.nn.Parameter(torch.zeros(2))]]
     [adam] = build_optimizers(OptimConf(name="sgd", _target_="torch.optim.Adam", momentum=0.9), params)

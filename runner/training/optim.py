@@ -11,6 +11,7 @@ Config built in Python), `optim.name` picks the class from TARGETS.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -58,8 +59,25 @@ def build_optimizers(optim: OptimConf, param_groups: Sequence[Any],
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optim._target_={target} built a {type(optimizer).__name__}: "
                               "expected a torch.optim.Optimizer class")
+        if needs_closure(optimizer):
+            raise ConfigError(f"optim._target_={target} is not allowed: its step(closure) evaluates the loss "
+                              "itself, and a strategy calls step() once after its own backward passes: expected "
+                              "an optimizer whose step takes no closure (torch.optim.SGD, Adam, AdamW, RMSprop)")
         optimizers.append(optimizer)
     return optimizers
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Does the optimizer's step require a closure (LBFGS's `step(self, closure)`, no default)? Such a
+    step re-runs forward and backward on its own, so it cannot follow the strategy's backward passes:
+    refused before training, or step 0 would fail as the run's recorded error."""
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: let it train
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty \
+        and closure.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY,
+                             inspect.Parameter.KEYWORD_ONLY)
 
 
 def schedule(name: str, warmup_steps: int, total_steps: int):
