@@ -41,7 +41,19 @@ def _reference(part: str) -> str:
     conf/config.yaml's hydra.help.template reads them as ${reference:groups} and ${reference:keys}."""
     from runner.config import reference
 
-    return reference.groups_text(CONF_DIR) if part == "groups" else reference.text(CONF_DIR)
+    conf = [CONF_DIR, *_own_config_dirs()]
+    return reference.groups_text(conf) if part == "groups" else reference.text(conf)
+
+
+def _own_config_dirs() -> List[Path]:
+    """Your config directories (hydra.searchpath=[file://DIR]), whose options --help lists beside conf/'s."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    sources = HydraConfig.get().runtime.config_sources
+    return [Path(source.path) for source in sources
+            if source.schema == "file" and Path(source.path).resolve() != CONF_DIR.resolve()]
 
 
 OmegaConf.register_new_resolver("reference", _reference, replace=True)

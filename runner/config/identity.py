@@ -82,7 +82,8 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
         used["trainer"]["ema_every"] = "step"
     if config.trainer.processes == 1:
         for group, key, default in ONE_PROCESS_IGNORES:
-            used[group][key] = default
+            if not (key == "parallel" and "." in used[group][key]):  # your own engine runs in one process too
+                used[group][key] = default
     # What the records hold depends on these too (a memory figure, first_grad.pt).
     recorded = f"{plain(config.trainer.memory)}-{int(config.trainer.first_grad)}"
     return f"{training_id(used, roles=(Role.training, Role.extent))}-{recorded}"

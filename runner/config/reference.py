@@ -19,11 +19,12 @@ import textwrap
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from runner.config.backward_options import readers_by_option
+from runner.config.components import declared_keys
 from runner.config.keys import Choice, Role
 from runner.config.location import CONF_DIR
 from runner.config.schema import GROUPS, Config
@@ -52,6 +53,7 @@ class KeyDoc:
     set_by: Dict[str, str]  # option -> the default that option's YAML sets
     readers: List[str]  # backward.*: the strategies that read it
     role: Role
+    declared_by: str = ""  # a key of your own class: the option whose class declares it (loss=margin (module.Class))
 
     def meaning(self) -> str:
         """The key's own help as a sentence, then what its strategies and its role add."""
@@ -62,6 +64,8 @@ class KeyDoc:
         parts = []
         if self.readers:
             parts.append(f"Read by backward={', '.join(self.readers)}.")
+        if self.declared_by:
+            parts.append(f"Declared by {self.declared_by}.")
         if self.role in ROLE_NOTES:
             parts.append(ROLE_NOTES[self.role])
         return " ".join(parts)
@@ -126,8 +130,23 @@ def _kind(hint: Any) -> Tuple[str, bool]:
     return getattr(hint, "__name__", str(hint)), False
 
 
-def _options(conf: Path, group: str) -> List[str]:
-    return sorted(path.stem for path in (conf / group).glob("*.yaml"))
+Conf = Union[Path, Sequence[Path]]  # conf/, then your own config directories (hydra.searchpath)
+
+
+def _dirs(conf: Conf) -> List[Path]:
+    return [conf] if isinstance(conf, Path) else list(conf)
+
+
+def _options(conf: Conf, group: str) -> List[str]:
+    return sorted({path.stem for folder in _dirs(conf) for path in (folder / group).glob("*.yaml")})
+
+
+def _file(conf: Conf, group: str, option: str) -> Path:
+    """The option's YAML: conf/'s, else the first of your directories that holds it (as Hydra finds it)."""
+    for folder in _dirs(conf):
+        if (folder / group / f"{option}.yaml").is_file():
+            return folder / group / f"{option}.yaml"
+    raise FileNotFoundError(f"{group}={option}")
 
 
 def _header(path: Path) -> str:
@@ -154,13 +173,13 @@ def _flat(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
             yield prefix + name, value
 
 
-def _set_by(conf: Path) -> Dict[str, Dict[str, str]]:
+def _set_by(conf: Conf) -> Dict[str, Dict[str, str]]:
     """dotted key -> {option: the value its YAML sets}, for the groups' options and the precision
     presets (experiments set keys for their own sweep only)."""
     found: Dict[str, Dict[str, str]] = {}
     for group in (*GROUPS, "precision"):
         for option in _options(conf, group):
-            tree = yaml.safe_load((conf / group / f"{option}.yaml").read_text()) or {}
+            tree = yaml.safe_load(_file(conf, group, option).read_text()) or {}
             prefix = "" if group == "precision" else f"{group}."
             for dotted, value in _flat({k: v for k, v in tree.items() if k != "defaults"}, prefix):
                 if not dotted.endswith(".name"):
@@ -168,8 +187,9 @@ def _set_by(conf: Path) -> Dict[str, Dict[str, str]]:
     return found
 
 
-def keys(conf: Path) -> List[KeyDoc]:
-    """Every leaf key of the config, in declaration order, with its documentation."""
+def keys(conf: Conf) -> List[KeyDoc]:
+    """Every leaf key of the config, in declaration order, with its documentation; after a group's
+    own keys, those that the classes its options name by `_target_` declare (runner.config.components)."""
     set_by, readers = _set_by(conf), readers_by_option()
 
     def walk(node: type, prefix: str) -> Iterator[KeyDoc]:
@@ -180,7 +200,36 @@ def keys(conf: Path) -> List[KeyDoc]:
             else:
                 yield _doc(f, hints[f.name], prefix, set_by, readers)
 
-    return list(walk(Config, ""))
+    docs = list(walk(Config, ""))
+    for group in GROUPS:
+        own = list(_declared(conf, group, set_by))
+        last = max((i for i, doc in enumerate(docs) if doc.dotted.startswith(f"{group}.")), default=len(docs) - 1)
+        docs[last + 1:last + 1] = own
+    return docs
+
+
+def _declared(conf: Conf, group: str, set_by: Dict[str, Dict[str, str]]) -> Iterator[KeyDoc]:
+    """The keys each option's class of your own declares next to itself (its `Keys` dataclass)."""
+    import importlib
+
+    for option in _options(conf, group):
+        target = (yaml.safe_load(_file(conf, group, option).read_text()) or {}).get("_target_")
+        if not target or target == "???":
+            continue
+        module, _, name = target.rpartition(".")
+        try:
+            declared = declared_keys(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # the run names it in one line; the reference goes on
+            continue
+        if declared is None:
+            continue
+        hints = typing.get_type_hints(declared)
+        for f in fields(declared):
+            doc = _doc(f, hints[f.name], f"{group}.", {}, {})
+            doc.declared_by = f"{group}={option} ({target})"
+            doc.set_by = {f"{group}={option}": value for option_, value in set_by.get(doc.dotted, {}).items()
+                          if option_ == f"{group}={option}" and value != doc.default}
+            yield doc
 
 
 def _doc(f, hint: Any, prefix: str, set_by: Dict[str, Dict[str, str]], readers: Dict[str, List[str]]) -> KeyDoc:
@@ -201,15 +250,14 @@ def _doc(f, hint: Any, prefix: str, set_by: Dict[str, Dict[str, str]], readers: 
                   role=meta.get("role", Role.training))
 
 
-def groups(conf: Path) -> List[Group]:
+def groups(conf: Conf) -> List[Group]:
     hints = typing.get_type_hints(Config)
-    chosen = {name: option for entry in yaml.safe_load((conf / "config.yaml").read_text())["defaults"]
+    chosen = {name: option for entry in yaml.safe_load((_dirs(conf)[0] / "config.yaml").read_text())["defaults"]
               if isinstance(entry, dict) for name, option in entry.items()}
     found = []
     for name in (*GROUPS, *PRESET_GROUPS):
         about = PRESET_GROUPS.get(name) or " ".join((hints[name].__doc__ or "").split())
-        folder = conf / name
-        options = [Option(option, _header(folder / f"{option}.yaml")) for option in _options(conf, name)]
+        options = [Option(option, _header(_file(conf, name, option))) for option in _options(conf, name)]
         found.append(Group(name, about, options, chosen.get(name)))
     return found
 
@@ -221,13 +269,13 @@ def _wrap(text: str, indent: str, then: Optional[str] = None) -> List[str]:
                          break_on_hyphens=False, break_long_words=False)
 
 
-def groups_text(conf: Path) -> str:
+def groups_text(conf: Conf) -> str:
     """GROUP: its options, wrapped at 100 columns (Hydra's own list runs on in one line)."""
     return "\n".join("\n".join(_wrap(f"{group.name}: " + ", ".join(option.name for option in group.options),
                                      "", "    ")) for group in groups(conf)) + "\n"
 
 
-def text(conf: Path) -> str:
+def text(conf: Conf) -> str:
     """Every key: `KEY = DEFAULT  (allowed)`, then its meaning, a choice's values, and the options that
     set another default."""
     lines: List[str] = []
@@ -255,7 +303,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def groups_table(conf: Path) -> str:
+def groups_table(conf: Conf) -> str:
     rows = ["| group | what it chooses | options |", "| --- | --- | --- |"]
     for group in groups(conf):
         options = ", ".join(f"`{option.name}`" + (" (default)" if option.name == group.default else "")
@@ -264,7 +312,7 @@ def groups_table(conf: Path) -> str:
     return "\n".join(rows)
 
 
-def markdown(conf: Path) -> str:
+def markdown(conf: Conf) -> str:
     out = ["# Key reference", "",
            "Generated by `python -m runner.config.reference --write` from the keys' declarations in",
            "`runner/config/schema.py` and `runner/config/backward_options.py` and from the YAML files in `conf/`;",

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
+from runner.config.components import ComponentError, checked_arguments
 from runner.config.keys import Allowed, Choice, Role, above, at_least, at_most, half_open, key, strictly_between
 
 
@@ -333,6 +334,12 @@ class ConfigError(ValueError):
     """Bad input: the message names the key and what is allowed."""
 
 
+def own_class(conf: Any) -> bool:
+    """Does a model or loss node name a class of your own by `_target_` (model=custom, loss=custom, or an
+    option of your own: runner.config.components)?"""
+    return conf.name == "custom" or bool(getattr(conf, "_target_", None))
+
+
 def extra_keys(conf: Any, declared: type) -> dict:
     """Keys given with `+group.KEY=VALUE` that the group's dataclass does not declare: the
     constructor arguments of a custom loss or model."""
@@ -463,7 +470,7 @@ def validate_processes(cfg: Config) -> None:
         raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
                           f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
     rank_normalize = plain(cfg.loss.rank_normalize)
-    if rank_normalize != "global" and cfg.loss.name not in ("lm", "custom"):
+    if rank_normalize != "global" and (cfg.loss.name != "lm" and not own_class(cfg.loss)):
         raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with loss={cfg.loss.name}: it "
                           "divides a token loss by a token count, expected loss=lm (or loss.rank_normalize=global)")
     if cfg.data.sort_lengths and cfg.data.name not in ("seq", "text"):
@@ -519,6 +526,7 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
     except Exception as exc:  # ImportError, or Hydra's wrapper of it
         cause = exc.__cause__ or exc
         raise ConfigError(f"{dotted}={target}: cannot import it ({_first_line(cause)})") from None
+    kwargs = _checked(dotted, target, built, kwargs)
     if optional:
         try:
             accepted = inspect.signature(built).parameters
@@ -534,12 +542,44 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
                           f"({type(cause).__name__}: {_first_line(cause)})") from None
 
 
+def declared_arguments(group: str, target: Optional[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Your class's arguments with the defaults of the keys it declares filled in and checked
+    (runner.config.components), so that the run's record holds them; as given where it declares none."""
+    from hydra.utils import get_object
+
+    if not target or target == "???":
+        return dict(kwargs)  # instantiate names the missing key
+    try:
+        built = get_object(target)
+    except Exception:  # instantiate reports the import error
+        return dict(kwargs)
+    return _checked(f"{group}._target_", target, built, kwargs)
+
+
+def _checked(dotted: str, target: str, built: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    try:  # the keys your class declares next to itself: typed, ranged, defaulted
+        return checked_arguments(dotted.rsplit(".", 1)[0], target, built, kwargs)
+    except ComponentError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# The groups whose options may name a class of your own by `_target_`, with its arguments beside it.
+OPEN_GROUPS = ("model", "loss")
+
+
 def register() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    from omegaconf import OmegaConf
+
+    # model and loss are open: an option that names your class by `_target_` holds its arguments too
+    # (conf/<group>/NAME.yaml or your own config directory); the declared keys stay typed.
+    node = OmegaConf.structured(Config)
+    for group in OPEN_GROUPS:
+        OmegaConf.set_struct(node[group], False)
+    ConfigStore.instance().store(name="base_config", node=node)

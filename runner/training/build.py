@@ -16,7 +16,16 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from runner.config.identity import config_record, used_config_id
-from runner.config.schema import Config, ConfigError, ModelConf, instantiate, plain, set_keys
+from runner.config.schema import (
+    Config,
+    ConfigError,
+    ModelConf,
+    declared_arguments,
+    instantiate,
+    own_class,
+    plain,
+    set_keys,
+)
 from runner.execution import fsdp  # noqa: F401  (registers trainer.parallel=fsdp)
 from runner.execution.parallel import build_parallel, engine_class
 from runner.execution.precision import FirstGradient, Precision
@@ -136,17 +145,28 @@ def set_determinism(on: bool, device: torch.device) -> None:
 
 def loss_label(cfg: Config) -> str:
     """How messages name the loss: its `_target_` for the user's own."""
-    return f"loss._target_={cfg.loss._target_}" if cfg.loss.name == "custom" else f"loss={cfg.loss.name}"
+    return f"loss._target_={cfg.loss._target_}" if own_class(cfg.loss) else f"loss={cfg.loss.name}"
 
 
 def model_label(cfg: Config) -> str:
-    return f"model._target_={cfg.model._target_}" if cfg.model.name == "custom" else f"model={cfg.model.name}"
+    return f"model._target_={cfg.model._target_}" if own_class(cfg.model) else f"model={cfg.model.name}"
+
+
+def check_no_stray_keys(cfg: Config, loss_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
+    """Keys a built-in model or loss does not declare are a typo, never silently ignored; the
+    arguments of a class of your own are its constructor's (runner.config.components)."""
+    for group, kwargs in (("model", model_kwargs), ("loss", loss_kwargs)):
+        conf = getattr(cfg, group)
+        if kwargs and not own_class(conf):
+            raise ConfigError(f"{group}.{next(iter(kwargs))} is not a key of {group}={conf.name}: expected one of "
+                              f"the keys python -m runner --help lists, or {group}._target_=package.module.Class "
+                              "for a class of your own")
 
 
 def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
     """The model, and what it predicts: a built-in model says; the user's own predicts what the
     data holds (the synthetic default: `model.outputs` labels of 3x10x10 inputs)."""
-    if cfg.model.name != "custom":
+    if not own_class(cfg.model):
         return build_model(cfg.model)
     model = instantiate("model._target_", cfg.model._target_, model_kwargs,
                         optional=set_keys(cfg.model, ModelConf))
@@ -163,7 +183,7 @@ def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] 
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
     if data.name in ("seq", "text") or spec.kind == "sequence":
-        if data.name not in ("seq", "text") or cfg.model.name not in ("seq", "moe", "custom"):
+        if data.name not in ("seq", "text") or (cfg.model.name not in ("seq", "moe") and not own_class(cfg.model)):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
                               "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
@@ -175,14 +195,14 @@ def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] 
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
                          data.min_length, data.max_length, data.sort_lengths, data.topics), spec
     if data.name == "pairs" or spec.kind == "retrieval":
-        if data.name != "pairs" or cfg.model.name not in ("dual_encoder", "custom"):
+        if data.name != "pairs" or (cfg.model.name != "dual_encoder" and not own_class(cfg.model)):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: paired views need "
                               "model=dual_encoder with data=pairs and loss=infonce (or model=custom on data=pairs)")
         spec = TaskSpec(PAIR_SHAPE, "retrieval", cfg.model.outputs)
         return pairs(spec, cfg.seed, data.train_size, data.eval_size, batch_size), spec
     if data.name in user_data.READERS:
         inputs, targets, found, columns = user_data.READERS[data.name](data)
-        if cfg.model.name != "custom" and found.input_shape != spec.input_shape:
+        if not own_class(cfg.model) and found.input_shape != spec.input_shape:
             raise ConfigError(f"model={cfg.model.name} takes inputs of shape {spec.input_shape}, and "
                               f"data={data.name} ({data.path}) has {found.input_shape}: use model=custom "
                               "model._target_=... (your model)")
@@ -197,7 +217,7 @@ def check_scores_bytes(cfg: Config, model: Optional[torch.nn.Module]) -> None:
     """data=text's tokens are bytes: the model must score all 256. A built-in model scores model.vocab
     tokens; the user's own scores what its own output says (model.vocab is not its key: a Hugging Face
     config's vocab_size is), so it is asked by a forward of one sequence (runner.training.checks)."""
-    if cfg.model.name != "custom":
+    if not own_class(cfg.model):
         if cfg.model.vocab != user_data.BYTE_VOCAB:
             raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data=text: its tokens are "
                               f"bytes, expected model.vocab={user_data.BYTE_VOCAB}")
@@ -248,7 +268,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.dev
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
-    if cfg.loss.name == "custom":
+    if own_class(cfg.loss):
         loss = instantiate("loss._target_", cfg.loss._target_, loss_kwargs)
         if not callable(loss):
             raise ConfigError(f"loss._target_={cfg.loss._target_} built a {type(loss).__name__}, "
@@ -283,6 +303,12 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
                    optim_kwargs: Optional[Dict[str, Any]] = None) -> Training:
     """Build and check one training; ConfigError (bad input) before anything runs."""
     loss_kwargs, model_kwargs = dict(loss_kwargs or {}), dict(model_kwargs or {})
+    check_no_stray_keys(cfg, loss_kwargs, model_kwargs)
+    # A class of your own: the defaults of the keys it declares are recorded with the run too.
+    if own_class(cfg.loss):
+        loss_kwargs = declared_arguments("loss", cfg.loss._target_, loss_kwargs)
+    if own_class(cfg.model):
+        model_kwargs = declared_arguments("model", cfg.model._target_, model_kwargs)
     device = resolve_device(cfg.trainer.device)
     dtype = getattr(torch, plain(cfg.trainer.dtype))
     set_determinism(cfg.trainer.deterministic, device)
@@ -290,7 +316,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     try:
         model, spec = build_model_and_spec(cfg, model_kwargs)
         # A built-in loss wants a tensor: a mapping output's logits (a Hugging Face ModelOutput) stand in for it.
-        logits_hook = take_logits(model) if cfg.model.name == "custom" and cfg.loss.name != "custom" else None
+        logits_hook = take_logits(model) if own_class(cfg.model) and not own_class(cfg.loss) else None
         # Data comes from its own generators: the model's initial parameters depend on the seed alone.
         dataset, spec = build_dataset(cfg, spec, model)
         dataset.to(device, dtype)
@@ -350,7 +376,7 @@ def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batc
     window = batches.window(0)
     inputs, targets = window.inputs, window.targets
     data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
-    check_outputs = None if cfg.loss.name == "custom" else (  # a loss of the user's decides what fits
+    check_outputs = None if own_class(cfg.loss) else (  # a loss of the user's decides what fits
         lambda outputs: checks.check_outputs_fit(outputs, targets, spec, model_label(cfg), data_label,
                                                  loss_label(cfg)))
     findings = Findings()
