@@ -45,7 +45,7 @@ from runner.config.registry import Registry
 from runner.record import TOKENS_COLUMN, grad_cos_column
 from runner.training.data import micro_batches
 from runner.training.losses import EmbeddingLoss, MultiPartLoss, offers
-from runner.training.update import InBackwardUpdate, UpdateRule, parameters_of
+from runner.training.update import InBackwardUpdate, UpdateRule
 from runner.training.weighting import (
     Weighting,
     add_parts,
