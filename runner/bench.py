@@ -3,7 +3,7 @@
     python -m runner.bench [--quick] [--out bench.csv] [--device cpu|cuda] [--only SECTION ...]
 
 1. step: the runner's loop (train.run) against a hand-written PyTorch loop of the same model,
-   data, seed and strategy, interleaved repeats, medians (target: within 5%); against the
+   data, seed and strategy, interleaved repeats, minima (target: within 3%); against the
    accumulation answer's loop as users write it, .item() and the checksum printed every step
    (target: faster); and against the bare loop recording what the runner records per step.
    sequence: a causal LM with loss=lm (normalize=tokens) against the hand-written token-count
@@ -243,18 +243,19 @@ def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir
                      "as written": lambda: hand_written_loop(build_training(cfg), steps, as_written=True),
                      "records": lambda: hand_written_loop(build_training(cfg), steps, records=True)}
             times = interleaved(loops, repeats)
-            r = statistics.median(times["runner"])
+            r, fastest = statistics.median(times["runner"]), min(times["runner"])
             spread = max(map(_spread, times.values()))
+            # The target reads the minima (each side's least disturbed repeat); the median beside it.
             for baseline, case, limit in (
-                    ("bare", "hand-written loop", 1.05),
+                    ("bare", "hand-written loop", 1.03),
                     ("as written", "the answer's loop as written (.item() and checksum printed per step)", 1.0),
                     ("records", "hand-written loop recording the same per-step numbers", None)):
-                h = statistics.median(times[baseline])
+                h, ratio = statistics.median(times[baseline]), fastest / min(times[baseline])
                 rows.append(dict(benchmark="step", case=f"{model} {strategy}, batch 512 ({device}) vs {case}",
                                  runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
-                                 result=f"ratio {r / h:.3f} (spread {spread:.1%})",
+                                 result=f"ratio {ratio:.3f} of minima, {r / h:.3f} of medians (spread {spread:.1%})",
                                  target=f"ratio {'<=' if limit > 1 else '<'} {limit:g}" if limit else "",
-                                 met=(r / h <= limit if limit > 1 else r / h < limit) if limit else ""))
+                                 met=(ratio <= limit if limit > 1 else ratio < limit) if limit else ""))
 
 
 def _spread(times: List[float]) -> float:
