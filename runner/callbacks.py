@@ -54,14 +54,14 @@ class PrepareRun(Callback):
             report_bad_input(f"hydra.sweep.dir={sweep_dir} already holds a sweep: choose another directory "
                              "(outputs are never overwritten)")
             sys.exit(2)
-        _trackers(config, lambda loggers, uri: _tracking().start_sweep(sweep_dir, loggers, uri))
+        _trackers(config, lambda: _tracking().start_sweep(sweep_dir, config))
 
 
 def _trackers(config: DictConfig, sweep_step: Any) -> None:
-    """trainer.loggers' sweep-level records: `sweep_step(loggers, mlflow_uri)`, a function of
-    runner.training.trackers (the MLflow parent run at the start; each job's verdict and the parent's
-    artifacts at the end). Loggers that are not valid are left to the jobs, each of which records the
-    one-line error; a tracker that cannot record the sweep only warns."""
+    """trainer.loggers' sweep-level records: `sweep_step()`, a function of runner.training.trackers that
+    calls each logger class's sweep hook (the MLflow parent run at the start; each job's verdict and the
+    parent's artifacts at the end). Loggers that are not valid are left to the jobs, each of which records
+    the one-line error; a tracker that cannot record the sweep only warns."""
     from runner.config.schema import ConfigError, validate_loggers
 
     loggers = list(config.trainer.get("loggers", ["csv"]))
@@ -71,7 +71,7 @@ def _trackers(config: DictConfig, sweep_step: Any) -> None:
         return
     if loggers != ["csv"]:
         try:
-            sweep_step(loggers, config.trainer.get("mlflow_uri"))
+            sweep_step()
         except Exception as exc:
             print(f"warning: trainer.loggers: the sweep's record failed: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
@@ -136,5 +136,5 @@ class SweepComparison(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         code = summarise_sweep(sweep_dir)
-        _trackers(config, lambda loggers, uri: _tracking().finish_sweep(sweep_dir, loggers, uri, code))
+        _trackers(config, lambda: _tracking().finish_sweep(sweep_dir, config, code))
         raise Exit(code)  # the sweep's exit code, to runner.cli.entry

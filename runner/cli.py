@@ -438,7 +438,7 @@ def run_prepared(prepared: Prepared, hc, multirun: bool) -> Optional[int]:
         print(f"error: {outcome.summary.error}", file=sys.stderr)
     print_summary(outcome.summary, multirun)
     if multirun and outcome.status == "interrupted" and in_process_launcher(hc):
-        stop_sweep(run_dir, exit_code(outcome.status, outcome.signum), training.config.trainer)
+        stop_sweep(run_dir, exit_code(outcome.status, outcome.signum), training.config)
     return None if multirun else exit_code(outcome.status, outcome.signum)
 
 
@@ -463,7 +463,7 @@ def in_process_launcher(hc) -> bool:
     return "BasicLauncher" in (hc.launcher.get("_target_", "") if hc.launcher else "")
 
 
-def stop_sweep(run_dir: Path, code: int, trainer: Optional[schema.TrainerConf] = None) -> None:
+def stop_sweep(run_dir: Path, code: int, config: Optional[schema.Config] = None) -> None:
     """Ctrl-C (or SIGTERM) stops the whole sweep, not just its current job: record this job's
     row and the comparison of the jobs so far, then exit 130/143 as a single run does. (Hydra
     skips on_job_end and on_multirun_end once the task exits, hence the explicit calls.)"""
@@ -472,11 +472,11 @@ def stop_sweep(run_dir: Path, code: int, trainer: Optional[schema.TrainerConf] =
     sweep_dir = record.sweep_of(run_dir) or run_dir.parent
     append_job_row(sweep_dir, run_dir)
     summarise_sweep(sweep_dir)
-    if trainer is not None and list(trainer.loggers) != ["csv"]:  # the trackers' parent run ends too
+    if config is not None and list(config.trainer.loggers) != ["csv"]:  # the trackers' parent run ends too
         from runner.training.trackers import finish_sweep
 
         try:
-            finish_sweep(sweep_dir, list(trainer.loggers), trainer.mlflow_uri, code)
+            finish_sweep(sweep_dir, config, code)
         except Exception as exc:
             print(f"warning: trainer.loggers: the sweep's record failed: {_one_line(exc)}", file=sys.stderr)
     print(f"sweep stopped: {run_dir.name} was interrupted; the jobs after it did not run", file=sys.stderr)

@@ -1,11 +1,14 @@
 """Components of a user's own, outside the package, each one class (its keys declared beside it)
 with one YAML in tests/own_conf/: the house's rule that a new component costs nothing else."""
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from runner.config.keys import above, at_least, key
+from runner.training.events import Subscriber
 
 
 class MarginLoss(torch.nn.Module):
@@ -37,3 +40,30 @@ class WideMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class RowCollector(Subscriber):
+    """A sink of a user's own, needing no YAML (trainer.loggers=[csv,tests.own_components.RowCollector]):
+    what it heard of the run, written to heard.json in the run's folder at the run's end."""
+
+    FILE = "heard.json"
+
+    def __init__(self, run_dir, config):
+        self.path = Path(run_dir) / self.FILE
+        self.heard = {"steps": config.trainer.steps, "events": [], "rows": []}
+
+    def run_start(self, run):
+        self.heard["events"].append("run_start")
+        self.heard["start"] = {"resumed": run.resumed, "start_step": run.start_step}
+
+    def rows(self, rows):
+        self.heard["events"].append("rows")
+        self.heard["rows"].extend(rows)
+
+    def run_end(self, summary, failed):
+        self.heard["events"].append("run_end")
+        self.heard["end"] = {"status": summary.status, "failed": failed, "steps_done": summary.steps_done}
+        self.path.write_text(json.dumps(self.heard))
+
+    def close(self):
+        self.heard["events"].append("close")

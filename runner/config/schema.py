@@ -280,10 +280,12 @@ class TrainerConf:
     rerun: bool = key(False, "a sweep's job whose used configuration equals an earlier job's reuses its records; "
                              "true trains it again", Role.operational)
     loggers: List[str] = key(
-        help="where each run's per-step rows go: csv (metrics.csv, the record the analysis reads, always kept), "
-             "tensorboard (a SummaryWriter in the run's tensorboard/ folder), mlflow (one MLflow run per job, a "
-             "sweep's jobs nested in its parent run); the last two need pip install 'backward-lab[trackers]'",
-        role=Role.operational, values="a list of csv, tensorboard, mlflow with csv among them",
+        help="what hears each run's events (its start, each step's rows, its end; a sweep's end): csv (metrics.csv, "
+             "the record the analysis reads, always kept), tensorboard (a SummaryWriter in the run's tensorboard/ "
+             "folder), mlflow (one MLflow run per job, a sweep's jobs nested in its parent run), the last two need "
+             "pip install 'backward-lab[trackers]'; or a sink class of your own by its import path (a "
+             "runner.training.events.Subscriber), built with the run's folder and config",
+        role=Role.operational, values="a list of csv, tensorboard, mlflow or package.module.Class, with csv among them",
         default_factory=lambda: ["csv"])
     mlflow_uri: Optional[str] = key(None, "loggers with mlflow: the tracking URI (a team's server: http://host:5000); "
                                           "null = a SQLite store, mlflow.db in the folder above the run's folder (a "
@@ -398,28 +400,64 @@ def validate(cfg: Config) -> None:
     validate_step_in_backward(cfg)
 
 
-# trainer.loggers: each logger's Python package (checked without importing it: mlflow takes seconds).
-LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
+# trainer.loggers: the built-in names, each the class that hears a run's events (runner.training.events), named
+# by its import path as a class of your own is. Each class declares the package it needs installed (`requires`),
+# checked without importing the package (mlflow takes seconds); the classes' modules import it when used.
+LOGGERS = {"csv": "runner.training.sinks.MetricsFile",
+           "tensorboard": "runner.training.tensorboard_tracker.TensorBoardTracker",
+           "mlflow": "runner.training.mlflow_tracker.MlflowTracker"}
+LOGGER_EVENTS = ("run_start", "rows", "run_end", "close")  # what a sink class has (a Subscriber has them all)
+TRACKERS_EXTRA = "pip install 'backward-lab[trackers]'"  # installs the built-in trackers' packages
 
 
 def validate_loggers(cfg: Config) -> None:
-    """Known names, csv kept (metrics.csv is what comparisons, claims and resumes read), packages installed."""
+    """Known names or importable sink classes, csv kept (metrics.csv is what comparisons, claims and resumes
+    read), the packages they declare installed."""
     import importlib.util
 
-    loggers = list(cfg.trainer.loggers)
-    given = f"trainer.loggers=[{','.join(map(str, loggers))}]"
-    unknown = [name for name in loggers if name not in LOGGER_PACKAGES]
+    loggers = [str(entry) for entry in cfg.trainer.loggers]
+    given = f"trainer.loggers=[{','.join(loggers)}]"
+    unknown = [entry for entry in loggers if entry not in LOGGERS and "." not in entry]
     if unknown:
         raise ConfigError(f"{given} is not allowed: {unknown[0]} is unknown, expected a list of "
-                          f"{', '.join(LOGGER_PACKAGES)} (csv always: e.g. trainer.loggers=[csv,mlflow])")
+                          f"{', '.join(LOGGERS)} (csv always: e.g. trainer.loggers=[csv,mlflow])")
     if "csv" not in loggers:
         raise ConfigError(f"{given} is not allowed: csv writes the record comparisons and resumes read, "
                           f"expected csv among them (e.g. trainer.loggers=[csv,{','.join(loggers) or 'mlflow'}])")
-    for name in loggers:
-        package = LOGGER_PACKAGES[name]
+    for entry in loggers:
+        cls, problem = _logger_class(entry)
+        if problem:
+            raise ConfigError(f"{given} is not allowed: {problem}")
+        package = getattr(cls, "requires", None)
         if package and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"{given} needs the {package} package, which is not installed: "
-                              "pip install 'backward-lab[trackers]'")
+            install = TRACKERS_EXTRA if entry in LOGGERS else f"pip install {package}"
+            raise ConfigError(f"{given} needs the {package} package, which is not installed: {install}")
+
+
+def logger_class(entry: str) -> Any:
+    """The class a trainer.loggers entry names: a built-in name's (LOGGERS), or yours by its import path."""
+    cls, problem = _logger_class(str(entry))
+    if problem:
+        raise ConfigError(f"trainer.loggers: {problem}")
+    return cls
+
+
+def _logger_class(entry: str) -> Tuple[Any, Optional[str]]:
+    """(the class, None), or (None, what is wrong with the entry)."""
+    import importlib
+
+    allowed = f"expected {', '.join(LOGGERS)} or a sink class of your own as package.module.Class"
+    if entry not in LOGGERS and "." not in entry:
+        return None, f"{entry} is unknown, {allowed}"
+    module, _, name = LOGGERS.get(entry, entry).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own failure
+        return None, f"{entry} cannot be imported ({type(exc).__name__}: {_first_line(exc)}), {allowed}"
+    if not isinstance(cls, type) or not all(callable(getattr(cls, event, None)) for event in LOGGER_EVENTS):
+        return None, (f"{entry} is not a sink class: expected a class with {', '.join(LOGGER_EVENTS)} "
+                      "(a runner.training.events.Subscriber has them all)")
+    return cls, None
 
 
 def validate_step_in_backward(cfg: Config) -> None:

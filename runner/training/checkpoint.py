@@ -3,7 +3,8 @@
 checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnable loss's
 parameters, the weights' moving average (trainer.ema), torch's RNG states, the step, and how many
 bytes of metrics.csv were written up to it (a resumed run cuts the CSV back there and rewrites the
-rows after it). The data position needs
+rows after it). `Checkpoints` writes one every trainer.checkpoint_every steps, hearing the loop's rows
+(runner.training.events): at a checkpoint step the loop flushes, so the rows end there. The data position needs
 no state: the batch (or loader mode's window) of a step is a pure function of (seed, step). The
 run's config is stored as JSON, so loading never unpickles arbitrary objects:
 `torch.load(weights_only=True)` accepts it.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
 from runner import record
 from runner.config.identity import identity, training_id
 from runner.config.schema import ConfigError
+from runner.training.events import Row, Subscriber
+from runner.training.steplog import diverges
 
 FORMAT = 1
 CHECKPOINT = record.CHECKPOINT
@@ -26,6 +29,27 @@ CHECKPOINT = record.CHECKPOINT
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot continue this run: bad input, reported like any other."""
+
+
+def due(step: int, every: int, steps: int) -> bool:
+    """Is a checkpoint written after `step` (trainer.checkpoint_every; none after the last step: the run is done)?"""
+    return bool(every) and step % every == 0 and step < steps
+
+
+class Checkpoints(Subscriber):
+    """checkpoint.pt at each checkpoint step the rows reach, never of a step that diverged. Subscribed after
+    metrics.csv, so the file's size is where the checkpoint's rows end."""
+
+    def __init__(self, training, run_dir: Path):
+        self.training, self.run_dir = training, Path(run_dir)
+        self.every, self.steps = training.config.trainer.checkpoint_every, training.config.trainer.steps
+
+    def rows(self, rows: List[Row]) -> None:
+        last = rows[-1]
+        done = int(last[record.BASE_COLUMNS[0]])
+        if due(done, self.every, self.steps) and not diverges(last):
+            # time_s: the training time up to the step, from which a resumed run's clock goes on
+            save(self.run_dir, self.training, done, record.metrics_size(self.run_dir), last[record.BASE_COLUMNS[-1]])
 
 
 def save(run_dir: Path, training, step: int, metrics_bytes: int, elapsed_s: float = 0.0) -> None:

@@ -1,14 +1,14 @@
-"""trainer.loggers=[csv,mlflow]: one MLflow run per job, a sweep as a parent run with its jobs nested.
+"""trainer.loggers=[csv,mlflow]: one MLflow run per job, a sweep as a parent run with its jobs nested; a
+subscriber of the loop's events (runner.training.events).
 
-A job's run gets the run's config as params (flattened keys: optim.lr), the per-step rows as metrics,
-queued with `log_batch(..., synchronous=False)` a batch at a time (runner.training.trackers.Batched:
-never a call per column per step; MLflow's own thread writes them, and the run's end waits for
-them), and at the end the
-summary's figures as metrics (final_loss, eval_value, param_sum, peak_saved_bytes, ...) and its
+A job's run starts with the run's config as params (flattened keys: optim.lr); the per-step rows go as metrics,
+queued with `log_batch(..., synchronous=False)` a batch at a time (`batched`: runner.training.trackers.Batched,
+never a call per column per step; MLflow's own thread writes them, and the run's end waits for them); at the end
+the summary's figures as metrics (final_loss, eval_value, param_sum, peak_saved_bytes, ...) and its
 outcome as tags (status, error, param_sha256); it ends FINISHED, FAILED (error, diverged, or an
 exception) or KILLED (interrupted). The sweep's parent run is found or created by its folder (tag
-backward_lab.sweep_dir), first by the sweep's start (runner.callbacks), so that jobs in other
-processes (joblib) find it; the sweep's end sets each job's `verdict` tag and verdict metrics from
+backward_lab.sweep_dir), first by the sweep's start (`sweep_start`, from runner.callbacks), so that jobs in other
+processes (joblib) find it; the sweep's end (`sweep_end`) sets each job's `verdict` tag and verdict metrics from
 comparison.csv and attaches comparison.csv and the pictures to the parent run.
 
 mlflow is imported here only, and only when the logger is on (`python -m runner` stays fast). The
@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from runner import record
 from runner.record import Summary
-from runner.training.sinks import number, step_scalars
+from runner.training.events import RunStart, Subscriber, number, step_scalars
 
 EXPERIMENT = "backward-lab"
 RUN_DIR_TAG = "backward_lab.run_dir"  # a job's run: its folder (the sweep's end finds it by this)
@@ -104,34 +104,40 @@ def start_sweep(sweep_dir: Path, uri: Optional[str]) -> str:
                              tags={SWEEP_DIR_TAG: str(sweep_dir)}).info.run_id
 
 
-class MlflowTracker:
+class MlflowTracker(Subscriber):
     """One job's MLflow run: params at the start, a log_batch per batch of rows, figures and status at the end."""
 
-    def __init__(self, run_dir: Path, uri: Optional[str], summary: Summary, resumed: bool = False):
+    requires = "mlflow"
+    batched = True
+
+    def __init__(self, run_dir: Path, config: Any):
+        self.run_dir, self.uri = Path(run_dir).resolve(), _uri(config)
+        self.pending: List[Any] = []  # log_batch operations queued, not yet known to be stored
+
+    def run_start(self, run: RunStart) -> None:
         from mlflow.entities import Param
 
-        run_dir = Path(run_dir).resolve()
+        from runner.analysis.runs import flatten
+
+        run_dir, summary = self.run_dir, run.summary
         folder = store_folder(run_dir)
-        self.client = _client(uri, folder)
-        self.pending: List[Any] = []  # log_batch operations queued, not yet known to be stored
-        experiment_id = _experiment_id(self.client, uri, folder)
+        self.client = _client(self.uri, folder)
+        experiment_id = _experiment_id(self.client, self.uri, folder)
         tags = {RUN_DIR_TAG: str(run_dir), **{f"choice.{g}": _text(v) for g, v in summary.choices.items() if v}}
         sweep_dir = record.sweep_of(run_dir)
         if sweep_dir is not None:
-            tags["mlflow.parentRunId"] = start_sweep(sweep_dir, uri)
-        earlier = _find_run(self.client, experiment_id, RUN_DIR_TAG, str(run_dir)) if resumed else None
+            tags["mlflow.parentRunId"] = start_sweep(sweep_dir, self.uri)
+        earlier = _find_run(self.client, experiment_id, RUN_DIR_TAG, str(run_dir)) if run.resumed else None
         if earlier is not None:  # a resumed run goes on in its MLflow run
             self.run_id = earlier.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
-        from runner.analysis.runs import flatten
-
         params = [Param(key[:250], _text(value)) for key, value in flatten(summary.config).items()]
         for chunk in _chunks(params, MAX_PARAMS):
             self.client.log_batch(self.run_id, params=chunk)
 
-    def write(self, rows: List[Dict[str, Any]]) -> None:
+    def rows(self, rows: List[Dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -142,12 +148,12 @@ class MlflowTracker:
 
     def close(self) -> None:
         """The queued rows reach the store (a failure to store them raises here); the run ends in
-        `finish`, once the summary is complete."""
+        `run_end`, once the summary is complete."""
         pending, self.pending = self.pending, []
         for operation in pending:
             operation.wait()
 
-    def finish(self, summary: Summary, failed: bool = False) -> None:
+    def run_end(self, summary: Summary, failed: bool) -> None:
         from mlflow.entities import Metric, RunTag
 
         self.close()
@@ -161,6 +167,19 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         status = "FAILED" if failed else STATUS.get(summary.status, "FAILED")
         self.client.set_terminated(self.run_id, status=status)
+
+    @classmethod
+    def sweep_start(cls, sweep_dir: Path, config: Any) -> None:
+        start_sweep(sweep_dir, _uri(config))
+
+    @classmethod
+    def sweep_end(cls, sweep_dir: Path, config: Any, exit_code: int) -> None:
+        finish_sweep(sweep_dir, _uri(config), exit_code)
+
+
+def _uri(config: Any) -> Optional[str]:
+    """trainer.mlflow_uri (None: the SQLite store beside the runs)."""
+    return getattr(config.trainer, "mlflow_uri", None)
 
 
 def finish_sweep(sweep_dir: Path, uri: Optional[str], exit_code: int) -> None:

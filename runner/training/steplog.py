@@ -1,27 +1,25 @@
-"""The per-step log: each optimizer step's numbers kept on the device and handed to the sinks
-(runner.training.sinks: metrics.csv, the terminal's progress) in batches, one host transfer per batch, so
-logging never forces a sync per step on a GPU.
+"""The per-step log: each optimizer step's numbers kept on the device and turned into rows in batches,
+one host transfer per batch, so logging never forces a sync per step on a GPU; the loop announces each
+batch of rows to its subscribers (runner.training.events: metrics.csv, the progress bar, the trackers).
 
 A row's columns are declared in runner.record: loss, grad_norm, loss_<name> for each part of the
 loss, the strategy's and the precision's per-step columns, param_sum, time_s, and the host's
 (loader, lr, memory). A non-finite loss or gradient ends the run at that step: rows batched after
-it reach no sink.
+it are not the run's record.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from runner import record
-from runner.training.sinks import Sink
+from runner.training.events import Row
 
 
 class StepLog:
-    def __init__(self, model: torch.nn.Module, sinks: Sequence[Sink],
-                 param_sums: Callable[[List[torch.Tensor]], List[torch.Tensor]]):
+    def __init__(self, model: torch.nn.Module, param_sums: Callable[[List[torch.Tensor]], List[torch.Tensor]]):
         """`param_sums`: each parameter's sum (the parallel unit's: a sharded parameter's shards add up)."""
-        self.sinks = list(sinks)
         self.params = list(model.parameters())
         self.param_sums = param_sums
         self.columns: Optional[List[str]] = None
@@ -51,10 +49,10 @@ class StepLog:
         if host.get(record.MEMORY_COLUMN) is not None:
             self.peak_saved = max(self.peak_saved or 0, host[record.MEMORY_COLUMN])
 
-    def flush(self) -> Optional[int]:
-        """Hand buffered rows to every sink. Returns the first step whose loss or gradient is not finite."""
+    def flush(self) -> Tuple[List[Row], Optional[int]]:
+        """The buffered rows, and the first step whose loss or gradient is not finite (its row the last)."""
         if not self.steps:
-            return None
+            return [], None
         buffered = self.values  # one transfer for all buffered rows (no stack for a single row)
         table = [buffered[0].cpu().tolist()] if len(buffered) == 1 else torch.stack(buffered).cpu().tolist()
         rows, diverged_at = [], None
@@ -68,18 +66,17 @@ class StepLog:
                 if column in row:
                     row[column] = int(row[column])
             rows.append(row)
-            # GradScaler skips a step whose gradient overflowed: fp16's routine, not a divergence.
-            if not _finite(row["loss"]) or not (_finite(row["grad_norm"]) or row.get(record.STEP_SKIPPED_COLUMN)):
+            if diverges(row):
                 diverged_at = step + 1
                 break  # the run ends at this step: rows batched after it are not its record
-        for sink in self.sinks:
-            sink.write(rows)
         self.steps, self.values, self.times, self.extras = [], [], [], []
-        return diverged_at
+        return rows, diverged_at
 
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+
+def diverges(row: Row) -> bool:
+    """A row whose loss or gradient is not finite ends the run. GradScaler skips a step whose gradient
+    overflowed: fp16's routine, not a divergence."""
+    return not _finite(row["loss"]) or not (_finite(row["grad_norm"]) or row.get(record.STEP_SKIPPED_COLUMN))
 
 
 def _finite(x: float) -> bool:

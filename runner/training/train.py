@@ -1,9 +1,13 @@
-"""run(training) -> Outcome: prepare, the one visible training loop, finish.
+"""run(training) -> Outcome: prepare, the one visible training loop, finish; what watches the run hears
+the loop's events (runner.training.events).
 
+    announce run start                                # trainer.loggers, the progress bar, checkpoints, ...
     for step in steps:
         window = batches.window(step)                 # a pure function of (seed, step)
-        result = strategy.step(model, loss, optimizers, window.inputs, window.targets, window.sizes)
-        log the result on the device; every log_every steps write the rows to metrics.csv
+        with watchers.step(step, host):               # the memory meter; first_grad.pt after the first step
+            result = strategy.step(model, loss, optimizers, window.inputs, window.targets, window.sizes)
+        log the result on the device; every log_every steps announce its rows (metrics.csv, the trackers, ...)
+    announce run end                                  # once summary.json is complete
 
 Everything that can go wrong is recorded, never lost: a strategy's exception (the deliberate
 autograd errors included) ends the run with status=error and the message; a non-finite loss or
@@ -16,25 +20,25 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from runner import record
 from runner.config.identity import training_id
 from runner.config.schema import ConfigError, plain
-from runner.execution.memory import SavedTensorsMeter
 from runner.record import Summary
 from runner.training import checkpoint
 from runner.training.build import Training
 from runner.training.checks import first_line
 from runner.training.evaluate import evaluate
-from runner.training.sinks import MetricsFile, Progress, Sink
+from runner.training.events import RunStart, Subscribers
+from runner.training.sinks import Progress
 from runner.training.steplog import StepLog
-from runner.training.trackers import Trackers
+from runner.training.trackers import loggers
+from runner.training.watchers import FirstGradientFile, MemoryMeter
 
 
 @dataclass
@@ -77,20 +81,52 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
     a loaded checkpoint (runner.training.checkpoint.load) of this run: training continues from its step
     with its states, and metrics.csv is cut back to the rows it had then.
     """
-    run_dir = Path(run_dir)
-    signum = None
-    # trainer.loggers beyond csv, opened before the run's clock starts (an MLflow store takes seconds);
-    # each tracker's run ends with the summary's status, FAILED on an exception.
-    with Trackers.open(training.config, run_dir, summary or Summary(), resumed=resume is not None) as trackers:
-        summary, started = trackers.follow(*_prepare(training, run_dir, summary or Summary(), resume))
+    run_dir, known = Path(run_dir), summary or Summary()
+    trainer = training.config.trainer
+    start_step = int(resume["step"]) if resume is not None else 0
+    watchers = Subscribers(_watchers(training, run_dir))
+    # Announced before the run's clock starts: an MLflow store takes seconds to open.
+    watchers.run_start(RunStart(run_dir, known, resumed=resume is not None, start_step=start_step,
+                                steps=trainer.steps, host_columns=_host_columns(training)))
+    summary, signum, failed = known, None, True
+    try:
+        summary, elapsed = _prepare(training, run_dir, known, resume)
         if summary.status == "running":
-            signum = _train(training, run_dir, summary, started, append=resume is not None, trackers=trackers.sinks)
+            signum = _train(training, summary, time.perf_counter() - elapsed, watchers)
         _finish(training, run_dir, summary)
+        failed = False
+    finally:  # each tracker's run ends with the summary's status, FAILED where an exception left the run
+        watchers.run_end(summary, failed)
+        watchers.close()
     training.engine.done()  # every rank waits for the others' records before any exits
     return Outcome(summary.status, summary, signum)
 
 
+def _watchers(t: Training, run_dir: Path) -> List[Tuple[str, Any]]:
+    """Who hears the loop, in order: trainer.loggers (metrics.csv among them), the progress bar, the
+    checkpoints (after metrics.csv: they remember where its rows end), first_grad.pt, then the memory meter
+    (innermost around the step, so that it measures the step alone)."""
+    trainer = t.config.trainer
+    named = loggers(t.config, run_dir) + [("the progress bar", Progress(trainer.progress))]
+    if trainer.checkpoint_every:
+        named.append(("checkpoints", checkpoint.Checkpoints(t, run_dir)))
+    named.append(("first_grad.pt", FirstGradientFile(t, run_dir)))
+    memory = plain(trainer.memory)
+    if memory != "off":
+        named.append(("the memory meter", MemoryMeter(every=memory == "every")))
+    return named
+
+
+def _host_columns(t: Training) -> Tuple[str, ...]:
+    """The columns the loop adds from the host: loader mode's, the learning rate, the memory meter's."""
+    return tuple((list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else [])
+                 + ([record.LR_COLUMN] if t.schedulers else [])
+                 + ([] if plain(t.config.trainer.memory) == "off" else [record.MEMORY_COLUMN]))
+
+
 def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict[str, Any]]):
+    """The summary as the run starts, and the training time a resumed run had already (its clock goes on
+    from its checkpoint: time_s and wall_s count training, not downtime)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     world = t.config.trainer.processes
     if world > 1 and t.engine.world == 1:
@@ -101,8 +137,6 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         checkpoint.check_matches(resume, t.config_record(), run_dir)
         start_step, elapsed = checkpoint.restore(resume, t), float(resume.get("elapsed_s", 0.0))
         record.truncate_metrics(run_dir, resume["metrics_bytes"])
-    # A resumed run's clock goes on from its checkpoint (time_s, wall_s count training, not downtime).
-    started = time.perf_counter() - elapsed
     summary = replace(
         summary, status="running", steps_done=start_step, device=str(t.device),
         dtype=plain(t.config.trainer.dtype), seed=t.config.seed, accumulation=t.strategy.accumulation,
@@ -121,22 +155,15 @@ def _prepare(t: Training, run_dir: Path, summary: Summary, resume: Optional[Dict
         summary.gradient_flow = t.findings.gradient_flow
         record.write_gradient_flow(run_dir, summary.gradient_flow)
     record.write_summary(run_dir, summary)
-    return summary, started
+    return summary, elapsed
 
 
-def _train(t: Training, run_dir: Path, summary: Summary, started: float, append: bool,
-           trackers: Sequence[Sink] = ()) -> Optional[int]:
+def _train(t: Training, summary: Summary, started: float, watchers: Subscribers) -> Optional[int]:
     """The loop. Fills in the summary's status, error and steps_done; returns a stopping signal."""
-    trainer, start = t.config.trainer, summary.steps_done
+    trainer, start, engine = t.config.trainer, summary.steps_done, t.engine
     log_every = trainer.log_every or (50 if t.device.type == "cuda" else 1)
-    memory = plain(trainer.memory)
     scheduled = bool(t.schedulers)
-    host_columns = (list(record.LOADER_COLUMNS) if t.config.data.micro_batch_size is not None else []) \
-        + ([record.LR_COLUMN] if scheduled else []) + ([] if memory == "off" else [record.MEMORY_COLUMN])
-    engine = t.engine
-    metrics = MetricsFile(run_dir, append, host_columns)
-    log = StepLog(t.model, [metrics, Progress(trainer.progress, trainer.steps, start), *trackers],
-                  engine.param_sums)
+    log = StepLog(t.model, engine.param_sums)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     loop_started, step = time.perf_counter(), start
@@ -144,32 +171,26 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
         try:
             for step in range(start, trainer.steps):
                 window = t.batches.window(step)
-                measure = memory == "every" or (memory == "first" and step == start)
                 host = window.columns()  # loader mode's epoch and window_size
                 if scheduled:  # the learning rate this step uses
                     host[record.LR_COLUMN] = t.optimizers[0].param_groups[0]["lr"]
                 shard = t.shard(window)  # this rank's share of the batch and its loss weight (all of it in one process)
-                with SavedTensorsMeter() if measure else nullcontext() as meter:
+                with watchers.step(step, host):  # the memory meter measures it; first_grad.pt after the first
                     result = t.strategy.step(engine.module, t.loss_fn, t.optimizers, shard.inputs, shard.targets,
                                              window.sizes, shard.weight)
                 result = engine.gather(result, shard.share)  # the batch's loss, from every rank's share
                 result.extras.update(engine.columns())  # grad_scale, step_skipped (fp16)
-                if step == start:
-                    _write_first_grad(t, run_dir, resumed=start > 0)
-                if measure:
-                    host[record.MEMORY_COLUMN] = meter.peak
                 log.add(step, result, time.perf_counter() - started, host)
                 done = step + 1
-                checkpoint_due = trainer.checkpoint_every and done % trainer.checkpoint_every == 0 \
-                    and done < trainer.steps
-                if done % log_every == 0 or done == trainer.steps or stop.signum or checkpoint_due:
-                    diverged_at = log.flush()
+                # A checkpoint holds the rows up to its step: they are flushed there.
+                if done % log_every == 0 or done == trainer.steps or stop.signum \
+                        or checkpoint.due(done, trainer.checkpoint_every, trainer.steps):
+                    rows, diverged_at = log.flush()
+                    watchers.rows(rows)  # metrics.csv, the progress bar, the trackers, a checkpoint at its step
                     if diverged_at is not None:
                         _diverged(summary, diverged_at)
                         break
                     summary.steps_done = done
-                    if checkpoint_due:
-                        checkpoint.save(run_dir, t, done, metrics.position(), time.perf_counter() - started)
                 if stop.signum is not None:
                     summary.status = "interrupted"
                     summary.error = f"stopped by {signal.Signals(stop.signum).name} after step {done}"
@@ -177,12 +198,10 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
             else:
                 summary.status = "ok"
         except Exception as exc:  # a strategy's failure is a result, recorded with its message
-            log.flush()
+            watchers.rows(log.flush()[0])
             summary.status, summary.steps_done = "error", step
             summary.error = f"{type(exc).__name__}: {first_line(exc)}"
             summary.hint = t.engine.hint(exc) or t.strategy.hint or None
-        finally:
-            log.close()
     ran = summary.steps_done - start
     summary.time_per_step_s = (time.perf_counter() - loop_started) / ran if ran > 0 else None
     summary.wall_s = time.perf_counter() - started
@@ -191,18 +210,6 @@ def _train(t: Training, run_dir: Path, summary: Summary, started: float, append:
     for key, value in engine.figures(summary.steps_done - start).items():  # rounds, gradient bytes
         setattr(summary, key, value)
     return stop.signum
-
-
-def _write_first_grad(t: Training, run_dir: Path, resumed: bool) -> None:
-    """first_grad.pt: parameter name -> the gradient the first optimizer step applied (a learnable
-    loss's parameters as loss.NAME), as full tensors. A resumed run wrote it before."""
-    grads = t.update.first_gradient.take()
-    if not grads or resumed:
-        return
-    named = list(t.model.named_parameters())
-    if isinstance(t.loss_fn, torch.nn.Module):
-        named += [(f"loss.{name}", p) for name, p in t.loss_fn.named_parameters()]
-    record.write_first_grad(run_dir, t.engine.full({name: grads[id(p)] for name, p in named if id(p) in grads}))
 
 
 def _diverged(summary: Summary, step: int) -> None:
