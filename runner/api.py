@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from runner.config.schema import ConfigError
-from runner.record import Summary
+from runner.recording.record import Summary
 from runner.training.build import Training
 
 

@@ -39,8 +39,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from runner import record
 from runner.config.schema import Config
+from runner.recording import record
 from runner.training.build import build_training
 from runner.training.train import run
 
@@ -219,7 +219,7 @@ def bench_tracker_steps(rows: List[Dict], repeats: int, steps: int, device: str,
     """The same training logged to csv alone and to csv, MLflow (a SQLite store in workdir) and
     TensorBoard: what the trackers add per step (target: within 10%). Ten times the other steps'
     length, so that the steady state holds several of the trackers' sends
-    (runner.training.trackers.SEND_EVERY_S)."""
+    (runner.recording.trackers.SEND_EVERY_S)."""
     configs = {}
     for loggers in (["csv"], ["csv", "mlflow", "tensorboard"]):
         cfg = config("mlp", "accumulate", 10 * steps, device)

@@ -42,8 +42,8 @@ class PrepareRun(Callback):
             self.prepared = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner import record
         from runner.cli import report_bad_input
+        from runner.recording import record
 
         if any(o.lstrip("+~").split("=")[0] == "trainer.resume" for o in config.hydra.overrides.task):
             report_bad_input("trainer.resume continues one run in its own folder: it cannot be part of a "
@@ -58,7 +58,7 @@ class PrepareRun(Callback):
 
 
 def _trackers(config: DictConfig, sweep_step: Any) -> None:
-    """trainer.loggers' sweep-level records: `sweep_step()`, a function of runner.training.trackers that
+    """trainer.loggers' sweep-level records: `sweep_step()`, a function of runner.recording.trackers that
     calls each logger class's sweep hook (the MLflow parent run at the start; each job's verdict and the
     parent's artifacts at the end). Loggers that are not valid are left to the jobs, each of which records
     the one-line error; a tracker that cannot record the sweep only warns."""
@@ -78,15 +78,15 @@ def _trackers(config: DictConfig, sweep_step: Any) -> None:
 
 
 def _tracking():
-    from runner.training import trackers
+    from runner.recording import trackers
 
     return trackers
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
     """Outputs are never overwritten: a run directory that holds a run is refused."""
-    from runner import record
     from runner.config.schema import ConfigError
+    from runner.recording import record
 
     if record.holds_a_run(run_dir):
         raise ConfigError(f"hydra.run.dir={run_dir} already holds a run: choose another directory, "
@@ -96,9 +96,9 @@ def _refuse_existing_run(run_dir: Path) -> None:
 def _resume_in_place(config: DictConfig, resume: str) -> None:
     """A resumed run continues in its own directory: point Hydra there (before it creates any
     folder) and keep the run's original .hydra/ record untouched."""
-    from runner import record
     from runner.config.schema import ConfigError
     from runner.execution import processes
+    from runner.recording import record
 
     run_dir = Path(resume).resolve()
     if not record.checkpoint_path(run_dir).exists():
@@ -121,8 +121,8 @@ class SweepComparison(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        from runner import record
         from runner.compare import append_job_row
+        from runner.recording import record
 
         run_dir = Path(config.hydra.runtime.output_dir)
         try:

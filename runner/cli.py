@@ -24,14 +24,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import record
 from runner.analysis.runs import flatten
 from runner.config import schema
 from runner.config.location import CONF_DIR
-from runner.config.schema import GROUPS, Config, ConfigError, LossConf, ModelConf, OptimConf
+from runner.config.schema import (
+    GROUPS,
+    Config,
+    ConfigError,
+    LossConf,
+    ModelConf,
+    OptimConf,
+)
 from runner.execution import processes
-from runner.record import Summary
-
+from runner.recording import record
+from runner.recording.record import Summary
 
 schema.register()
 
@@ -230,7 +236,7 @@ def prepare(cfg: DictConfig, hydra_node, build: bool = True) -> Prepared:
     raising included)."""
     import torch
 
-    from runner.training import checkpoint
+    from runner.recording import checkpoint
 
     summary = origin(cfg, hydra_node)
     choices = summary.choices
@@ -372,12 +378,12 @@ class Command:
 def track_untrained_job(config: Any, run_dir: Path, summary: Summary) -> None:
     """A sweep's job that did not train (refused as bad input: ended FAILED with its error; reusing an
     equal job's records) is still one of the sweep's runs in trainer.loggers' trackers
-    (runner.training.trackers); loggers that are themselves bad are skipped."""
+    (runner.recording.trackers); loggers that are themselves bad are skipped."""
     try:
         schema.validate_loggers(config)
         if list(config.trainer.loggers) == ["csv"]:
             return
-        from runner.training.trackers import record_untrained
+        from runner.recording.trackers import record_untrained
 
         record_untrained(config, run_dir, summary)
     except Exception as exc:  # the job's outcome is recorded in its summary: a tracker only warns
@@ -473,7 +479,7 @@ def stop_sweep(run_dir: Path, code: int, config: Optional[schema.Config] = None)
     append_job_row(sweep_dir, run_dir)
     summarise_sweep(sweep_dir)
     if config is not None and list(config.trainer.loggers) != ["csv"]:  # the trackers' parent run ends too
-        from runner.training.trackers import finish_sweep
+        from runner.recording.trackers import finish_sweep
 
         try:
             finish_sweep(sweep_dir, config, code)

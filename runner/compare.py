@@ -4,7 +4,7 @@
                              [--format table|markdown|csv] [--claims FILE.yaml]
 
 PATH is a run directory, a sweep directory or any folder above them. Reads only what
-runner.record wrote, through runner.analysis.runs. Exit 0 when every claim holds (and every run that is
+runner.recording.record wrote, through runner.analysis.runs. Exit 0 when every claim holds (and every run that is
 not claimed to fail finished), 1 otherwise, 2 for bad paths.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from runner import record
 from runner.analysis.claims import ClaimResult, SweepVerdicts, sweep_verdicts
 from runner.analysis.pictures import draw
 from runner.analysis.replicates import (
@@ -42,6 +41,7 @@ from runner.analysis.runs import (
     pick_reference,
     varying_keys,
 )
+from runner.recording import record
 
 # Columns that are not config keys (in the order shown); the varying config keys come first.
 DISPLAY = list(record.SHOWN_COLUMNS)

@@ -72,7 +72,7 @@ def read_rows(sweep_dir: Path) -> List[Dict[str, Any]]:
     all-reduce counts come from each job's summary, which the comparison does not carry."""
     import pandas as pd
 
-    from runner import record
+    from runner.recording import record
     path = sweep_dir / record.COMPARISON
     if not path.is_file():
         return []

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from runner import compare, record
+from runner import compare
 from runner.analysis.claims import sweep_verdicts
 from runner.analysis.runs import find_runs
+from runner.recording import record
 
 
 def machine() -> str:

@@ -18,7 +18,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 from runner.config.schema import GROUPS, Config
-from runner.record import Summary
+from runner.recording.record import Summary
 from runner.training.build import build_training
 from runner.training.train import run
 

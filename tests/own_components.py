@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.config.keys import above, at_least, key
-from runner.training.events import Subscriber
+from runner.recording.events import Subscriber
 
 
 class MarginLoss(torch.nn.Module):

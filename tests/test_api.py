@@ -5,8 +5,8 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from runner import api
+from runner.components.models import CausalLM
 from runner.config.schema import ConfigError
-from runner.training.models import CausalLM
 from tests.conftest import read_summary, run_cli
 
 SEQ = ["model=seq", "data=seq", "loss=lm", "trainer.steps=3"]

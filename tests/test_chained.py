@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.components.losses import FocalLoss, softmax_focal_loss
 from runner.training.build import build_training
-from runner.training.losses import FocalLoss, softmax_focal_loss
 from tests.conftest import make_config, max_abs_diff, run_cli, train
 
 CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from runner.training import checkpoint
+from runner.recording import checkpoint
 from runner.training.build import build_training
 from runner.training.train import run
 from tests.conftest import make_config, read_summary, run_cli

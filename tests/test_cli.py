@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from runner import record
+from runner.recording import record
 from tests.conftest import read_summary, run_cli
 
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from runner import compare, record
+from runner import compare
 from runner.analysis import claims as claim_checks
 from runner.analysis.runs import find_runs, pick_reference
-from runner.record import Summary
+from runner.recording import record
+from runner.recording.record import Summary
 from tests.conftest import train
 
 

@@ -6,11 +6,18 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from runner import record
 from runner.config.schema import ConfigError, validate
+from runner.recording import record
 from runner.training import strategies
 from runner.training.build import build_training
-from tests.conftest import assert_params_close, make_config, max_abs_diff, refusal, run_cli, train
+from tests.conftest import (
+    assert_params_close,
+    make_config,
+    max_abs_diff,
+    refusal,
+    run_cli,
+    train,
+)
 
 # A small contrastive setup: 32 pairs a batch, a 16-dimensional embedding, Adam (SGD learns slowly here).
 CONTRASTIVE = dict(model__name="dual_encoder", model__outputs=16, data__name="pairs", loss__name="infonce",

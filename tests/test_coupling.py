@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
+from runner.experiments.examples.tabular import TabularNet
 from torch import nn
 
-from runner import record
 from runner.analysis.claims import evaluate_claims
 from runner.analysis.runs import compare_to, find_runs
-from runner.experiments.examples.tabular import TabularNet
-from runner.record import Summary
+from runner.recording import record
+from runner.recording.record import Summary
 from runner.training.checks import probe_coupling
 from tests.conftest import ROOT, read_summary, run_cli, train
 
@@ -82,7 +82,7 @@ class CountTheTokens(nn.Module):
 
 
 def _token_models():
-    from runner.training.models import CausalLM, MoELM
+    from runner.components.models import CausalLM, MoELM
 
     torch.manual_seed(0)
     yield "seq gru", CausalLM(vocab=5), False
@@ -204,7 +204,13 @@ def _token_batch(rows=7, length=6, vocab=5):
 
 
 def _identity_cases():
-    from runner.training.losses import FocalLoss, InfoNCE, LoadBalancedTokenLoss, MultiTaskLoss, TokenCrossEntropy
+    from runner.components.losses import (
+        FocalLoss,
+        InfoNCE,
+        LoadBalancedTokenLoss,
+        MultiTaskLoss,
+        TokenCrossEntropy,
+    )
 
     g = torch.Generator().manual_seed(1)
     logits, binary = torch.randn(9, 3, generator=g), (torch.rand(9, 3, generator=g) > 0.5).float()

@@ -33,8 +33,8 @@ def test_requires_grad_on_a_rewrapped_value_trains_nothing_and_is_refused(tmp_pa
     trainable. By hand, backward runs without complaint and the model never changes; the runner
     refuses the loss before training."""
     import torch
-
     from runner.experiments.custom_loss import RewrappedF1Loss
+
     from runner.training.build import build_training
     from tests.conftest import make_config
 

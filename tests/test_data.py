@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from runner.training.data import TaskSpec, micro_batches, synthetic
-from runner.training.models import IMAGE_SHAPE
+from runner.components.data import TaskSpec, micro_batches, synthetic
+from runner.components.models import IMAGE_SHAPE
 
 SPEC = TaskSpec(IMAGE_SHAPE, "multilabel", 5)
 

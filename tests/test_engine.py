@@ -37,7 +37,7 @@ def test_an_engine_that_does_not_import_is_one_line(tmp_path):
 
 
 def test_the_engine_owns_the_checkpointed_optimizer_state(tmp_path):
-    from runner.training import checkpoint
+    from runner.recording import checkpoint
 
     training = build_training(make_config(**SMALL, backward__name="accumulate", backward__accumulation=2,
                                           trainer__parallel=OWN, trainer__checkpoint_every=2))

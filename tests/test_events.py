@@ -1,16 +1,15 @@
-"""The loop's events (runner.training.events): a sink of a user's own, named in trainer.loggers by its import
+"""The loop's events (runner.recording.events): a sink of a user's own, named in trainer.loggers by its import
 path, hears the run's start, every step's rows as metrics.csv has them, and its end; bad entries are one line."""
 import json
 
 import pandas as pd
 import pytest
 
-from runner import record
 from runner.config.schema import ConfigError, validate
-from runner.record import Summary
-from runner.training import checkpoint
+from runner.recording import checkpoint, record
+from runner.recording.events import Subscriber, Subscribers
+from runner.recording.record import Summary
 from runner.training.build import build_training
-from runner.training.events import Subscriber, Subscribers
 from runner.training.train import run
 from tests.conftest import make_config, refusal, train
 from tests.own_components import RowCollector
@@ -98,7 +97,7 @@ def test_bad_loggers_are_one_line_naming_trainer_loggers():
     assert refusal("trainer.loggers=[csv,tests.own_components.MarginLoss]") == (
         "trainer.loggers=[csv,tests.own_components.MarginLoss] is not allowed: tests.own_components.MarginLoss is "
         "not a sink class: expected a class with run_start, rows, run_end, close (a "
-        "runner.training.events.Subscriber has them all)")
+        "runner.recording.events.Subscriber has them all)")
     with pytest.raises(ConfigError, match=r"^trainer.loggers=\[tests.own_components.RowCollector\] is not allowed: "
                                           r"csv writes the record"):
         validate(make_config(trainer__loggers=[COLLECTOR]))
@@ -124,7 +123,7 @@ def test_a_sink_that_cannot_start_is_bad_input_and_those_started_end_failed(tmp_
 
     started = Store()
     announcer = Subscribers([("trainer.loggers: store", started), ("trainer.loggers: remote", Unreachable())])
-    from runner.training.events import RunStart
+    from runner.recording.events import RunStart
 
     with pytest.raises(ConfigError, match=r"^trainer.loggers: remote cannot start a run: ConnectionError: no server"):
         announcer.run_start(RunStart(tmp_path, Summary()))

@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from runner import gpu_check, record
+from runner import gpu_check
 from runner.gpu_check import Step
+from runner.recording import record
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.components.data import IGNORE_INDEX
+from runner.components.user_data import read_text
 from runner.config.schema import ConfigError
 from runner.training.build import build_training
 from runner.training.checks import output_width
-from runner.training.data import IGNORE_INDEX
 from runner.training.train import run
-from runner.training.user_data import read_text
 from tests.conftest import assert_params_close, make_config, read_summary, run_cli
 
 GPT2 = "experiments.examples.gpt2_tiny.tiny_gpt2"

@@ -4,12 +4,13 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from runner import record
+import runner
 from runner.config import schema
 from runner.config.backward_options import PassOptions, readers_by_option
+from runner.recording import record
 from runner.training.strategies import STRATEGIES
 
-PACKAGE = Path(record.__file__).parent
+PACKAGE = Path(runner.__file__).parent
 # Every module by its dotted name under runner (config.schema, training.strategies, cli, ...).
 MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text())
            for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and "conf" not in p.relative_to(PACKAGE).parts}
@@ -31,14 +32,37 @@ def runner_modules(tree: ast.Module):
 
 
 def test_the_folders_show_the_sides():
-    """Entry points and commands at the top; config, training, execution units and analysis in folders."""
+    """Entry points and commands at the top; in folders: what is trained (components), how it is
+    trained (training), what is recorded (recording), execution units, analysis and config."""
     sides = {name.split(".")[0] for name in MODULES if "." in name}
-    assert sides == {"config", "training", "execution", "analysis"}
+    assert sides == {"config", "components", "training", "recording", "execution", "analysis"}
     top = {name for name in MODULES if "." not in name}
-    assert top == {"__main__", "cli", "callbacks", "api", "record", "compare", "report", "bench", "gpu_check"}
-    for name, tree in MODULES.items():  # the analysis side reads records, never the training code
-        if name.startswith("analysis.") or name in ("compare", "report"):
-            assert not {m for m in runner_modules(tree) if m.startswith(("training.", "execution."))}, name
+    assert top == {"__main__", "cli", "callbacks", "api", "compare", "report", "bench", "gpu_check"}
+
+
+def sides_imported(name: str):
+    """The sides (folders) a module imports, by the modules it imports; a top-level module is its own."""
+    return {m.split(".")[0] for m in runner_modules(MODULES[name]) if "." in m}
+
+
+# What each side may import besides itself: the layering, as rules.
+MAY_IMPORT = {
+    "config": set(),  # the base: keys, schema, reference; only this side and the entry points know Hydra
+    "components": {"config", "recording"},  # what is trained: plain modules, the record's column names
+    "execution": {"config", "recording"},  # engines get numbers (a loss weight), never a component
+    "recording": {"config", "execution", "analysis"},  # the record, sinks, trackers: no training code
+    "analysis": {"config", "recording"},  # reads the records, never the training code
+    "training": {"config", "components", "execution", "recording"},
+}
+
+
+def test_each_side_imports_only_the_sides_below_it():
+    for name in MODULES:
+        side = name.split(".")[0]
+        if "." in name:
+            assert sides_imported(name) - {side} <= MAY_IMPORT[side], (name, sides_imported(name) - {side})
+    for command in ("compare", "report", "gpu_check"):  # the analysis commands read records alone
+        assert sides_imported(command) <= {"analysis", "recording", "config"}, command
 
 
 def test_runner_has_no_import_cycle():
@@ -59,10 +83,10 @@ def test_runner_has_no_import_cycle():
         visit(name)
 
 
-def test_only_cli_schema_and_callbacks_import_hydra_or_omegaconf():
+def test_only_the_config_side_and_the_entry_points_import_hydra_or_omegaconf():
     edge = {name for name, tree in MODULES.items()
             if any(m.split(".")[0] in ("hydra", "omegaconf") for m in imported(tree))}
-    assert edge <= {"cli", "config.schema", "callbacks"}, edge
+    assert {name for name in edge if not name.startswith("config.")} <= {"cli", "callbacks"}, edge
 
 
 def string_constants(tree: ast.Module):
@@ -87,7 +111,7 @@ def test_every_record_file_name_is_spelled_once_in_the_package():
         spelled = {module: sum(name in text for text in string_constants(tree))
                    for module, tree in MODULES.items()}
         spelled = {module: count for module, count in spelled.items() if count}
-        assert spelled == {"record": 1}, (name, spelled)
+        assert spelled == {"recording.record": 1}, (name, spelled)
 
 
 def test_the_summary_is_one_declared_type():
@@ -129,14 +153,16 @@ def test_reading_runs_imports_no_training_code():
             "print(sorted(m for m in sys.modules if m.startswith('runner')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=PACKAGE.parent).stdout
-    for training in ("strategies", "build", "train", "models", "losses", "data", "parallel", "precision"):
-        assert f"'runner.{training}'" not in loaded, loaded
+    assert "'runner.analysis.runs'" in loaded and "'runner.recording.record'" in loaded, loaded
+    for side in ("training", "components", "execution"):
+        assert f"'runner.{side}." not in loaded, loaded
 
 
 def test_strategies_and_the_loop_do_not_know_which_parallel_unit_they_hold():
     """DDP and FSDP live in their units (runner.execution.parallel, runner.execution.fsdp): adding one edits neither."""
-    for module in ("strategies", "train", "steplog"):
-        words = set(re.findall(r"[a-z_]+", (PACKAGE / "training" / f"{module}.py").read_text().lower()))
+    for module in ("training/strategies", "training/update", "training/weighting", "training/train",
+                   "recording/steplog"):
+        words = set(re.findall(r"[a-z_]+", (PACKAGE / f"{module}.py").read_text().lower()))
         assert not words & {"fsdp", "ddp", "distributed", "no_sync", "dtensor", "fully_shard"}, module
 
 
@@ -171,10 +197,10 @@ def test_built_in_choices_come_through_one_registry():
     """Models, losses, strategies and parallel engines: one mechanism; the user's own use `_target_`."""
     import pytest
 
+    from runner.components.losses import LOSSES
+    from runner.components.models import MODELS
     from runner.config.registry import Registry
     from runner.execution.parallel import ENGINES
-    from runner.training.losses import LOSSES
-    from runner.training.models import MODELS
 
     assert all(isinstance(r, Registry) for r in (MODELS, LOSSES, STRATEGIES, ENGINES))
     assert set(ENGINES) == {"ddp", "fsdp"} and {"mlp", "seq"} <= set(MODELS) and "lm" in LOSSES

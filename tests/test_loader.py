@@ -4,11 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
+from runner.components.data import TaskSpec, synthetic
+from runner.components.loader import LoaderWindows
+from runner.components.models import IMAGE_SHAPE
 from runner.config.schema import ConfigError, validate
 from runner.training.build import build_training
-from runner.training.data import TaskSpec, synthetic
-from runner.training.loader import LoaderWindows
-from runner.training.models import IMAGE_SHAPE
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
 # 40 rows in micro-batches of 4: 10 per epoch, windows of 4, 4 and a partial 2.

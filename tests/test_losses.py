@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.training.data import TaskSpec
-from runner.training.losses import FocalLoss, build_loss, sigmoid_focal_loss
+from runner.components.data import TaskSpec
+from runner.components.losses import FocalLoss, build_loss, sigmoid_focal_loss
 from tests.conftest import make_config
 
 

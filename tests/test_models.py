@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from runner.training.models import ConvNet, build_model
+from runner.components.models import ConvNet, build_model
 from tests.conftest import make_config
 
 

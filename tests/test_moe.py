@@ -5,11 +5,18 @@ import pandas as pd
 import pytest
 import torch
 
+from runner.components.data import IGNORE_INDEX
+from runner.components.losses import LoadBalancedTokenLoss
+from runner.components.models import MoELM
 from runner.training.build import build_training
-from runner.training.data import IGNORE_INDEX
-from runner.training.losses import LoadBalancedTokenLoss
-from runner.training.models import MoELM
-from tests.conftest import assert_params_close, make_config, max_abs_diff, refusal, run_cli, train
+from tests.conftest import (
+    assert_params_close,
+    make_config,
+    max_abs_diff,
+    refusal,
+    run_cli,
+    train,
+)
 
 # Short topic-clustered sequences on a small top-2-of-8 model: a step takes milliseconds.
 MOE = dict(model__name="moe", data__name="seq", loss__name="lm", loss__aux_weight=0.01, data__topics=4,

@@ -5,9 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.components.losses import MultiTaskLoss
 from runner.training.build import build_training
-from runner.training.losses import MultiTaskLoss
-from tests.conftest import assert_params_close, make_config, max_abs_diff, run_cli, train
+from tests.conftest import (
+    assert_params_close,
+    make_config,
+    max_abs_diff,
+    run_cli,
+    train,
+)
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)
 MT = dict(model__name="multitask", loss__name="multitask")

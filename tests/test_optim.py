@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runner.components.optim import build_optimizers
 from runner.config.schema import ConfigError, OptimConf
 from runner.training.build import build_training
-from runner.training.optim import build_optimizers
 from tests.conftest import make_config, read_summary, run_cli
 
 SMALL = ["data.train_size=256", "data.eval_size=32", "model.hidden=8"]

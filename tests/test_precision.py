@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from runner import record
 from runner.analysis.claims import evaluate_claim
 from runner.analysis.runs import find_oracle, grad_rel_diff, load_run
 from runner.config.backward_options import GradAccumDType
 from runner.config.schema import Autocast, ConfigError, DType, validate
+from runner.recording import record
 from runner.training.build import build_training
 from runner.training.train import run
 from tests.conftest import make_config, train

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from runner import record
 from runner.config.schema import ConfigError
+from runner.recording import record
 from runner.training.build import build_training
 from runner.training.train import run
 from tests.conftest import ROOT, make_config, read_summary, run_cli, train

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
+from runner.components.models import MLP, CausalLM
 from runner.execution.memory import SavedTensorsMeter
 from runner.execution.recompute import recompute_blocks
 from runner.training.build import build_training
-from runner.training.models import MLP, CausalLM
 from tests.conftest import make_config, train
 
 SEQ = dict(model__name="seq", data__name="seq", loss__name="lm", model__cell="transformer", model__depth=2,

@@ -1,7 +1,7 @@
 """The key reference is generated from the keys' declarations, and what it says stays true."""
 import shutil
-from enum import Enum
 from dataclasses import fields
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ def test_a_stale_reference_or_readme_table_is_caught(tmp_path):
 def _composed_keys(overrides=()):
     """Every leaf key of the config `python -m runner OVERRIDES` composes (Hydra's own node aside)."""
     from omegaconf import OmegaConf
+
     from runner import cli
 
     tree = OmegaConf.to_container(cli.compose(list(overrides)), resolve=False)

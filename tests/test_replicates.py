@@ -79,7 +79,7 @@ def test_two_seeds_cannot_say(tmp_path):
 
 def _fake_run(folder, seed: int, backward: str, losses, param_sums, lr: float = 0.5):
     """A finished run's records, written as a run writes them (no training: a picture's input)."""
-    from runner import record
+    from runner.recording import record
 
     folder.mkdir(parents=True)
     writer = record.MetricsWriter(folder)

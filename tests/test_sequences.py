@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.components.data import IGNORE_INDEX, markov_sequences
+from runner.components.losses import TokenCrossEntropy
 from runner.config.schema import ConfigError
 from runner.training.build import build_training
-from runner.training.data import IGNORE_INDEX, markov_sequences
-from runner.training.losses import TokenCrossEntropy
 from runner.training.train import run
 from tests.conftest import assert_params_close, make_config, max_abs_diff, train
 
@@ -130,7 +130,7 @@ def test_normalize_double_divides_the_gradient_by_k_once_more_and_logs_the_batch
     """TRL #2617: a loss already divided by the window's tokens, divided again by k. The first
     gradient is exactly 1/k of normalize=tokens' (a power of two: no rounding); the loss column
     is the batch's either way; on one micro-batch (full) the two are the same training."""
-    from runner.record import load_first_grad
+    from runner.recording.record import load_first_grad
 
     steps = {**SEQ, "trainer__steps": 1}
     exact, _, exact_dir = train(tmp_path, backward__name=strategy, backward__accumulation=4, **steps)

@@ -4,12 +4,19 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from runner import record
 from runner.analysis.claims import evaluate_claim
 from runner.analysis.runs import compare_to, load_run
 from runner.config.identity import config_record, used_config_id
+from runner.recording import record
 from runner.training.build import build_training
-from tests.conftest import make_config, max_abs_diff, read_summary, refusal, run_cli, train
+from tests.conftest import (
+    make_config,
+    max_abs_diff,
+    read_summary,
+    refusal,
+    run_cli,
+    train,
+)
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
 K, DECAY = 4, 0.99
@@ -186,7 +193,7 @@ def test_a_resumed_run_continues_its_average(tmp_path):
                   backward__name="accumulate", backward__accumulation=K)
     straight = train(tmp_path, **common)
     first = train(tmp_path, **{**common, "trainer__steps": 5}, trainer__checkpoint_every=2)
-    from runner.training import checkpoint
+    from runner.recording import checkpoint
     from runner.training.train import run
 
     resumed = build_training(make_config(**common))

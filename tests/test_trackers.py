@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import record
 from runner.config.schema import ConfigError, validate
-from runner.record import Summary
+from runner.recording import record
+from runner.recording.record import Summary
 from tests.conftest import make_config, read_summary, run_cli
 
 pytest.importorskip("mlflow")
@@ -179,7 +179,7 @@ def test_dropping_csv_is_refused():
 
 def test_a_tracker_gets_rows_at_most_every_few_seconds_and_the_rest_before_the_run_ends():
     """On a CPU the loop hands its sinks every step; a tracker store (MLflow's SQLite) gets them in batches."""
-    from runner.training.trackers import Batched
+    from runner.recording.trackers import Batched
 
     class Recorder:
         def __init__(self):

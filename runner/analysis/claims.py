@@ -25,7 +25,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
-from runner.analysis.replicates import configuration, groups, impact, same_seed_reference
+from runner.analysis.replicates import (
+    configuration,
+    groups,
+    impact,
+    same_seed_reference,
+)
 from runner.analysis.runs import (
     WEIGHTS,
     Run,
@@ -36,7 +41,7 @@ from runner.analysis.runs import (
     pick_reference,
     twin,
 )
-from runner.record import SUMMARY_KEYS
+from runner.recording.record import SUMMARY_KEYS
 
 # Comparison columns a `smaller` / `about` claim may name as its metric (runner.analysis.runs.Verdict).
 COMPARISON_METRICS = ("max_abs_diff", "grad_rel_diff", "grad_diff_to_oracle", "diff_to_oracle", "ema_max_abs_diff")

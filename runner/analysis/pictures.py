@@ -19,9 +19,14 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from runner import record
-from runner.analysis.replicates import SEED_KEY, configuration, groups, same_seed_reference
+from runner.analysis.replicates import (
+    SEED_KEY,
+    configuration,
+    groups,
+    same_seed_reference,
+)
 from runner.analysis.runs import TOLERANCES, Run, varying_keys
+from runner.recording import record
 
 MOST_LEGEND_ENTRIES = 12
 STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1)),

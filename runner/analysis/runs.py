@@ -1,4 +1,4 @@
-"""Read runs back (what runner.record wrote), select them, pick a reference, compare two runs.
+"""Read runs back (what runner.recording.record wrote), select them, pick a reference, compare two runs.
 
 A Run is one run folder: its Summary and its config as flat `key -> text` (group choices such as
 `backward` and dotted keys such as `backward.accumulation`), without the keys the schema declares
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from runner import record
 from runner.config.schema import ignored_by_comparison
-from runner.record import Summary
+from runner.recording import record
+from runner.recording.record import Summary
 
 ACCUMULATION_KEY = "backward.accumulation"
 # torch.testing's defaults for float32; float64 gets a tolerance far tighter than float32 rounding.

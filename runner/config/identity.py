@@ -9,7 +9,12 @@ import json
 from dataclasses import asdict, fields
 from typing import Any, Dict, Tuple
 
-from runner.config.backward_options import OPTIONS, PER_MICRO_BATCH_UPDATES, PassOptions, option_defaults
+from runner.config.backward_options import (
+    OPTIONS,
+    PER_MICRO_BATCH_UPDATES,
+    PassOptions,
+    option_defaults,
+)
 from runner.config.schema import Config, Role, keys_with_roles, plain
 
 # Keys that only several processes read, at their defaults: (group, key, default).

@@ -26,7 +26,17 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
 from runner.config.components import ComponentError, checked_arguments
-from runner.config.keys import Allowed, Choice, Role, above, at_least, at_most, half_open, key, strictly_between
+from runner.config.keys import (
+    Allowed,
+    Choice,
+    Role,
+    above,
+    at_least,
+    at_most,
+    half_open,
+    key,
+    strictly_between,
+)
 
 
 class Device(Choice):
@@ -284,7 +294,7 @@ class TrainerConf:
              "the record the analysis reads, always kept), tensorboard (a SummaryWriter in the run's tensorboard/ "
              "folder), mlflow (one MLflow run per job, a sweep's jobs nested in its parent run), the last two need "
              "pip install 'backward-lab[trackers]'; or a sink class of your own by its import path (a "
-             "runner.training.events.Subscriber), built with the run's folder and config",
+             "runner.recording.events.Subscriber), built with the run's folder and config",
         role=Role.operational, values="a list of csv, tensorboard, mlflow or package.module.Class, with csv among them",
         default_factory=lambda: ["csv"])
     mlflow_uri: Optional[str] = key(None, "loggers with mlflow: the tracking URI (a team's server: http://host:5000); "
@@ -400,12 +410,12 @@ def validate(cfg: Config) -> None:
     validate_step_in_backward(cfg)
 
 
-# trainer.loggers: the built-in names, each the class that hears a run's events (runner.training.events), named
+# trainer.loggers: the built-in names, each the class that hears a run's events (runner.recording.events), named
 # by its import path as a class of your own is. Each class declares the package it needs installed (`requires`),
 # checked without importing the package (mlflow takes seconds); the classes' modules import it when used.
-LOGGERS = {"csv": "runner.training.sinks.MetricsFile",
-           "tensorboard": "runner.training.tensorboard_tracker.TensorBoardTracker",
-           "mlflow": "runner.training.mlflow_tracker.MlflowTracker"}
+LOGGERS = {"csv": "runner.recording.sinks.MetricsFile",
+           "tensorboard": "runner.recording.tensorboard_tracker.TensorBoardTracker",
+           "mlflow": "runner.recording.mlflow_tracker.MlflowTracker"}
 LOGGER_EVENTS = ("run_start", "rows", "run_end", "close")  # what a sink class has (a Subscriber has them all)
 TRACKERS_EXTRA = "pip install 'backward-lab[trackers]'"  # installs the built-in trackers' packages
 
@@ -453,10 +463,10 @@ def _logger_class(entry: str) -> Tuple[Any, Optional[str]]:
     try:
         cls = getattr(importlib.import_module(module), name)
     except Exception as exc:  # ImportError, AttributeError, or the module's own failure
-        return None, f"{entry} cannot be imported ({type(exc).__name__}: {_first_line(exc)}), {allowed}"
+        return None, f"{entry} cannot be imported ({type(exc).__name__}: {first_line(exc)}), {allowed}"
     if not isinstance(cls, type) or not all(callable(getattr(cls, event, None)) for event in LOGGER_EVENTS):
         return None, (f"{entry} is not a sink class: expected a class with {', '.join(LOGGER_EVENTS)} "
-                      "(a runner.training.events.Subscriber has them all)")
+                      "(a runner.recording.events.Subscriber has them all)")
     return cls, None
 
 
@@ -563,7 +573,7 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
         built = get_object(target)
     except Exception as exc:  # ImportError, or Hydra's wrapper of it
         cause = exc.__cause__ or exc
-        raise ConfigError(f"{dotted}={target}: cannot import it ({_first_line(cause)})") from None
+        raise ConfigError(f"{dotted}={target}: cannot import it ({first_line(cause)})") from None
     kwargs = _checked(dotted, target, built, kwargs)
     if optional:
         try:
@@ -577,7 +587,7 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(f"{dotted}={target}: cannot build it with {kwargs} "
-                          f"({type(cause).__name__}: {_first_line(cause)})") from None
+                          f"({type(cause).__name__}: {first_line(cause)})") from None
 
 
 def declared_arguments(group: str, target: Optional[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -601,7 +611,8 @@ def _checked(dotted: str, target: str, built: Any, kwargs: Dict[str, Any]) -> Di
         raise ConfigError(str(exc)) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line (its type where it has none): errors are one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -612,7 +623,6 @@ OPEN_GROUPS = ("model", "loss")
 
 def register() -> None:
     from hydra.core.config_store import ConfigStore
-
     from omegaconf import OmegaConf
 
     # model and loss are open: an option that names your class by `_target_` holds its arguments too

@@ -34,7 +34,9 @@ from runner.execution.recompute import blocks_of
 
 
 def _counting_reduce_scatter(calls: List[int]):
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+        DefaultReduceScatter,
+    )
 
     class Counting(DefaultReduceScatter):
         def __call__(self, *args, **kwargs):

@@ -35,7 +35,7 @@ from torch import nn
 from runner.config.registry import Registry
 from runner.execution.precision import Precision
 from runner.execution.processes import local_rank
-from runner.record import ADDITIVE_COLUMNS
+from runner.recording.record import ADDITIVE_COLUMNS
 
 
 def synced(policy: str, index: int, count: int) -> bool:

@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from runner.record import GRAD_SCALE_COLUMN, STEP_SKIPPED_COLUMN
+from runner.recording.record import GRAD_SCALE_COLUMN, STEP_SKIPPED_COLUMN
 
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

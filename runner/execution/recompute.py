@@ -5,7 +5,7 @@ activations in backward instead of keeping them.
 original through torch.utils.checkpoint.checkpoint(use_reentrant=False): the block keeps only its
 inputs for backward and runs its forward again when backward reaches it. Nothing is renamed or
 wrapped, so the state_dict's names, the parameters and their hashes stay as they are. (Not to be
-confused with runner.training.checkpoint, which writes a run's state for resuming.)
+confused with runner.recording.checkpoint, which writes a run's state for resuming.)
 
 Which blocks: the model's own `checkpoint_blocks()` (CheckpointBlocks) where it declares them; else
 its direct children that hold parameters, descending into a lone nn.Sequential or nn.ModuleList.

@@ -15,6 +15,27 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from runner.components import user_data
+from runner.components.data import (
+    Dataset,
+    TaskSpec,
+    pairs,
+    sequences,
+    split,
+    synthetic,
+    train_rows,
+)
+from runner.components.loader import Batches, LoaderWindows
+from runner.components.losses import (
+    RoutedLoss,
+    TokenLoss,
+    build_loss,
+    offers,
+    per_stage,
+)
+from runner.components.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
+from runner.components.optim import build_optimizers, build_schedulers
+from runner.components.outputs import outputs_from, take_logits
 from runner.config.identity import config_record, used_config_id
 from runner.config.schema import (
     Config,
@@ -31,25 +52,19 @@ from runner.execution.parallel import build_parallel, engine_class
 from runner.execution.precision import FirstGradient, Precision
 from runner.execution.processes import under_torchrun
 from runner.execution.recompute import recompute_blocks
-from runner.training import checks, user_data
-from runner.training.data import Dataset, TaskSpec, pairs, sequences, split, synthetic, train_rows
+from runner.training import checks
 from runner.training.ema import WeightAverage
 from runner.training.gradflow import gradient_flow
-from runner.training.loader import Batches, LoaderWindows
-from runner.training.losses import RoutedLoss, TokenLoss, build_loss, offers, per_stage
-from runner.training.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
-from runner.training.optim import build_optimizers, build_schedulers
-from runner.training.outputs import outputs_from, take_logits
-from runner.training.weighting import rank_shard
 from runner.training.strategies import (
     PartialWindow,
     Strategy,
     StrategyMismatch,
     build_strategy,
-    readers_of,
     build_update,
+    readers_of,
 )
 from runner.training.update import parameters_of
+from runner.training.weighting import rank_shard
 
 
 @dataclass
@@ -63,7 +78,7 @@ class Training:
     strategy: Strategy
     optimizers: List[torch.optim.Optimizer]
     dataset: Dataset
-    batches: Any  # step -> its examples (runner.training.loader: Batches, or LoaderWindows in loader mode)
+    batches: Any  # step -> its examples (runner.components.loader: Batches, or LoaderWindows in loader mode)
     device: torch.device
     dtype: torch.dtype
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
@@ -180,14 +195,14 @@ def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] 
     """The data set, and the TaskSpec it describes (the user's files describe themselves). `model`:
     data=text checks that the user's own (model=custom) scores bytes."""
     data = cfg.data
-    # In loader mode the data set's own batches are not drawn: micro-batches are (runner.training.loader).
+    # In loader mode the data set's own batches are not drawn: micro-batches are (runner.components.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
     if data.name in ("seq", "text") or spec.kind == "sequence":
         if data.name not in ("seq", "text") or (cfg.model.name not in ("seq", "moe") and not own_class(cfg.model)):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
                               "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
-        if data.name == "text":  # your paragraphs, bytes as tokens (runner.training.user_data.read_text)
+        if data.name == "text":  # your paragraphs, bytes as tokens (runner.components.user_data.read_text)
             check_scores_bytes(cfg, model)
             spec = TaskSpec((), "sequence", user_data.BYTE_VOCAB)
             inputs, labels = user_data.read_text(data.path, data.max_length, data.min_length)
@@ -279,7 +294,7 @@ def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
 
 
 def check_router(cfg: Config, model: torch.nn.Module, loss_fn) -> None:
-    """A load-balancing loss needs a model whose router it can read (runner.training.models.Router)."""
+    """A load-balancing loss needs a model whose router it can read (runner.components.models.Router)."""
     if offers(loss_fn, RoutedLoss) and not offers(model, Router):
         raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with {model_label(cfg)}: "
                           "it balances a mixture-of-experts router, expected model=moe (or loss.aux_weight=0)")

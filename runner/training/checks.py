@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 
-from runner.config.schema import ConfigError
+from runner.config.schema import ConfigError, first_line
 
 
 class NotDifferentiable(ValueError):
@@ -43,11 +43,6 @@ HINTS = {
         "torch.nn.BCELoss expects probabilities, and the models output logits: use loss=bce "
         "(BCEWithLogitsLoss, which takes logits)",
 }
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def raised(label: str, exc: Exception) -> UserCodeError:
@@ -264,10 +259,10 @@ def probe_loss_identity(model: torch.nn.Module, loss_fn, inputs, targets) -> Opt
     the batch's two halves (value and gradient with respect to the outputs), ["loss: Name"] (with
     the parts that fail it, for a loss of named parts) when it does not, None when it cannot be
     tested (a batch of one, outputs without floating tensors, a loss that refuses a part).
-    The shares are the parts' exact shares (runner.training.losses.exact_share: tokens for a token
+    The shares are the parts' exact shares (runner.components.losses.exact_share: tokens for a token
     mean). Leaves no trace: the model runs once in eval mode without a graph, the RNG restored."""
-    from runner.training.data import split_targets
-    from runner.training.losses import TokenLoss, exact_share, offers
+    from runner.components.data import split_targets
+    from runner.components.losses import TokenLoss, exact_share, offers
 
     rows = inputs.shape[0]
     if rows < 2:
@@ -329,7 +324,7 @@ def _rows(outputs) -> int:
 
 def _identity_terms(loss_fn, outputs, targets) -> dict:
     """The loss ("") and, for a loss of named parts, each part: what the identity is tested on."""
-    from runner.training.losses import loss_parts
+    from runner.components.losses import loss_parts
 
     terms = {"": loss_fn(outputs, targets)}
     terms.update(loss_parts(loss_fn, outputs, targets))

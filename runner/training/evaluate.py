@@ -7,8 +7,8 @@ from typing import Dict
 
 import torch
 
-from runner.training.data import IGNORE_INDEX
-from runner.training.losses import cosine_similarity, logits_of
+from runner.components.data import IGNORE_INDEX
+from runner.components.losses import cosine_similarity, logits_of
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from runner.training.losses import loss_parts
+from runner.components.losses import loss_parts
 
 COLUMNS = ("module", "component", "receives_gradient", "grad_norm")
 

@@ -14,7 +14,7 @@ and the update rule, and returns detached tensors only (no .item(): on a GPU the
 back in batches, never once per step). What a strategy needs from a model or a loss beyond
 `model(inputs)` and `loss(outputs, targets)` is written down as a Protocol (SharedTrunk,
 TwoStageModel, Embedder here; MultiPartLoss, TokenLoss, RoutedLoss, EmbeddingLoss in
-runner.training.losses; Router in runner.training.models).
+runner.components.losses; Router in runner.components.models).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from runner.components.data import micro_batches
+from runner.components.losses import EmbeddingLoss, MultiPartLoss, offers
 from runner.config.backward_options import (
     OPTIONS,
     AccumulateOptions,
@@ -42,9 +44,7 @@ from runner.config.backward_options import (
     readers_of,
 )
 from runner.config.registry import Registry
-from runner.record import TOKENS_COLUMN, grad_cos_column
-from runner.training.data import micro_batches
-from runner.training.losses import EmbeddingLoss, MultiPartLoss, offers
+from runner.recording.record import TOKENS_COLUMN, grad_cos_column
 from runner.training.update import InBackwardUpdate, UpdateRule
 from runner.training.weighting import (
     Weighting,

@@ -1,5 +1,5 @@
 """run(training) -> Outcome: prepare, the one visible training loop, finish; what watches the run hears
-the loop's events (runner.training.events).
+the loop's events (runner.recording.events).
 
     announce run start                                # trainer.loggers, the progress bar, checkpoints, ...
     for step in steps:
@@ -26,19 +26,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from runner import record
 from runner.config.identity import training_id
-from runner.config.schema import ConfigError, plain
-from runner.record import Summary
-from runner.training import checkpoint
+from runner.config.schema import ConfigError, first_line, plain
+from runner.recording import checkpoint, record
+from runner.recording.events import RunStart, Subscribers
+from runner.recording.record import Summary
+from runner.recording.sinks import Progress
+from runner.recording.steplog import StepLog
+from runner.recording.trackers import loggers
+from runner.recording.watchers import FirstGradientFile, MemoryMeter
 from runner.training.build import Training
-from runner.training.checks import first_line
 from runner.training.evaluate import evaluate
-from runner.training.events import RunStart, Subscribers
-from runner.training.sinks import Progress
-from runner.training.steplog import StepLog
-from runner.training.trackers import loggers
-from runner.training.watchers import FirstGradientFile, MemoryMeter
 
 
 @dataclass
@@ -78,7 +76,7 @@ def run(training: Training, run_dir: Path, summary: Optional[Summary] = None,
     """Train, record, and return the outcome. Never raises for a failure of the run itself.
 
     `summary` may carry what the caller knows of the run (choices, overrides, config). `resume` is
-    a loaded checkpoint (runner.training.checkpoint.load) of this run: training continues from its step
+    a loaded checkpoint (runner.recording.checkpoint.load) of this run: training continues from its step
     with its states, and metrics.csv is cut back to the rows it had then.
     """
     run_dir, known = Path(run_dir), summary or Summary()

@@ -13,7 +13,7 @@ loss.normalize, and named where they are chosen.
   counted from the targets before any forward: weight 1 (nanoGPT's `loss / k` is this weighting for
   equal-size batches). normalize=double also divides by k (TRL #2617).
 - Loader mode, partial_window=k: a window of k' < k micro-batches is scaled by k'/k (Lightning #19987).
-- Ranks: DDP and FSDP average gradients over ranks, so a rank's loss is weighted by world x its
+- Ranks: data-parallel engines average gradients over ranks, so a rank's loss is weighted by world x its
   share of the batch (rows, or scored tokens counted over every rank). loss.rank_normalize keeps the
   two cross-rank bugs of token losses: `local` divides by the rank's own count (transformers #34242),
   `no_world` by the global count without undoing the mean over ranks, 1/world (torchtitan #1842).
@@ -29,9 +29,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from runner.record import EXPERT_LOAD_CV_COLUMN, TOKENS_COLUMN
-from runner.training.data import MicroBatch, micro_batches
-from runner.training.losses import RoutedLoss, TokenLoss, exact_share, is_sum_reduced, loss_parts, offers
+from runner.components.data import MicroBatch, micro_batches
+from runner.components.losses import (
+    RoutedLoss,
+    TokenLoss,
+    exact_share,
+    is_sum_reduced,
+    loss_parts,
+    offers,
+)
+from runner.recording.record import EXPERT_LOAD_CV_COLUMN, TOKENS_COLUMN
 
 
 def loss_with_parts(loss_fn, outputs, targets, **kwargs):

@@ -4,7 +4,7 @@ checkpoint.pt holds the model, the optimizers and their LR schedulers, a learnab
 parameters, the weights' moving average (trainer.ema), torch's RNG states, the step, and how many
 bytes of metrics.csv were written up to it (a resumed run cuts the CSV back there and rewrites the
 rows after it). `Checkpoints` writes one every trainer.checkpoint_every steps, hearing the loop's rows
-(runner.training.events): at a checkpoint step the loop flushes, so the rows end there. The data position needs
+(runner.recording.events): at a checkpoint step the loop flushes, so the rows end there. The data position needs
 no state: the batch (or loader mode's window) of a step is a pure function of (seed, step). The
 run's config is stored as JSON, so loading never unpickles arbitrary objects:
 `torch.load(weights_only=True)` accepts it.
@@ -17,11 +17,11 @@ from typing import Any, Dict, List
 
 import torch
 
-from runner import record
 from runner.config.identity import identity, training_id
 from runner.config.schema import ConfigError
-from runner.training.events import Row, Subscriber
-from runner.training.steplog import diverges
+from runner.recording import record
+from runner.recording.events import Row, Subscriber
+from runner.recording.steplog import diverges
 
 FORMAT = 1
 CHECKPOINT = record.CHECKPOINT

@@ -1,8 +1,8 @@
 """trainer.loggers=[csv,mlflow]: one MLflow run per job, a sweep as a parent run with its jobs nested; a
-subscriber of the loop's events (runner.training.events).
+subscriber of the loop's events (runner.recording.events).
 
 A job's run starts with the run's config as params (flattened keys: optim.lr); the per-step rows go as metrics,
-queued with `log_batch(..., synchronous=False)` a batch at a time (`batched`: runner.training.trackers.Batched,
+queued with `log_batch(..., synchronous=False)` a batch at a time (`batched`: runner.recording.trackers.Batched,
 never a call per column per step; MLflow's own thread writes them, and the run's end waits for them); at the end
 the summary's figures as metrics (final_loss, eval_value, param_sum, peak_saved_bytes, ...) and its
 outcome as tags (status, error, param_sha256); it ends FINISHED, FAILED (error, diverged, or an
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from runner import record
-from runner.record import Summary
-from runner.training.events import RunStart, Subscriber, number, step_scalars
+from runner.recording import record
+from runner.recording.events import RunStart, Subscriber, number, step_scalars
+from runner.recording.record import Summary
 
 EXPERIMENT = "backward-lab"
 RUN_DIR_TAG = "backward_lab.run_dir"  # a job's run: its folder (the sweep's end finds it by this)

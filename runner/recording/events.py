@@ -4,8 +4,8 @@
     run_start(run)            before the run's clock starts: run.run_dir, run.summary (the config and choices
                               known before training), run.resumed, run.start_step, run.steps, run.host_columns
     step(step, host)          around each optimizer step, a context: the memory meter measures it into the step's
-                              host values; first_grad.pt is written after the first (runner.training.watchers)
-    rows(rows)                each flushed batch of metrics rows, as metrics.csv gets them (runner.training.steplog:
+                              host values; first_grad.pt is written after the first (runner.recording.watchers)
+    rows(rows)                each flushed batch of metrics rows, as metrics.csv gets them (runner.recording.steplog:
                               one host transfer per batch, never a sync per step)
     run_end(summary, failed)  once summary.json is complete; `failed`: an exception left the run
     close()                   last
@@ -13,7 +13,7 @@
                               class methods, for a sweep's own records (MLflow's parent run, TensorBoard's verdicts)
 
 Who subscribes: each entry of trainer.loggers (metrics.csv, MLflow, TensorBoard or a class of your own, built
-with the run's folder and config: runner.training.trackers), the progress bar, the checkpoints, first_grad.pt
+with the run's folder and config: runner.recording.trackers), the progress bar, the checkpoints, first_grad.pt
 and the memory meter. A new sink is one class, its events the ones it overrides:
 
     class LastLoss(Subscriber):
@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
-from runner import record
-from runner.config.schema import ConfigError
-from runner.record import Summary
-from runner.training.checks import first_line
+from runner.config.schema import ConfigError, first_line
+from runner.recording import record
+from runner.recording.record import Summary
 
 Row = Dict[str, Any]
 
@@ -60,7 +59,7 @@ class Subscriber:
     """What hears the loop's events; each a no-op here, so a subscriber overrides the ones it needs.
 
     `write` and `finish` are `rows` and `run_end` by a sink's earlier names (write(rows), close(), a tracker's
-    finish(summary, failed)): runner.training.trackers.Batched delivers by them, so it batches either kind."""
+    finish(summary, failed)): runner.recording.trackers.Batched delivers by them, so it batches either kind."""
 
     requires: Optional[str] = None  # the package it needs installed (runner.config.schema checks, not importing it)
     batched = False  # a store that costs more per call than a step: its rows come at most every few seconds

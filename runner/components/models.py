@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.components.data import TaskSpec
 from runner.config.registry import Registry
-from runner.training.data import TaskSpec
 
 IMAGE_SHAPE = (3, 10, 10)
 PAIR_SHAPE = (2, 16)  # dual_encoder, data=pairs: a query view and a key view of 16 features each

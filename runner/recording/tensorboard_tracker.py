@@ -1,5 +1,5 @@
 """trainer.loggers=[csv,tensorboard]: torch.utils.tensorboard's SummaryWriter in the run's folder, a
-subscriber of the loop's events (runner.training.events).
+subscriber of the loop's events (runner.recording.events).
 
 Per-step scalars (one per column per step, at the row's optimizer step, one event per step), and at the end the run's
 hparams (its config, flattened, scalar values only, and its status) with the summary's figures
@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from runner import record
-from runner.record import Summary
-from runner.training.events import RunStart, Subscriber, number, step_scalars
+from runner.recording import record
+from runner.recording.events import RunStart, Subscriber, number, step_scalars
+from runner.recording.record import Summary
 
 # The HParams table's metrics: the summary's figures, then the verdict's (a sweep's jobs).
 FINAL_METRICS = ("final_loss", "eval_value", "param_sum", "peak_saved_bytes", "wall_s")

@@ -1,8 +1,8 @@
 """The per-step log: each optimizer step's numbers kept on the device and turned into rows in batches,
 one host transfer per batch, so logging never forces a sync per step on a GPU; the loop announces each
-batch of rows to its subscribers (runner.training.events: metrics.csv, the progress bar, the trackers).
+batch of rows to its subscribers (runner.recording.events: metrics.csv, the progress bar, the trackers).
 
-A row's columns are declared in runner.record: loss, grad_norm, loss_<name> for each part of the
+A row's columns are declared in runner.recording.record: loss, grad_norm, loss_<name> for each part of the
 loss, the strategy's and the precision's per-step columns, param_sum, time_s, and the host's
 (loader, lr, memory). A non-finite loss or gradient ends the run at that step: rows batched after
 it are not the run's record.
@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from runner import record
-from runner.training.events import Row
+from runner.recording import record
+from runner.recording.events import Row
 
 
 class StepLog:

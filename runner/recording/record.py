@@ -127,7 +127,7 @@ class Summary:
     run_dir: Optional[str] = None
     resumed_from_step: Optional[int] = None
     diverged_at_step: Optional[int] = None
-    training_id: Optional[str] = None  # a hash of the keys that define the training (runner.training.checkpoint)
+    training_id: Optional[str] = None  # a hash of the keys that define the training (runner.recording.checkpoint)
     # The same, with what this run's strategy and process count ignore set aside: two jobs of a sweep
     # with one used_config_id are one training, which runs once (runner.cli, trainer.rerun).
     used_config_id: Optional[str] = None
@@ -344,7 +344,7 @@ def load_first_grad(run_dir: Path) -> Optional[Dict[str, torch.Tensor]]:
     return _load_tensors(Path(run_dir) / FIRST_GRAD)
 
 
-# ---- checkpoints (their content is runner.training.checkpoint's; the file is this module's) ---------------
+# ---- checkpoints (their content is runner.recording.checkpoint's; the file is this module's) ---------------
 
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from runner import record
-from runner.training.data import Dataset, Targets, map_targets
+from runner.components.data import Dataset, Targets, map_targets
+from runner.recording import record
 
 _LOADER_STREAM = 4_000_037  # keeps the loader's shuffles independent of the data's other generators
 

@@ -1,6 +1,6 @@
-"""trainer.loggers: each entry a subscriber of the loop's events (runner.training.events), built from its class
-with the run's folder and config: csv (metrics.csv, runner.training.sinks), mlflow, tensorboard
-(runner.training.mlflow_tracker, tensorboard_tracker) or a class of your own (package.module.Class). The
+"""trainer.loggers: each entry a subscriber of the loop's events (runner.recording.events), built from its class
+with the run's folder and config: csv (metrics.csv, runner.recording.sinks), mlflow, tensorboard
+(runner.recording.mlflow_tracker, tensorboard_tracker) or a class of your own (package.module.Class). The
 names resolve through one registry (runner.config.schema.LOGGERS), which validation read too: each class
 declares the package it needs (`requires`), and a tracker's package is imported only when its logger is on.
 
@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List, Tuple
 
-from runner.config.schema import ConfigError, logger_class
+from runner.config.schema import ConfigError, first_line, logger_class
 from runner.execution import processes
-from runner.record import Summary
-from runner.training.checks import first_line
-from runner.training.events import Row, RunStart, Subscriber, Subscribers, warn
+from runner.recording.events import Row, RunStart, Subscriber, Subscribers, warn
+from runner.recording.record import Summary
 
 RECORD = "csv"  # metrics.csv: the logger that is the run's record, never dropped
 
@@ -34,7 +33,7 @@ SEND_EVERY_S = 2.0
 
 class Batched(Subscriber):
     """A tracker fed the rows of at most every SEND_EVERY_S seconds at once; the rest goes before it
-    closes or ends its run. It delivers by `write` and `finish` (runner.training.events.Subscriber)."""
+    closes or ends its run. It delivers by `write` and `finish` (runner.recording.events.Subscriber)."""
 
     def __init__(self, tracker: Any, every_s: float = SEND_EVERY_S, clock: Callable[[], float] = time.monotonic):
         self.tracker, self.every_s, self.clock = tracker, every_s, clock
@@ -87,7 +86,7 @@ def record_untrained(config: Any, run_dir: Path, summary: Summary) -> None:
     """A sweep's job recorded without training (refused as bad input, or reusing an equal job's records:
     runner.cli.reuse_twin) is still one of the sweep's runs: its loggers but csv hear its start, its
     metrics.csv rows, if any, and its summary."""
-    from runner import record
+    from runner.recording import record
 
     heard = Subscribers(loggers(config, run_dir, record=False))
     heard.run_start(RunStart(Path(run_dir), summary, steps=config.trainer.steps))

@@ -209,7 +209,7 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
 
     f_i and P_i are statistics of a batch, so a micro-batch's own are not the window's (the
     load-balancing loss is batch-coupled). aux_stats="window" is exact: f_i is the window's,
-    counted first by a pass that stops at the router (`expert_load`, runner.training.models.Router),
+    counted first by a pass that stops at the router (`expert_load`, runner.components.models.Router),
     and each micro-batch adds E * sum_i f_i * (its tokens' summed p_i) / (the window's tokens),
     that is f_i * P_i over its own tokens weighted by its share of them (torchtitan PR #4772,
     arXiv 2501.11873, global-batch load balancing). aux_stats="micro_batch" takes each
@@ -387,7 +387,7 @@ def _infonce(cfg):
     return InfoNCE(cfg.temperature, cfg.symmetric, getattr(cfg.reduction, "value", cfg.reduction))
 
 
-# The task kinds (runner.training.data.TaskSpec.kind) each loss can score; custom losses fit any.
+# The task kinds (runner.components.data.TaskSpec.kind) each loss can score; custom losses fit any.
 FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
         "multitask": {"multitask"}, "lm": {"sequence"},
         "infonce": {"retrieval"}}

@@ -1,7 +1,7 @@
 """The user's own data: a CSV table (pandas), a file of tensors (torch.load, weights only), or UTF-8 text
 (paragraphs as byte sequences).
 
-Each reader returns (inputs, targets) as tensors and the TaskSpec they describe; runner.training.data
+Each reader returns (inputs, targets) as tensors and the TaskSpec they describe; runner.components.data
 splits them into train and held-out parts by `seed` and draws batches in seeded order. Every
 problem is a ValueError whose message names the key and what was found, and becomes one line
 and exit code 2 before anything is written.
@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from runner.training.data import IGNORE_INDEX, TaskSpec
+from runner.components.data import IGNORE_INDEX, TaskSpec
 
 BYTE_VOCAB = 256  # data=text: a token is a byte of the UTF-8 text, no tokenizer
 
@@ -177,7 +177,7 @@ def paragraphs(text: str) -> List[str]:
 
 
 def read_text(path: Any, max_length: int, min_length: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """UTF-8 text as next-token rows, laid out as data=seq's (runner.training.data.markov_sequences): one
+    """UTF-8 text as next-token rows, laid out as data=seq's (runner.components.data.markov_sequences): one
     sequence per paragraph, its bytes as tokens (0..255), cut at max_length bytes, so lengths vary as real
     text does; paragraphs shorter than min_length bytes are left out. Inputs are right-padded with 0 to
     max_length - 1, labels are the next bytes with IGNORE_INDEX at padding."""

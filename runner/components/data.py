@@ -217,7 +217,7 @@ def train_rows(n: int, eval_fraction: float) -> int:
 
 def split(inputs: torch.Tensor, targets: Targets, seed: int, eval_fraction: float, batch_size: int,
           sort_lengths: bool = False) -> "Dataset":
-    """A data set of the user's (runner.training.user_data), split into train and held-out parts by `seed`."""
+    """A data set of the user's (runner.components.user_data), split into train and held-out parts by `seed`."""
     n = inputs.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + _SPLIT_STREAM))
     return Dataset(inputs[order], map_targets(targets, lambda t: t[order]), seed, train_rows(n, eval_fraction),

@@ -17,7 +17,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from runner.config.schema import Config, ConfigError, OptimConf, _first_line, instantiate, plain
+from runner.config.schema import (
+    Config,
+    ConfigError,
+    OptimConf,
+    first_line,
+    instantiate,
+    plain,
+)
 
 # optim.name -> its class, used only when optim._target_ is unset.
 TARGETS = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW",
@@ -55,7 +62,7 @@ def build_optimizers(optim: OptimConf, param_groups: Sequence[Any],
             optimizer = factory(group)
         except Exception as exc:  # the class's own checks (a bad value, an unknown +optim.KEY)
             raise ConfigError(f"optim._target_={target}: cannot build it with {keywords} "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optim._target_={target} built a {type(optimizer).__name__}: "
                               "expected a torch.optim.Optimizer class")

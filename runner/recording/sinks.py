@@ -1,6 +1,6 @@
-"""Sinks: where a run's per-step rows go, each a subscriber of the loop's events (runner.training.events):
+"""Sinks: where a run's per-step rows go, each a subscriber of the loop's events (runner.recording.events):
 metrics.csv (trainer.loggers' csv, the record the analysis reads) and the terminal's progress bar. The
-trackers are sinks too (runner.training.mlflow_tracker, tensorboard_tracker), and so is a class of your own.
+trackers are sinks too (runner.recording.mlflow_tracker, tensorboard_tracker), and so is a class of your own.
 Rows are plain dicts keyed by the columns record.py declares.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-from runner import record
-from runner.training.events import Row, RunStart, Subscriber
+from runner.recording import record
+from runner.recording.events import Row, RunStart, Subscriber
 
 
 class MetricsFile(Subscriber):

@@ -1,7 +1,7 @@
-"""The loop's own watchers of each step, subscribers of its events (runner.training.events): the memory
+"""The loop's own watchers of each step, subscribers of its events (runner.recording.events): the memory
 meter (trainer.memory: peak_saved_bytes measured around the steps it measures) and first_grad.pt
 (trainer.first_grad: the first optimizer step's gradient, written right after that step). Checkpoints
-are the third (runner.training.checkpoint.Checkpoints).
+are the third (runner.recording.checkpoint.Checkpoints).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any, ContextManager, Dict, Iterator
 
 import torch
 
-from runner import record
 from runner.execution.memory import SavedTensorsMeter
-from runner.training.events import NOTHING, RunStart, Subscriber
+from runner.recording import record
+from runner.recording.events import NOTHING, RunStart, Subscriber
 
 
 class MemoryMeter(Subscriber):

@@ -1,0 +1,1 @@
+"""What is recorded: the record format, sinks, the step log, trackers, checkpoints (subscribers of the loop's events)."""
