@@ -5,7 +5,7 @@
     outcome = api.run(training, "outputs/notebook")
 
 `compose` applies the config groups' YAML exactly as the command line does (Hydra's compose API on
-the same conf/), then validates and builds through the command line's own `runner.cli.prepare`, so
+the same conf/), then validates and builds through the command line's own `runner.jobs.prepare`, so
 the same overrides build the same model, data and loss, bit for bit. `run` records into a folder as
 a command-line run does (summary.json with its choices, overrides and config; metrics.csv;
 params.pt), so runner.compare compares notebook runs with command-line runs. Bad input raises
@@ -25,7 +25,7 @@ from runner.training.build import Training
 @dataclass
 class Composed(Training):
     """A Training with how it was asked for: the choices, overrides and composed config that the
-    command line records in summary.json (runner.cli.origin)."""
+    command line records in summary.json (runner.jobs.origin)."""
 
     origin: Summary = field(default_factory=Summary)
 
@@ -33,13 +33,14 @@ class Composed(Training):
 def compose(overrides: Sequence[str] = (), config_dir: Union[str, Path, None] = None) -> Composed:
     """The training `python -m runner OVERRIDES` would run: composed, validated and built (the
     loss probed), nothing written. Raises ConfigError (one line) for bad input."""
-    from runner import cli
+    from runner import jobs
+    from runner.config.compose import compose as compose_config
 
-    cfg = cli.compose(list(overrides), Path(config_dir).resolve() if config_dir is not None else None)
+    cfg = compose_config(list(overrides), Path(config_dir).resolve() if config_dir is not None else None)
     if cfg.trainer.resume:
         raise ConfigError(f"trainer.resume={cfg.trainer.resume}: a resume continues a run in its own folder; "
                           f"run it with python -m runner trainer.resume=DIR")
-    prepared = cli.prepare(cfg, cfg.hydra)  # the command line's own: typed config, validate, build
+    prepared = jobs.prepare(cfg, cfg.hydra)  # the command line's own: typed config, validate, build
     training = prepared.training
     return Composed(**{f.name: getattr(training, f.name) for f in fields(Training) if f.init},
                     origin=prepared.summary)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 
 class PrepareRun(Callback):
-    """Prepares a single run (runner.cli.prepare: validate, build, probe the loss) before Hydra
+    """Prepares a single run (runner.jobs.prepare: validate, build, probe the loss) before Hydra
     creates its output folder, and hands it to the task function, so bad input exits with one line
     on stderr, leaves no folder behind, and the run is built once. Sweep jobs prepare themselves
     instead, so that a bad combination becomes that job's error row and the other jobs still run.
@@ -22,7 +22,7 @@ class PrepareRun(Callback):
         self.prepared = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner import cli
+        from runner import jobs
         from runner.config.schema import ConfigError
 
         try:
@@ -31,9 +31,9 @@ class PrepareRun(Callback):
                 _resume_in_place(config, resume)
             else:
                 _refuse_existing_run(Path(str(config.hydra.run.dir)))
-            self.prepared = cli.prepare(config, config.hydra)
+            self.prepared = jobs.prepare(config, config.hydra)
         except ConfigError as exc:
-            cli.report_bad_input(exc)
+            jobs.report_bad_input(exc)
             sys.exit(2)
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
@@ -42,7 +42,7 @@ class PrepareRun(Callback):
             self.prepared = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.cli import report_bad_input
+        from runner.jobs import report_bad_input
         from runner.recording import record
 
         if any(o.lstrip("+~").split("=")[0] == "trainer.resume" for o in config.hydra.overrides.task):
@@ -104,7 +104,7 @@ def _resume_in_place(config: DictConfig, resume: str) -> None:
     if not record.checkpoint_path(run_dir).exists():
         raise ConfigError(f"trainer.resume={resume}: no {record.CHECKPOINT} there "
                           "(runs write one with trainer.checkpoint_every=N)")
-    if processes.other_rank():  # it resumes a copy in its throwaway folder (runner.cli.main)
+    if processes.other_rank():  # it resumes a copy in its throwaway folder (runner.jobs.run_prepared)
         return
     with open_dict(config):
         config.hydra.run.dir = str(run_dir)
@@ -131,8 +131,8 @@ class SweepComparison(Callback):
             print(f"warning: {record.COMPARISON} not updated: {exc}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.cli import Exit
         from runner.compare import summarise_sweep
+        from runner.jobs import Exit
 
         sweep_dir = Path(config.hydra.sweep.dir)
         code = summarise_sweep(sweep_dir)

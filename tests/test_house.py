@@ -37,7 +37,7 @@ def test_the_folders_show_the_sides():
     sides = {name.split(".")[0] for name in MODULES if "." in name}
     assert sides == {"config", "components", "training", "recording", "execution", "analysis"}
     top = {name for name in MODULES if "." not in name}
-    assert top == {"__main__", "cli", "callbacks", "api", "compare", "report", "bench", "gpu_check"}
+    assert top == {"__main__", "cli", "callbacks", "jobs", "api", "compare", "report", "bench", "gpu_check"}
 
 
 def sides_imported(name: str):

@@ -17,7 +17,8 @@ def composed(*overrides):
     """The training the command line builds for these overrides (the group's YAML applied)."""
     from hydra import compose, initialize_config_dir
 
-    from runner.cli import CONF_DIR, config_from_omegaconf
+    from runner.config.compose import config_from_omegaconf
+    from runner.config.location import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["trainer.progress=false", *SMALL, *overrides])

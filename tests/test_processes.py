@@ -138,7 +138,7 @@ def test_processes_bad_input(overrides, needle):
 def test_auto_threads_share_the_cores_between_ranks_and_sweep_workers(monkeypatch):
     from types import SimpleNamespace
 
-    from runner.cli import parallel_job_threads
+    from runner.jobs import parallel_job_threads
 
     cores = os.cpu_count() or 1
     basic = SimpleNamespace(launcher={"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})

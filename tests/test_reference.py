@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli import CONF_DIR
 from runner.config import backward_options, reference, schema
 from runner.config.keys import Choice, Role
+from runner.config.location import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +32,9 @@ def _composed_keys(overrides=()):
     """Every leaf key of the config `python -m runner OVERRIDES` composes (Hydra's own node aside)."""
     from omegaconf import OmegaConf
 
-    from runner import cli
+    from runner.config.compose import compose
 
-    tree = OmegaConf.to_container(cli.compose(list(overrides)), resolve=False)
+    tree = OmegaConf.to_container(compose(list(overrides)), resolve=False)
     tree.pop("hydra")
 
     def leaves(node, prefix=""):

@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import pytest
 
-from runner.cli import exit_code
+from runner.jobs import exit_code
 from runner.training import train
 from runner.training.build import build_training
 from tests.conftest import ROOT, make_config, run_cli

@@ -2,7 +2,7 @@
 import pandas as pd
 import torch
 
-from runner.cli import exit_code
+from runner.jobs import exit_code
 from runner.training.build import build_training, probe
 from runner.training.train import run
 from tests.conftest import make_config, train

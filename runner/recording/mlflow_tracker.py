@@ -202,5 +202,5 @@ def finish_sweep(sweep_dir: Path, uri: Optional[str], exit_code: int) -> None:
         if (sweep_dir / name).exists():
             client.log_artifact(parent_id, str(sweep_dir / name))
     client.set_tag(parent_id, "exit_code", str(exit_code))
-    # 130/143: stopped by SIGINT/SIGTERM (runner.cli.stop_sweep); 1: a claim or a job failed
+    # 130/143: stopped by SIGINT/SIGTERM (runner.jobs.stop_sweep); 1: a claim or a job failed
     client.set_terminated(parent_id, status="FINISHED" if exit_code == 0 else "KILLED" if exit_code > 128 else "FAILED")

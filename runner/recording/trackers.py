@@ -84,7 +84,7 @@ def loggers(config: Any, run_dir: Path, record: bool = True) -> List[Tuple[str, 
 
 def record_untrained(config: Any, run_dir: Path, summary: Summary) -> None:
     """A sweep's job recorded without training (refused as bad input, or reusing an equal job's records:
-    runner.cli.reuse_twin) is still one of the sweep's runs: its loggers but csv hear its start, its
+    runner.jobs.reuse_twin) is still one of the sweep's runs: its loggers but csv hear its start, its
     metrics.csv rows, if any, and its summary."""
     from runner.recording import record
 
