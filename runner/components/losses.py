@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Dict, Optional, Protocol, runtime_checkable
+from typing import Dict, Optional, Protocol, Set, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -354,22 +354,31 @@ class MultiTaskLoss(nn.Module):
 LOSSES = Registry("loss", also=["custom"])
 
 
-@LOSSES.register("bce")
+def register(name: str, fits: Set[str]):
+    """A built-in loss by name, declaring the task kinds (runner.components.data.TaskSpec.kind) it can
+    score; a loss of your own fits any."""
+    def add(builder):
+        builder.fits = frozenset(fits)
+        return LOSSES.register(name)(builder)
+    return add
+
+
+@register("bce", fits={"multilabel"})
 def _bce(cfg):
     return nn.BCEWithLogitsLoss(reduction=cfg.reduction)
 
 
-@LOSSES.register("focal")
+@register("focal", fits={"multilabel", "multiclass"})
 def _focal(cfg):
     return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, reduction=cfg.reduction)
 
 
-@LOSSES.register("ce")
+@register("ce", fits={"multiclass"})
 def _ce(cfg):
     return nn.CrossEntropyLoss(reduction=cfg.reduction)
 
 
-@LOSSES.register("lm")
+@register("lm", fits={"sequence"})
 def _lm(cfg):
     normalize = getattr(cfg.normalize, "value", cfg.normalize)
     if cfg.aux_weight > 0:  # a load-balancing term (model=moe; build refuses a model without a router)
@@ -377,27 +386,21 @@ def _lm(cfg):
     return TokenCrossEntropy(normalize=normalize)
 
 
-@LOSSES.register("multitask")
+@register("multitask", fits={"multitask"})
 def _multitask(cfg):
     return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
 
 
-@LOSSES.register("infonce")
+@register("infonce", fits={"retrieval"})
 def _infonce(cfg):
     return InfoNCE(cfg.temperature, cfg.symmetric, getattr(cfg.reduction, "value", cfg.reduction))
-
-
-# The task kinds (runner.components.data.TaskSpec.kind) each loss can score; custom losses fit any.
-FITS = {"bce": {"multilabel"}, "focal": {"multilabel", "multiclass"}, "ce": {"multiclass"},
-        "multitask": {"multitask"}, "lm": {"sequence"},
-        "infonce": {"retrieval"}}
 
 
 def build_loss(cfg, spec, model_name: str) -> nn.Module:
     """A built-in loss for `cfg`, checked against what the model predicts (its TaskSpec)."""
     builder = LOSSES.get(cfg.name)
-    if spec.kind not in FITS[cfg.name]:
-        fitting = sorted(name for name, kinds in FITS.items() if spec.kind in kinds)
+    if spec.kind not in builder.fits:
+        fitting = sorted(name for name, other in LOSSES.items() if spec.kind in other.fits)
         raise ValueError(f"loss={cfg.name} does not fit model={model_name} ({spec.kind} targets): "
                          f"expected loss={' or loss='.join(fitting + ['custom'])}")
     return builder(cfg)
