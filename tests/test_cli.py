@@ -4,8 +4,10 @@ import json
 import pytest
 import torch
 
+from runner import api
+from runner.jobs import exit_code
 from runner.recording import record
-from tests.conftest import read_summary, run_cli
+from tests.conftest import read_summary, refusal, run_cli
 
 
 def only_run_dir(base):
@@ -15,8 +17,13 @@ def only_run_dir(base):
 
 
 def test_default_run_from_another_directory_writes_every_record(tmp_path):
-    result = run_cli(cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    # The same process shows that the training path imports neither pandas nor matplotlib.
+    result = run_cli(cwd=tmp_path, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "torch" in imported and "hydra" in imported
+    assert not imported & {"pandas", "matplotlib"}
     run_dir = only_run_dir(tmp_path)
     assert {"metrics.csv", "summary.json", "params.pt"} <= {p.name for p in run_dir.iterdir()}
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -59,7 +66,7 @@ def test_focal_with_accumulate(tmp_path):
     assert summary["overrides"] == ["loss=focal", "backward=accumulate", "backward.accumulation=4"]
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD_INPUT = [
     (["backward=accumulate", "backward.accumulation=0"], "backward.accumulation"),
     (["backward=sum", "backward.accumulation=33"], "backward.accumulation"),
     (["loss=focal", "loss.alpha=1.5"], "loss.alpha"),
@@ -79,22 +86,42 @@ def test_focal_with_accumulate(tmp_path):
     (["backward=accumulate", "backward.sync=sometimes"], "backward.sync"),
     (["trainer.processes=2", "backward=accumulate", "backward.accumulation=4", "data.batch_size=6"],
      "trainer.processes=2 is not allowed with data.batch_size=6 and backward.accumulation=4"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUT)
+def test_bad_input_is_one_clear_message(args, needle):
+    """Our range checks and Hydra's own composition errors (unknown option, wrong type) alike: one
+    line naming the key, from the command line's own compose, validate and build, in-process
+    (runner.api.compose writes nothing). The next test shows that the command line turns each kind
+    of refusal into that line on stderr, exit 2 and no folder."""
+    assert needle in refusal(*args)
+
+
+@pytest.mark.parametrize("args,needle,ours", [
+    (["loss=nope"], "loss", False),  # Hydra's composition: an unknown option
+    (["model.hidden=abc"], "model.hidden", False),  # Hydra's composition: a value of the wrong type
+    (["backward=accumulate", "backward.accumulation=0"], "backward.accumulation", True),  # a range check
+    # a user's own code that raises, found by the build's probe: one line naming its _target_, with a hint
+    (["loss=custom", "loss._target_=torch.nn.BCELoss"], "use loss=bce", True),
 ])
-def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, args, needle):
-    """Our range checks and Hydra's own composition errors (unknown option, wrong type) alike."""
+def test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing(tmp_path, args, needle, ours):
+    """Each kind of refusal through the real command line. Every ConfigError the run's preparation
+    raises (validate, the build, its probes) is printed by the same callback, so the in-process
+    refusals of the other tests reach a user as exactly this: `error: <the line>`, exit 2, no folder."""
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "outputs").exists()
+    if ours:  # exactly the line runner.api.compose raises
+        assert result.stderr.strip() == f"error: {refusal(*args)}"
 
 
-def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+def test_cuda_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = run_cli("trainer.device=cuda", cwd=tmp_path)
-    assert result.returncode == 2 and "trainer.device=cuda" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "trainer.device=cuda" in refusal("trainer.device=cuda")
 
 
 def test_help_lists_groups_and_options():
@@ -114,11 +141,13 @@ def test_help_lists_groups_and_options():
 
 @pytest.mark.parametrize("cls,why", [("ItemLoss", "not a tensor"), ("ArgmaxLoss", "no grad_fn")])
 def test_non_differentiable_custom_loss_fails_before_training(tmp_path, cls, why):
-    result = run_cli("loss=custom", f"loss._target_=tests.custom_losses.{cls}", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "not differentiable" in result.stderr and why in result.stderr
-    assert "Traceback" not in result.stderr
-    run_dir = only_run_dir(tmp_path)
+    """Recorded as the run's error before its first step, in-process; the command line prints that
+    error in one line and exits 1 (test_a_loss_without_backward_is_recorded_as_not_differentiable)."""
+    training = api.compose(["loss=custom", f"loss._target_=tests.custom_losses.{cls}", "trainer.progress=false"])
+    run_dir = tmp_path / "run"
+    outcome = api.run(training, run_dir)
+    assert outcome.status == "error" and exit_code(outcome.status, outcome.signum) == 1
+    assert "not differentiable" in outcome.summary.error and why in outcome.summary.error
     summary = read_summary(run_dir)
     assert summary["status"] == "error" and summary["steps_done"] == 0
     assert not (run_dir / "metrics.csv").exists() and not (run_dir / "params.pt").exists()
@@ -130,25 +159,15 @@ def test_custom_loss_arguments(tmp_path):
     assert result.returncode == 0, result.stderr
     scaled = read_summary(only_run_dir(tmp_path))
     assert scaled["config"]["loss"]["scale"] == 2.0
-    (tmp_path / "plain").mkdir()
-    plain = run_cli("trainer.steps=5", cwd=tmp_path / "plain")
-    assert plain.returncode == 0
-    first_loss = read_summary(only_run_dir(tmp_path / "plain"))
+    # The plain run in-process: the command line's own compose and build (runner.api).
+    plain = api.run(api.compose(["trainer.steps=5", "trainer.progress=false"]), tmp_path / "plain")
+    assert plain.status == "ok"
     # Step 1's loss is the same BCE, doubled.
     import pandas as pd
 
     a = pd.read_csv(only_run_dir(tmp_path) / "metrics.csv")["loss"][0]
-    b = pd.read_csv(only_run_dir(tmp_path / "plain") / "metrics.csv")["loss"][0]
-    assert a == pytest.approx(2 * b, rel=1e-6) and first_loss["status"] == "ok"
-
-
-def test_training_path_does_not_import_pandas_or_matplotlib(tmp_path):
-    result = run_cli("trainer.steps=2", cwd=tmp_path, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert result.returncode == 0, result.stderr
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-                if line.startswith("import time:")}
-    assert "torch" in imported and "hydra" in imported
-    assert not imported & {"pandas", "matplotlib"}
+    b = pd.read_csv(tmp_path / "plain" / "metrics.csv")["loss"][0]
+    assert a == pytest.approx(2 * b, rel=1e-6)
 
 
 @pytest.mark.parametrize("target,needle,hint", [
@@ -157,14 +176,12 @@ def test_training_path_does_not_import_pandas_or_matplotlib(tmp_path):
     # the accumulation answer's own loss, on the logits our models output
     ("torch.nn.BCELoss", "all elements of input should be between 0 and 1", "use loss=bce"),
 ])
-def test_a_user_loss_that_raises_is_one_line_and_exit_2(tmp_path, target, needle, hint):
-    result = run_cli("loss=custom", f"loss._target_={target}", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: loss._target_={target}") and needle in lines[0]
-    assert hint is None or hint in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "outputs").exists()  # nothing presented as a result
+def test_a_user_loss_that_raises_is_one_line_and_exit_2(target, needle, hint):
+    """One line naming its _target_, before anything is written; on the command line that line,
+    exit 2 and no folder (test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing)."""
+    line = refusal("loss=custom", f"loss._target_={target}")
+    assert line.startswith(f"loss._target_={target}") and needle in line
+    assert hint is None or hint in line
 
 
 def test_a_loss_without_backward_is_recorded_as_not_differentiable(tmp_path):
@@ -174,31 +191,14 @@ def test_a_loss_without_backward_is_recorded_as_not_differentiable(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not differentiable: _DoubleWithoutBackward has no backward" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    summary = read_summary(only_run_dir(tmp_path))
+    run_dir = only_run_dir(tmp_path)
+    summary = read_summary(run_dir)
     assert summary["status"] == "error" and summary["steps_done"] == 0
     assert "_DoubleWithoutBackward has no backward" in summary["error"]
+    assert not (run_dir / "metrics.csv").exists() and not (run_dir / "params.pt").exists()
 
 
-def test_an_unknown_loss_target_names_the_key(tmp_path):
-    result = run_cli("loss=custom", "loss._target_=nowhere.Loss", cwd=tmp_path)
-    assert result.returncode == 2 and "loss._target_=nowhere.Loss: cannot import it" in result.stderr
-    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.SoftF1Loss", "+loss.nope=1",
-                     cwd=tmp_path)
-    assert result.returncode == 2 and "cannot build it with {'nope': 1}" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
-
-
-def test_make_run_prints_the_default_comparisons_verdicts(tmp_path):
-    import subprocess
-
-    from tests.conftest import ROOT
-
-    sweep_dir = tmp_path / "default"
-    result = subprocess.run(["make", "-s", "run", f"ARGS=hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert sum(line.startswith("holds") for line in result.stdout.splitlines()) == 3
-    assert "FAILS" not in result.stdout
-    for strategy in ("full", "sum", "accumulate"):
-        assert strategy in result.stdout
-    assert "equivalent" in result.stdout and (sweep_dir / "loss_curves.png").exists()
+def test_an_unknown_loss_target_names_the_key():
+    assert "loss._target_=nowhere.Loss: cannot import it" in refusal("loss=custom", "loss._target_=nowhere.Loss")
+    assert "cannot build it with {'nope': 1}" in refusal(
+        "loss=custom", "loss._target_=runner.experiments.custom_loss.SoftF1Loss", "+loss.nope=1")

@@ -1,4 +1,7 @@
-"""Every ready-made experiment's claims hold (on fewer steps), and a false claim fails the sweep."""
+"""Every ready-made experiment's claims hold (on fewer steps; the default one through `make run`), and a
+false claim fails the sweep."""
+import subprocess
+
 import pandas as pd
 import pytest
 import yaml
@@ -20,7 +23,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "moe": ["data.max_length=12", "data.train_size=512", "data.eval_size=64", "model.hidden=16"],
          "step_state": ["data.train_size=512", "data.eval_size=64"],
          "contrastive": ["data.train_size=1024", "data.eval_size=256"],
-         "factors": ["model.depth=1", "data.train_size=1024", "data.eval_size=64"]}
+         "factors": ["model.depth=1", "model.hidden=16", "data.train_size=1024", "data.eval_size=64"]}
 # The precision claims are on the first optimizer step's gradient: two steps show them; the
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps; so does the gap between the two gradient norms
@@ -37,11 +40,20 @@ def test_the_experiment_group_lists_every_experiment():
     assert [option.name for option in experiment.options] == EXPERIMENTS
 
 
+def make_run(*args):
+    """`make run ARGS=...`: the README's first command, the default experiment with its verdicts."""
+    return subprocess.run(["make", "-s", "run", f"ARGS={' '.join(args)}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_claims_hold(tmp_path, name):
     sweep_dir = tmp_path / name
-    result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
-                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
+    if name == "default":  # as `make run` runs it, on its own 100 steps
+        result = make_run(f"hydra.sweep.dir={sweep_dir}")
+    else:
+        result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
+                         f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
     declared = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"]
     claims = len(declared)
     # A claim on time per step is a measurement for `make experiments` on an idle machine, not a
@@ -63,7 +75,11 @@ def test_claims_hold(tmp_path, name):
     held = claims - len(failed)
     assert all_hold == (not failed) and f"## {name}\n\n{about}\n\n" in report and f"{held}/{claims} claims hold" in report
     # ... with its pictures, linked relative to the report's folder (it renders on GitHub).
-    assert f"![loss curves]({name}/loss_curves.png)" in report
+    assert f"![loss curves]({name}/loss_curves.png)" in report and (sweep_dir / "loss_curves.png").exists()
+    if name == "default":  # make run prints the default comparison's table and verdicts
+        assert "FAILS" not in result.stdout and "equivalent" in result.stdout
+        for strategy in ("full", "sum", "accumulate"):
+            assert strategy in result.stdout
 
 
 def test_glob_over_experiments_launches_every_job(tmp_path):
