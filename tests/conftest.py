@@ -77,6 +77,23 @@ def refusal(*overrides) -> str:
     return message
 
 
+def resume_refusal(*overrides) -> str:
+    """The one-line ConfigError `python -m runner OVERRIDES` prints after "error: " (and exits 2 for)
+    when OVERRIDES resume a run (trainer.resume=DIR) in a way the run refuses, found in-process
+    through the command line's own compose and preparation (runner.jobs.prepare), which reads the
+    run's checkpoint and summary and writes nothing."""
+    from runner import jobs
+    from runner.config.compose import compose
+    from runner.config.schema import ConfigError
+
+    composed = compose(list(overrides))
+    with pytest.raises(ConfigError) as caught:
+        jobs.prepare(composed, composed.hydra, build=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
 def run_cli(*args, cwd=None, timeout=120, env_extra=None):
     """`python -m runner ARGS` in a subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}

@@ -4,10 +4,11 @@ import io
 import pytest
 import torch
 
+from runner import api
 from runner.recording import checkpoint
 from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import make_config, read_summary, run_cli
+from tests.conftest import make_config, read_summary, resume_refusal, run_cli
 
 
 @pytest.mark.parametrize("overrides", [
@@ -98,15 +99,10 @@ def test_a_finished_run_can_be_extended_exactly(tmp_path):
     assert longer.summary.param_sha256 == whole.summary.param_sha256
 
 
-def _make_checkpointed_run(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("trainer.steps=6", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
-
-
 def test_truncated_checkpoint_is_one_clear_error(tmp_path):
-    run_dir = _make_checkpointed_run(tmp_path)
+    run_dir = tmp_path / "run"  # a checkpointed run, trained in-process as the command line trains it
+    assert api.run(api.compose(["trainer.steps=6", "trainer.checkpoint_every=2", "trainer.progress=false"]),
+                   run_dir).status == "ok"
     path = run_dir / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     result = run_cli(f"trainer.resume={run_dir}")
@@ -153,12 +149,23 @@ def test_resume_with_the_runs_own_overrides_repeated_is_exact(tmp_path):
     assert first.returncode == 0, first.stderr
     resumed = run_cli(*RESUMED, "trainer.steps=10", f"trainer.resume={tmp_path / 'run'}")
     assert resumed.returncode == 0, resumed.stderr
-    whole = run_cli(*RESUMED, "trainer.steps=10", f"hydra.run.dir={tmp_path / 'whole'}")
-    assert whole.returncode == 0, whole.stderr
+    # The uninterrupted run, in-process: the command line's own compose and build (runner.api).
+    assert api.run(api.compose([*RESUMED, "trainer.steps=10", "trainer.progress=false"]),
+                   tmp_path / "whole").status == "ok"
     a, b = read_summary(tmp_path / "run"), read_summary(tmp_path / "whole")
     assert a["resumed_from_step"] == 4 and a["steps_done"] == 10
     assert a["param_sha256"] == b["param_sha256"]
     assert a["overrides"] == [*RESUMED, "trainer.steps=6"]  # the run's own record stays
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tmp_path_factory):
+    """A run of RESUMED (6 steps, checkpointed at step 4) from the command line, for the resumes that
+    are refused (they leave it as it is)."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    return run_dir
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -166,12 +173,19 @@ def test_resume_with_the_runs_own_overrides_repeated_is_exact(tmp_path):
     ("model=mlp", "model=cnn, this command model=mlp"),
     ("seed=4", "seed=3, this command seed=4"),
 ])
-def test_resume_refuses_an_override_that_differs_naming_both_values(tmp_path, override, needle):
-    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'run'}")
-    assert first.returncode == 0, first.stderr
-    before = (tmp_path / "run" / "summary.json").read_text()
-    result = run_cli(*RESUMED, override, "trainer.steps=10", f"trainer.resume={tmp_path / 'run'}")
+def test_resume_refuses_an_override_that_differs_naming_both_values(checkpointed_run, override, needle):
+    """The refusal's line, found in-process by the command line's own preparation (the next test
+    shows the command line prints it, exits 2 and leaves the run as it was)."""
+    before = (checkpointed_run / "summary.json").read_text()
+    assert needle in resume_refusal(*RESUMED, override, "trainer.steps=10", f"trainer.resume={checkpointed_run}")
+    assert (checkpointed_run / "summary.json").read_text() == before
+
+
+def test_a_refused_resume_is_one_line_and_exit_2_and_leaves_the_run_as_it_was(checkpointed_run):
+    before = {p.name: p.read_bytes() for p in checkpointed_run.iterdir() if p.is_file()}
+    overrides = [*RESUMED, "seed=4", "trainer.steps=10", f"trainer.resume={checkpointed_run}"]
+    result = run_cli(*overrides)
     assert result.returncode == 2
-    assert needle in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert "seed=3, this command seed=4" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {resume_refusal(*overrides)}"  # one line, the same
+    assert {p.name: p.read_bytes() for p in checkpointed_run.iterdir() if p.is_file()} == before
