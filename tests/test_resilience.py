@@ -15,6 +15,7 @@ import time
 import pandas as pd
 import pytest
 
+from runner import api
 from runner.jobs import exit_code
 from runner.training import train
 from runner.training.build import build_training
@@ -67,8 +68,10 @@ def test_resume_after_sigkill_gives_the_uninterrupted_parameters(tmp_path):
 
     resumed = run_cli(f"trainer.resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr
-    reference = run_cli(*args, f"hydra.run.dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr
+    # The uninterrupted run, in-process (the command line's own compose and build: runner.api), and
+    # without checkpoints: writing them changes nothing in the training.
+    uninterrupted = [arg for arg in args if not arg.startswith("trainer.checkpoint_every=")]
+    assert api.run(api.compose([*uninterrupted, "trainer.progress=false"]), tmp_path / "reference").status == "ok"
     final, expected = summary(run_dir), summary(tmp_path / "reference")
     assert final["status"] == "ok" and final["steps_done"] == 4000
     assert final["resumed_from_step"] % 7 == 0 and final["resumed_from_step"] <= len(metrics)
@@ -117,10 +120,10 @@ def test_interrupt_stops_a_sweep_and_keeps_its_rows(tmp_path):
 
 
 def test_huge_learning_rate_ends_diverged_at_a_recorded_step(tmp_path):
+    """In-process, as the command line trains it (and exits with exit_code's 1 for it)."""
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY, "optim.lr=1e6", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
+    outcome = api.run(api.compose([*TINY, "optim.lr=1e6", "trainer.progress=false"]), run_dir)
+    assert outcome.status == "diverged" and exit_code(outcome.status, outcome.signum) == 1
     final = summary(run_dir)
     assert final["status"] == "diverged" and 1 <= final["diverged_at_step"] < 100
     assert str(final["diverged_at_step"]) in final["error"]
@@ -146,8 +149,8 @@ def test_divergence_in_a_sweep_does_not_stop_the_other_jobs(tmp_path):
 
 
 def test_a_run_directory_is_never_overwritten(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_cli("trainer.steps=3", *TINY, f"hydra.run.dir={run_dir}").returncode == 0
+    run_dir = tmp_path / "run"  # a run's records, trained in-process as the command line trains it
+    assert api.run(api.compose(["trainer.steps=3", *TINY, "trainer.progress=false"]), run_dir).status == "ok"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     again = run_cli("trainer.steps=5", *TINY, f"hydra.run.dir={run_dir}")
     assert again.returncode == 2 and "already holds a run" in again.stderr
