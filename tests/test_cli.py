@@ -109,11 +109,12 @@ def test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing(tmp
     """Each kind of refusal through the real command line. Every ConfigError the run's preparation
     raises (validate, the build, its probes) is printed by the same callback, so the in-process
     refusals of the other tests reach a user as exactly this: `error: <the line>`, exit 2, no folder."""
-    result = run_cli(*args, cwd=tmp_path)
+    # ours also into a run folder of their own: it is not created either
+    result = run_cli(*args, *([f"hydra.run.dir={tmp_path / 'run'}"] if ours else []), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "run").exists()
     if ours:  # exactly the line runner.api.compose raises
         assert result.stderr.strip() == f"error: {refusal(*args)}"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runner import api
 from runner.components.optim import build_optimizers
 from runner.config.schema import ConfigError, OptimConf
 from runner.training.build import build_training
-from tests.conftest import make_config, read_summary, run_cli
+from tests.conftest import make_config, read_summary, refusal, resume_refusal, run_cli
 
 SMALL = ["data.train_size=256", "data.eval_size=32", "model.hidden=8"]
 
@@ -38,10 +39,12 @@ def test_optim_adamw_trains_from_the_command_line(tmp_path):
 
 
 def test_another_target_from_the_command_line_takes_only_the_keys_it_accepts(tmp_path):
-    """optim=sgd's momentum and the schema's betas stay behind; +optim.alpha is RMSprop's own."""
+    """optim=sgd's momentum and the schema's betas stay behind; +optim.alpha is RMSprop's own. The run
+    in-process, through the command line's own compose and build (runner.api; optim=adamw above goes
+    through the command line itself)."""
     overrides = ["optim._target_=torch.optim.RMSprop", "optim.lr=0.01", "+optim.alpha=0.9"]
-    result = run_cli(*overrides, "trainer.steps=3", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 0, result.stderr
+    trained = api.run(api.compose([*overrides, "trainer.steps=3", *SMALL, "trainer.progress=false"]), tmp_path / "run")
+    assert trained.status == "ok"
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "ok" and summary["config"]["optim"]["alpha"] == 0.9
     [optimizer] = composed(*overrides).optimizers
@@ -54,19 +57,20 @@ def test_another_target_from_the_command_line_takes_only_the_keys_it_accepts(tmp
     ("optim._target_=torch.optim.Nope", "optim._target_=torch.optim.Nope: cannot import it"),
     ("+optim.bogus=1", "optim._target_=torch.optim.SGD: cannot build it"),
 ])
-def test_an_optimizer_that_cannot_be_built_is_one_line_naming_its_target(tmp_path, override, needle):
-    result = run_cli(override, "trainer.steps=3", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    assert needle in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()  # bad input leaves nothing behind
+def test_an_optimizer_that_cannot_be_built_is_one_line_naming_its_target(override, needle):
+    """One line, before anything is written (the command line prints it, exits 2 and leaves no folder:
+    tests/test_cli.py::test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing)."""
+    assert needle in refusal(override, "trainer.steps=3", *SMALL)
 
 
 def test_a_resume_keeps_the_optimizers_own_arguments(tmp_path):
+    """The first run and the refused resume in-process (runner.api; the command line's own
+    preparation), the resume itself from the command line."""
     run = ["optim=rmsprop", "+optim.alpha=0.9", "trainer.checkpoint_every=2", *SMALL]
-    assert run_cli(*run, "trainer.steps=4", f"hydra.run.dir={tmp_path / 'run'}").returncode == 0
-    other = run_cli(*[o.replace("0.9", "0.5") for o in run], "trainer.steps=6", f"trainer.resume={tmp_path / 'run'}")
-    assert other.returncode == 2 and "optim.alpha=0.9, this command optim.alpha=0.5" in other.stderr
+    assert api.run(api.compose([*run, "trainer.steps=4", "trainer.progress=false"]), tmp_path / "run").status == "ok"
+    refused = resume_refusal(*[o.replace("0.9", "0.5") for o in run], "trainer.steps=6",
+                             f"trainer.resume={tmp_path / 'run'}")
+    assert "optim.alpha=0.9, this command optim.alpha=0.5" in refused
     resumed = run_cli(*run, "trainer.steps=6", f"trainer.resume={tmp_path / 'run'}")
     assert resumed.returncode == 0, resumed.stderr
     assert read_summary(tmp_path / "run")["steps_done"] == 6
@@ -84,8 +88,6 @@ def test_a_python_config_picks_the_optimizer_by_name():
 
 
 def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_training_in_one_line():
-    from tests.conftest import refusal
-
     assert refusal("optim._target_=torch.optim.LBFGS") == (
         "optim._target_=torch.optim.LBFGS is not allowed: its step(closure) evaluates the loss itself, and a "
         "strategy calls step() once after its own backward passes: expected an optimizer whose step takes no "
