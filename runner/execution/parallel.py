@@ -20,8 +20,9 @@ they hold, and never ask which one it is:
     figures(steps)      summary figures: parallel, communication rounds per step, peak gradient bytes
     agree(sha)          whether every rank ends with bit-identical parameters
 
-An engine that owns the optimizer step (DeepSpeed, Lightning Fabric) is one more class registered in
-ENGINES that overrides the optimizer side; `needs_ranks = False` lets it run in one process too.
+An engine that owns the optimizer step (DeepSpeed, Lightning Fabric) is one more class that overrides
+the optimizer side, registered in ENGINES or named by its import path (trainer.parallel=package.module.Class);
+`needs_ranks = False` lets it run in one process too.
 Execution imports no component: what a loss or a data set knows reaches an engine as a number.
 """
 from __future__ import annotations
