@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner import api
 from runner.components.losses import FocalLoss, softmax_focal_loss
+from runner.jobs import exit_code
 from runner.training.build import build_training
-from tests.conftest import make_config, max_abs_diff, run_cli, train
+from tests.conftest import make_config, max_abs_diff, refusal, train
 
 CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,
              optim__betas=[0.5, 0.999])
@@ -22,10 +24,12 @@ def test_naive_is_recorded_as_the_second_backward_error(tmp_path, joint, memory)
 
 
 def test_naive_single_run_exits_non_zero(tmp_path):
-    result = run_cli("model=two_stage", "loss=ce", "backward=naive", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "Trying to backward through the graph a second time" in result.stderr
-    assert "Traceback" not in result.stderr
+    """In-process, as the command line runs it: the recorded error it prints in one line, and its exit
+    code (1, as for every failed run: tests/test_cli.py::test_a_loss_without_backward_is_recorded_as_not_differentiable)."""
+    outcome = api.run(api.compose(["model=two_stage", "loss=ce", "backward=naive", "trainer.progress=false"]),
+                      tmp_path / "run")
+    assert outcome.status == "error" and exit_code(outcome.status, outcome.signum) == 1
+    assert "Trying to backward through the graph a second time" in outcome.summary.error
 
 
 def test_retain_graph_and_detach_agree_bit_for_bit_with_separate_optimizers(tmp_path):
@@ -88,10 +92,10 @@ def test_gradient_flow_shows_detach_cuts_stage2_off_stage1(tmp_path):
         assert table[("stage2", "stage1")] is False
 
 
-def test_chained_strategies_refuse_a_single_model(tmp_path):
-    result = run_cli("backward=detach", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "backward=detach does not fit model=mlp" in result.stderr and "model=two_stage" in result.stderr
+def test_chained_strategies_refuse_a_single_model():
+    """The command line's own line, in-process (printed with exit 2: tests/test_cli.py::test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing)."""
+    line = refusal("backward=detach")
+    assert "backward=detach does not fit model=mlp" in line and "model=two_stage" in line
 
 
 def test_softmax_focal_loss_matches_the_formula_and_reduces_to_ce():

@@ -13,9 +13,17 @@ def test_soft_f1_runs_from_any_directory_with_its_arguments(tmp_path):
 
 
 def test_hard_f1_is_refused_before_training(tmp_path):
-    result = run_cli("loss=custom", "loss._target_=runner.experiments.custom_loss.HardF1Loss", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "HardF1Loss is not differentiable: its output has no grad_fn" in result.stderr
+    """In-process, as the command line runs it (which prints the recorded error and exits 1:
+    tests/test_cli.py::test_a_loss_without_backward_is_recorded_as_not_differentiable)."""
+    from runner import api
+    from runner.jobs import exit_code
+
+    training = api.compose(["loss=custom", "loss._target_=runner.experiments.custom_loss.HardF1Loss",
+                            "trainer.progress=false"])
+    outcome = api.run(training, tmp_path / "run")
+    assert outcome.status == "error" and exit_code(outcome.status, outcome.signum) == 1
+    assert outcome.summary.steps_done == 0
+    assert "HardF1Loss is not differentiable: its output has no grad_fn" in outcome.summary.error
 
 
 def test_a_loss_that_is_not_a_per_example_mean_breaks_the_accumulation_identity(tmp_path):
