@@ -25,7 +25,7 @@ def test_naive_is_recorded_as_the_second_backward_error(tmp_path, joint, memory)
 
 def test_naive_single_run_exits_non_zero(tmp_path):
     """In-process, as the command line runs it: the recorded error it prints in one line, and its exit
-    code (1, as for every failed run: tests/test_cli.py::test_a_loss_without_backward_is_recorded_as_not_differentiable)."""
+    code (1, as for every failed run: test_cli's test_a_loss_without_backward_is_recorded_as_not_differentiable)."""
     outcome = api.run(api.compose(["model=two_stage", "loss=ce", "backward=naive", "trainer.progress=false"]),
                       tmp_path / "run")
     assert outcome.status == "error" and exit_code(outcome.status, outcome.signum) == 1
