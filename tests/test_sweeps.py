@@ -8,12 +8,20 @@ from runner import compare
 from tests.conftest import run_cli
 
 TINY = ["trainer.steps=15", "data.train_size=256", "data.eval_size=64", "model.hidden=8"]
+LAUNCHED = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
 
 
 def sweep(tmp_path, name, *args, timeout=180):
     sweep_dir = tmp_path / name
     result = run_cli("-m", *args, *TINY, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=timeout)
     return result, sweep_dir
+
+
+@pytest.fixture(scope="session")
+def basic_sweep(tmp_path_factory):
+    """The basic launcher's sweep of full, sum and accumulate, run once for the tests that read it: the
+    other launchers' sweeps are compared with it, and compare lines it up with its float64 twin."""
+    return sweep(tmp_path_factory.mktemp("launchers"), "basic", *LAUNCHED)
 
 
 def test_a_failing_job_keeps_every_row_and_the_comparison(tmp_path):
@@ -29,9 +37,9 @@ def test_a_failing_job_keeps_every_row_and_the_comparison(tmp_path):
     assert "equivalent" in result.stdout  # the table printed at the end
 
 
-def test_compare_lines_up_two_sweeps(tmp_path):
-    r32, s32 = sweep(tmp_path, "f32", "backward=full,sum,accumulate")
-    r64, s64 = sweep(tmp_path, "f64", "backward=full,sum,accumulate", "trainer.dtype=float64")
+def test_compare_lines_up_two_sweeps(tmp_path, basic_sweep):
+    r32, s32 = basic_sweep  # full, sum and accumulate in float32, the same in float64:
+    r64, s64 = sweep(tmp_path, "f64", *LAUNCHED, "trainer.dtype=float64")
     assert r32.returncode == 0 and r64.returncode == 0, r32.stderr + r64.stderr
     out = tmp_path / "both.csv"
     result = run_cli_compare(s32, s64, "--out", out)
@@ -50,15 +58,6 @@ def test_compare_lines_up_two_sweeps(tmp_path):
 
 def run_cli_compare(*args):
     return compare.main([str(a) for a in args])
-
-
-LAUNCHED = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
-
-
-@pytest.fixture(scope="module")
-def basic_sweep(tmp_path_factory):
-    """The basic launcher's sweep, run once for every launcher compared with it."""
-    return sweep(tmp_path_factory.mktemp("launchers"), "basic", *LAUNCHED)
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
