@@ -26,6 +26,81 @@ ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
 
 
+# Seconds the slow tests take on a quiet 2-core machine (one test process each, measured 2026-12-03;
+# a name ending in a parameter's "[" or a test's own prefix covers every test it starts). The suite
+# runs them longest first and hands them out one at a time (pytest-xdist's --maxschedchunk=1), so that
+# the two test processes finish together instead of one waiting on the other's last long sweep. A new
+# test that takes more than a few seconds belongs here; the others count as quick and run last.
+SLOW_SECONDS = {
+    "tests/test_experiments.py::test_claims_hold[fsdp]": 90,
+    "tests/test_experiments.py::test_claims_hold[ddp]": 48,
+    "tests/test_experiments.py::test_claims_hold[precision]": 47,
+    "tests/test_experiments.py::test_claims_hold[ranks_tokens]": 38,
+    "tests/test_processes.py::test_two_processes_a_lost_rank": 30,
+    "tests/test_coupling.py::test_the_audit_runs_on_the_worked_example": 30,
+    "tests/test_experiments.py::test_claims_hold[factors]": 26,
+    "tests/test_resilience.py::test_resume_after_sigkill": 26,
+    "tests/test_experiments.py::test_claims_hold[focal]": 21,
+    "tests/test_sweeps.py::test_parallel_launchers": 20,
+    "tests/test_trackers.py::test_a_sweep_is_a_parent_run": 20,
+    "tests/test_experiments.py::test_claims_hold[schedule]": 17,
+    "tests/test_sweeps.py::test_each_distinct_training_runs_once": 17,
+    "tests/test_bench.py::test_quick_bench": 16,
+    "tests/test_resilience.py::test_a_run_directory_is_never_overwritten": 16,
+    "tests/test_experiments.py::test_claims_hold[partial_window]": 15,
+    "tests/test_experiments.py::test_glob_over_experiments": 15,
+    "tests/test_install.py::test_a_wheel_install": 15,
+    "tests/test_experiments.py::test_claims_hold[": 12,  # the others: 9 to 14 s
+    "tests/test_processes.py::test_two_processes": 13,
+    "tests/test_sequences.py::test_token_normalisation_is_exact": 13,
+    "tests/test_trackers.py::test_a_run_in_mlflow_and_tensorboard": 13,
+    "tests/test_replicates.py::test_impact_says": 12,
+    "tests/test_replicates.py::test_a_sweep_over_seeds": 12,
+    "tests/test_checkpoint.py::test_resume_with_the_runs_own_overrides": 11,
+    "tests/test_experiments.py::test_a_false_claim": 10,
+    "tests/test_resilience.py::test_interrupt_stops_a_sweep": 9,
+    "tests/test_resilience.py::test_divergence_in_a_sweep": 9,
+    "tests/test_sweeps.py::test_a_failing_job": 9,
+    "tests/test_sweeps.py::test_compare_lines_up_two_sweeps": 9,
+    "tests/test_api.py::test_compose_applies_the_groups_yaml": 7,
+    "tests/test_optim.py::test_optim_adamw_trains_from_the_command_line": 7,
+    "tests/test_resilience.py::test_interrupt_stops_after_the_step": 6,
+    "tests/test_cli.py::test_default_run_from_another_directory": 6,
+    "tests/test_coupling.py::test_a_single_run_says_so": 6,
+    "tests/test_optim.py::test_a_resume_keeps": 6,
+    "tests/test_components.py::test_help_lists": 6,
+    "tests/test_cli.py::test_": 4,  # its other command lines: 3 to 5 s
+    "tests/test_custom_loss.py::test_soft_f1": 5,
+    "tests/test_multitask.py::test_step_per_task_single_run": 5,
+    "tests/test_hf_data.py::test_a_bad_cell_warns": 5,
+    "tests/test_gradflow.py::test_the_cli_prints": 5,
+    "tests/test_checkpoint.py::test_": 3,
+    "tests/test_resilience.py::test_": 3,
+    "tests/test_house.py::test_": 3,
+    "tests/test_gpu_check.py::test_": 3,
+}
+
+
+def expected_seconds(nodeid: str) -> float:
+    """SLOW_SECONDS' figure for a test: its longest matching name, 0 for a quick test."""
+    matches = [name for name in SLOW_SECONDS if nodeid.startswith(name)]
+    return SLOW_SECONDS[max(matches, key=len)] if matches else 0
+
+
+def pytest_configure(config):
+    # One test at a time to each test process (where the user did not choose): xdist's default sends
+    # runs of consecutive tests, which after the longest-first sort would give one process every long one.
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first (SLOW_SECONDS), the rest in their usual order: with two test processes the
+    long tests start at once and the quick ones fill the gaps at the end."""
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-expected_seconds(item.nodeid), position[id(item)]))
+
+
 def make_config(**overrides) -> Config:
     """Config() with dotted keys given as double underscores: trainer__steps=5."""
     cfg = Config()

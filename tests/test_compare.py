@@ -13,7 +13,7 @@ from runner.recording.record import Summary
 from tests.conftest import train
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """full, accumulate (equivalent), scale=mean on an uneven split (differs), float64, an error."""
     base = tmp_path_factory.mktemp("runs")

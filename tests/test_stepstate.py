@@ -27,7 +27,7 @@ def ema_of(run_dir) -> dict:
     return {n: state[n] for n in names}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ema_runs(tmp_path_factory):
     """full, and accumulate k=4 with the EMA per step and per micro-batch (decay 0.99, 50 steps)."""
     tmp = tmp_path_factory.mktemp("ema")

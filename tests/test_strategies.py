@@ -9,7 +9,7 @@ F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
 F64 = dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """backward=full after 100 steps, per (model, dtype), computed once."""
     cache = {}

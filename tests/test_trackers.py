@@ -18,9 +18,9 @@ TINY = ["trainer.steps=3", "data.train_size=64", "data.eval_size=16", "model.hid
 LOGGERS = "trainer.loggers=[csv,mlflow,tensorboard]"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def outputs(tmp_path_factory):
-    """One outputs folder for the module: its runs and sweeps share the default store (mlflow.db), created once."""
+    """One outputs folder for the session: its runs and sweeps share the default store (mlflow.db), created once."""
     return tmp_path_factory.mktemp("outputs")
 
 
