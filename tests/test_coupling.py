@@ -1,8 +1,6 @@
 """Batch coupling and randomness, found before training: BatchNorm mixes the examples of a batch,
 dropout draws masks, and micro-batches then cannot equal the batch. Said in advance, recorded,
 and given as the reason of every comparison that differs."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from runner.analysis.runs import compare_to, find_runs
 from runner.recording import record
 from runner.recording.record import Summary
 from runner.training.checks import probe_coupling
-from tests.conftest import ROOT, read_summary, run_cli, train
+from tests.conftest import read_summary, run_cli, train
 
 
 class CentreTheBatch(nn.Module):
@@ -151,9 +149,10 @@ def audit(tmp_path, name, *args):
 
 def test_the_audit_runs_on_the_worked_example(tmp_path):
     pytest.importorskip("sklearn", reason="the worked example's data set comes from scikit-learn (examples extra)")
-    export = subprocess.run([sys.executable, "-m", "runner.experiments.examples.breast_cancer",
-                             str(tmp_path / "breast_cancer.csv")], capture_output=True, text=True, cwd=ROOT)
-    assert export.returncode == 0, export.stderr
+    from runner.experiments.examples import breast_cancer
+
+    # `python -m runner.experiments.examples.breast_cancer FILE`, in-process: the module's own main
+    assert breast_cancer.main([str(tmp_path / "breast_cancer.csv")]) == 0
     result, sweep_dir = audit(tmp_path, "plain", "backward.accumulation=2,8")
     lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  backward=")]
     assert len(lines) == 5  # every run but the reference
