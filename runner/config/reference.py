@@ -227,8 +227,9 @@ def _declared(conf: Conf, group: str, set_by: Dict[str, Dict[str, str]]) -> Iter
         for f in fields(declared):
             doc = _doc(f, hints[f.name], f"{group}.", {}, {})
             doc.declared_by = f"{group}={option} ({target})"
-            doc.set_by = {f"{group}={option}": value for option_, value in set_by.get(doc.dotted, {}).items()
-                          if option_ == f"{group}={option}" and value != doc.default}
+            chosen = f"{group}={option}"  # only this option's YAML sets the key its class declares
+            value = set_by.get(doc.dotted, {}).get(chosen)
+            doc.set_by = {chosen: value} if value is not None and value != doc.default else {}
             yield doc
 
 

@@ -574,7 +574,6 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
     except Exception as exc:  # ImportError, or Hydra's wrapper of it
         cause = exc.__cause__ or exc
         raise ConfigError(f"{dotted}={target}: cannot import it ({first_line(cause)})") from None
-    kwargs = _checked(dotted, target, built, kwargs)
     if optional:
         try:
             accepted = inspect.signature(built).parameters
@@ -601,12 +600,8 @@ def declared_arguments(group: str, target: Optional[str], kwargs: Dict[str, Any]
         built = get_object(target)
     except Exception:  # instantiate reports the import error
         return dict(kwargs)
-    return _checked(f"{group}._target_", target, built, kwargs)
-
-
-def _checked(dotted: str, target: str, built: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     try:  # the keys your class declares next to itself: typed, ranged, defaulted
-        return checked_arguments(dotted.rsplit(".", 1)[0], target, built, kwargs)
+        return checked_arguments(group, target, built, kwargs)
     except ComponentError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -240,13 +240,18 @@ class Accumulate(MicroBatched):
 
     Options = AccumulateOptions
 
+    @property
+    def steps_in_backward(self) -> bool:
+        """backward.step_in_backward: each parameter's hook steps it alone, with an optimizer of its own."""
+        return self.options.step_in_backward != StepInBackward.off
+
     def param_groups(self, model: nn.Module) -> List[List[nn.Parameter]]:
-        if self.options.step_in_backward != StepInBackward.off:  # its hook steps each parameter alone
+        if self.steps_in_backward:
             return [[p] for p in model.parameters()]
         return super().param_groups(model)
 
     def with_loss_parameters(self, groups, extra):
-        if self.options.step_in_backward != StepInBackward.off:
+        if self.steps_in_backward:
             return groups + [[p] for p in extra]
         return super().with_loss_parameters(groups, extra)
 
