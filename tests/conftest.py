@@ -26,66 +26,66 @@ ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
 
 
-# Seconds the slow tests take with two test processes on 2 cores (measured 2026-12-03, other work running;
+# Seconds the slow tests take with two test processes on 2 cores (measured 2026-12-04 on a quiet machine;
 # a name ending in a parameter's "[" or a test's own prefix covers every test it starts). The suite
 # runs them longest first and hands them out one at a time (pytest-xdist's --maxschedchunk=1), so that
 # the two test processes finish together instead of one waiting on the other's last long sweep. A new
 # test that takes more than a few seconds belongs here; the others count as quick and run last.
 SLOW_SECONDS = {
-    "tests/test_experiments.py::test_claims_hold[fsdp]": 100,
-    "tests/test_experiments.py::test_claims_hold[ddp]": 52,
-    "tests/test_experiments.py::test_claims_hold[precision]": 50,
-    "tests/test_experiments.py::test_claims_hold[ranks_tokens]": 48,
-    "tests/test_experiments.py::test_claims_hold[factors]": 30,
-    "tests/test_experiments.py::test_claims_hold[focal]": 29,
-    "tests/test_processes.py::test_two_processes_a_lost_rank": 29,
-    "tests/test_coupling.py::test_the_audit_runs_on_the_worked_example": 24,
-    "tests/test_resilience.py::test_resume_after_sigkill": 21,
-    "tests/test_sweeps.py::test_parallel_launchers": 20,  # the first one with the basic launcher's sweep
-    "tests/test_trackers.py::test_a_sweep_is_a_parent_run": 20,
-    "tests/test_experiments.py::test_glob_over_experiments": 19,
-    "tests/test_experiments.py::test_claims_hold[schedule]": 18,
-    "tests/test_sweeps.py::test_each_distinct_training_runs_once": 18,
-    "tests/test_experiments.py::test_claims_hold[tokens]": 17,
-    "tests/test_resilience.py::test_a_run_directory_is_never_overwritten": 17,
-    "tests/test_experiments.py::test_claims_hold[partial_window]": 16,
-    "tests/test_experiments.py::test_claims_hold[memory]": 15,
-    "tests/test_experiments.py::test_claims_hold[moe]": 15,
-    "tests/test_bench.py::test_quick_bench": 15,
-    "tests/test_processes.py::test_two_processes": 15,  # the others: 12 to 15 s
-    "tests/test_sweeps.py::test_compare_lines_up_two_sweeps": 15,
-    "tests/test_install.py::test_a_wheel_install": 14,
-    "tests/test_experiments.py::test_claims_hold[": 11,  # the others: 8 to 13 s
-    "tests/test_replicates.py::test_impact_says": 12,
-    "tests/test_replicates.py::test_a_sweep_over_seeds": 11,
-    "tests/test_trackers.py::test_a_run_in_mlflow_and_tensorboard": 10,
-    "tests/test_sequences.py::test_token_normalisation_is_exact": 9,
-    "tests/test_checkpoint.py::test_resume_with_the_runs_own_overrides": 9,
-    "tests/test_checkpoint.py::test_resume_refuses_an_override": 8,
-    "tests/test_experiments.py::test_a_false_claim": 8,
+    "tests/test_experiments.py::test_claims_hold[fsdp]": 56,
+    "tests/test_experiments.py::test_claims_hold[precision]": 25,
+    "tests/test_experiments.py::test_claims_hold[ddp]": 23,
+    "tests/test_experiments.py::test_claims_hold[ranks_tokens]": 23,
+    "tests/test_trackers.py::test_a_sweep_is_a_parent_run": 14,
+    "tests/test_experiments.py::test_claims_hold[factors]": 13,
+    "tests/test_processes.py::test_two_processes_a_lost_rank": 12,
+    "tests/test_resilience.py::test_resume_after_sigkill": 12,
+    "tests/test_sweeps.py::test_parallel_launchers": 12,  # the first one with the basic launcher's sweep
+    "tests/test_experiments.py::test_claims_hold[focal]": 11,
+    "tests/test_bench.py::test_quick_bench": 8,
+    "tests/test_experiments.py::test_glob_over_experiments": 7,
+    "tests/test_experiments.py::test_claims_hold[schedule]": 7,
+    "tests/test_processes.py::test_two_processes": 7,  # the others: 5 to 9 s
+    "tests/test_install.py::test_a_wheel_install": 7,
+    "tests/test_resilience.py::test_a_run_directory_is_never_overwritten": 6,
+    "tests/test_replicates.py::test_impact_says": 6,
+    "tests/test_trackers.py::test_a_run_in_mlflow_and_tensorboard": 6,
     "tests/test_sweeps.py::test_a_failing_job": 6,
-    "tests/test_resilience.py::test_interrupt_stops_a_sweep": 6,
-    "tests/test_resilience.py::test_divergence_in_a_sweep": 6,
-    "tests/test_resilience.py::test_interrupt_stops_after_the_step": 5,
-    "tests/test_optim.py::test_optim_adamw_trains_from_the_command_line": 5,
-    "tests/test_optim.py::test_a_resume_keeps": 5,
-    "tests/test_hf_data.py::test_a_bad_cell_warns": 5,
-    "tests/test_custom_loss.py::test_soft_f1": 5,
-    "tests/test_coupling.py::test_a_single_run_says_so": 5,
-    "tests/test_cli.py::test_default_run_from_another_directory": 5,
-    "tests/test_cli.py::test_custom_loss_arguments": 5,
-    "tests/test_api.py::test_compose_applies_the_groups_yaml": 5,
+    "tests/test_coupling.py::test_the_audit_runs_on_the_worked_example": 5,
+    "tests/test_experiments.py::test_claims_hold[partial_window]": 5,
+    "tests/test_experiments.py::test_claims_hold[memory]": 5,
+    "tests/test_experiments.py::test_claims_hold[moe]": 5,
+    "tests/test_checkpoint.py::test_resume_with_the_runs_own_overrides": 5,
+    "tests/test_checkpoint.py::test_resume_refuses_an_override": 5,
+    "tests/test_experiments.py::test_claims_hold[tokens]": 4,
+    "tests/test_experiments.py::test_claims_hold[": 4,  # the others: 2 to 5 s (in this process)
+    "tests/test_sequences.py::test_token_normalisation_is_exact": 4,
+    "tests/test_resilience.py::test_interrupt_stops_a_sweep": 4,
+    "tests/test_resilience.py::test_divergence_in_a_sweep": 4,
     "tests/test_trackers.py::test_a_failing_run_ends": 4,
-    "tests/test_multitask.py::test_step_per_task_single_run": 4,
-    "tests/test_gradflow.py::test_the_cli_prints": 4,
-    "tests/test_cli.py::test_": 3.5,  # its other command lines: 3 to 4 s
+    "tests/test_replicates.py::test_a_sweep_over_seeds": 3,
+    "tests/test_experiments.py::test_a_false_claim": 3,
+    "tests/test_resilience.py::test_interrupt_stops_after_the_step": 3,
+    "tests/test_optim.py::test_optim_adamw_trains_from_the_command_line": 3,
+    "tests/test_optim.py::test_a_resume_keeps": 3,
+    "tests/test_hf_data.py::test_a_bad_cell_warns": 3,
+    "tests/test_custom_loss.py::test_soft_f1": 3,
+    "tests/test_coupling.py::test_a_single_run_says_so": 3,
+    "tests/test_cli.py::test_default_run_from_another_directory": 3,
+    "tests/test_cli.py::test_custom_loss_arguments": 3,
+    "tests/test_api.py::test_compose_applies_the_groups_yaml": 3,
+    "tests/test_multitask.py::test_step_per_task_single_run": 3,
+    "tests/test_gradflow.py::test_the_cli_prints": 3,
+    "tests/test_cli.py::test_": 3,  # its other command lines: 2 to 3 s
     "tests/test_checkpoint.py::test_": 3,
     "tests/test_resilience.py::test_": 3,
     "tests/test_replicates.py::test_the_picture_of_many_runs": 3,
-    "tests/test_house.py::test_": 2,
     "tests/test_hf_data.py::test_a_hugging_face_causal_lm": 3,
+    "tests/test_sweeps.py::test_each_distinct_training_runs_once": 2,
+    "tests/test_sweeps.py::test_compare_lines_up_two_sweeps": 2,
+    "tests/test_house.py::test_": 2,
     "tests/test_gpu_check.py::test_": 2,
-    "tests/test_components.py::test_help_lists": 3,
+    "tests/test_components.py::test_help_lists": 2,
 }
 
 
@@ -183,6 +183,45 @@ def run_cli(*args, cwd=None, timeout=120, env_extra=None):
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(*args, cwd):
+    """`python -m runner ARGS` through the command line's own entry point (runner.cli.entry) in this
+    test process: the same Hydra composition, callbacks, sweep, records, printed lines and exit code,
+    without a new interpreter (starting one with torch and Hydra costs about 3 s). For tests whose
+    subject is what a command computes; signals, launchers, a user's shell and the interpreter's own
+    start stay with run_cli."""
+    import contextlib
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here, root = sys.argv, os.getcwd(), logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    GlobalHydra.instance().clear()
+    sys.argv = ["runner", *map(str, args)]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.entry()
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:  # Hydra's job logging: a console handler on the captured stream, a file
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        torch.set_num_threads(threads)  # trainer.threads sets this process's
+    return subprocess.CompletedProcess(["runner", *args], code, out.getvalue(), err.getvalue())
 
 
 def read_summary(run_dir) -> dict:

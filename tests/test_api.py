@@ -7,7 +7,7 @@ from hydra.core.global_hydra import GlobalHydra
 from runner import api
 from runner.components.models import CausalLM
 from runner.config.schema import ConfigError
-from tests.conftest import read_summary, run_cli
+from tests.conftest import read_summary, run_here
 
 SEQ = ["model=seq", "data=seq", "loss=lm", "trainer.steps=3"]
 
@@ -19,7 +19,7 @@ def test_compose_applies_the_groups_yaml_and_runs_like_the_command_line(tmp_path
     outcome = api.run(training, tmp_path / "api")
     assert outcome.status == "ok", outcome.summary.error
 
-    result = run_cli(*SEQ, f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
+    result = run_here(*SEQ, f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     mine, theirs = read_summary(tmp_path / "api"), read_summary(tmp_path / "cli")
     assert mine["param_sha256"] == theirs["param_sha256"]

@@ -8,7 +8,7 @@ from runner import api
 from runner.recording import checkpoint
 from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import make_config, read_summary, resume_refusal, run_cli
+from tests.conftest import make_config, read_summary, resume_refusal, run_cli, run_here
 
 
 @pytest.mark.parametrize("overrides", [
@@ -145,7 +145,7 @@ RESUMED = ["model=cnn", "backward=accumulate", "backward.accumulation=2", "data.
 def test_resume_with_the_runs_own_overrides_repeated_is_exact(tmp_path):
     """A user repeats the command and appends the resume (raising trainer.steps, which a resume
     may change): the run continues bit for bit as if it had never stopped."""
-    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'run'}")
+    first = run_here(*RESUMED, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     resumed = run_cli(*RESUMED, "trainer.steps=10", f"trainer.resume={tmp_path / 'run'}")
     assert resumed.returncode == 0, resumed.stderr
@@ -162,7 +162,7 @@ def test_resume_refuses_an_override_that_differs_naming_both_values(tmp_path):
     """Each refusal's line found in-process by the command line's own preparation, then one through the
     command line itself: that line on stderr, exit 2, and the run left as it was."""
     run_dir = tmp_path / "run"
-    first = run_cli(*RESUMED, "trainer.steps=6", f"hydra.run.dir={run_dir}")  # checkpointed at step 4
+    first = run_here(*RESUMED, "trainer.steps=6", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # checkpointed at step 4
     assert first.returncode == 0, first.stderr
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     for override, needle in (

@@ -12,7 +12,7 @@ from runner.analysis.runs import compare_to, find_runs
 from runner.recording import record
 from runner.recording.record import Summary
 from runner.training.checks import probe_coupling
-from tests.conftest import read_summary, run_cli, train
+from tests.conftest import read_summary, run_cli, run_here, train
 
 
 class CentreTheBatch(nn.Module):
@@ -139,10 +139,10 @@ def test_a_single_run_says_so_before_training(tmp_path):
 
 def audit(tmp_path, name, *args):
     sweep_dir = tmp_path / name
-    result = run_cli("-m", "experiment=audit", "model=custom",
-                     "model._target_=runner.experiments.examples.tabular.TabularNet", "+model.in_features=30",
-                     "data=csv", f"data.path={tmp_path / 'breast_cancer.csv'}", "data.target=malignant",
-                     "trainer.steps=30", f"hydra.sweep.dir={sweep_dir}", *args, cwd=tmp_path, timeout=300)
+    result = run_here("-m", "experiment=audit", "model=custom",
+                      "model._target_=runner.experiments.examples.tabular.TabularNet", "+model.in_features=30",
+                      "data=csv", f"data.path={tmp_path / 'breast_cancer.csv'}", "data.target=malignant",
+                      "trainer.steps=30", f"hydra.sweep.dir={sweep_dir}", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, sweep_dir
 

@@ -9,7 +9,7 @@ import yaml
 from runner.config import reference
 from runner.config.location import CONF_DIR
 from runner.report import build_report
-from tests.conftest import ROOT, read_summary, run_cli
+from tests.conftest import ROOT, read_summary, run_here
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 # Smaller data sets (and one micro-batched strategy at one accumulation factor for the seeded
@@ -52,8 +52,8 @@ def test_claims_hold(tmp_path, name):
     if name == "default":  # as `make run` runs it, on its own 100 steps
         result = make_run(f"hydra.sweep.dir={sweep_dir}")
     else:
-        result = run_cli("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
-                         f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=300)
+        result = run_here("-m", f"experiment={name}", f"trainer.steps={STEPS.get(name, 20)}", *EXTRA.get(name, []),
+                          f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     declared = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"]
     claims = len(declared)
     # A claim on time per step is a measurement for `make experiments` on an idle machine, not a
@@ -85,7 +85,7 @@ def test_claims_hold(tmp_path, name):
 def test_glob_over_experiments_launches_every_job(tmp_path):
     """Hydra 1.3.8 launches 0 jobs for glob over a search-path-only group; ours is in conf/."""
     sweep_dir = tmp_path / "all"
-    run_cli("-m", "experiment=glob(*)", "trainer.steps=2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    run_here("-m", "experiment=glob(*)", "trainer.steps=2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     jobs = sorted(p.name.split("experiment=")[1].split(",")[0] for p in sweep_dir.iterdir() if (p / "summary.json").exists())
     assert jobs == EXPERIMENTS
 
@@ -101,7 +101,7 @@ def test_a_false_claim_makes_the_sweep_fail(tmp_path):
         "    kind: equivalent\n"
         "    runs: {backward: accumulate, model.batchnorm: true}\n"
         "    reference: {backward: full, model.batchnorm: true}\n")
-    result = run_cli("-m", "experiment=false_claim", "trainer.steps=10", f"hydra.searchpath=[file://{group.parent}]",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = run_here("-m", "experiment=false_claim", "trainer.steps=10", f"hydra.searchpath=[file://{group.parent}]",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 1
     assert "FAILS" in result.stdout and "with BatchNorm accumulate equals full" in result.stdout

@@ -6,7 +6,7 @@ import torch
 
 from runner.training.build import build_training
 from runner.training.gradflow import COLUMNS, gradient_flow
-from tests.conftest import make_config, run_cli, train
+from tests.conftest import make_config, run_here, train
 
 MT = dict(model__name="multitask", loss__name="multitask")
 CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,
@@ -109,8 +109,8 @@ def test_a_constant_component_is_a_row_without_gradient():
 
 
 def test_the_cli_prints_the_table(tmp_path):
-    result = run_cli("model=two_stage", "loss=ce", "optim=adam_gan", "backward=detach", "trainer.steps=2",
-                     f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_here("model=two_stage", "loss=ce", "optim=adam_gan", "backward=detach", "trainer.steps=2",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "gradient flow, first step" in result.stdout
     cells = {tuple(c.strip() for c in line.strip("│ ").split("│")) for line in result.stdout.splitlines()}

@@ -13,7 +13,7 @@ from tests.conftest import (
     make_config,
     max_abs_diff,
     refusal,
-    run_cli,
+    run_here,
     train,
 )
 
@@ -225,8 +225,8 @@ def test_reforward_matches_a_dcgan_style_loop(tmp_path):
 
 
 def test_step_per_task_single_run_exits_non_zero_with_the_hint(tmp_path):
-    result = run_cli("model=multitask", "loss=multitask", "backward=separate", "backward.step_per_task=true",
-                     f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_here("model=multitask", "loss=multitask", "backward=separate", "backward.step_per_task=true",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 1
     assert "modified by an inplace operation" in result.stderr and "Traceback" not in result.stderr
     assert "reforward" in result.stdout  # the hint, in the printed summary

@@ -6,15 +6,15 @@ import pandas as pd
 from runner.analysis.claims import evaluate_claim
 from runner.analysis.replicates import groups, impact, same_seed_reference
 from runner.analysis.runs import find_runs
-from tests.conftest import run_cli, train
+from tests.conftest import run_here, train
 
 SMALL = ["trainer.steps=3", "data.train_size=256", "data.eval_size=64"]
 
 
 def test_a_sweep_over_seeds_pairs_each_run_with_its_own_seeds_reference(tmp_path):
     sweep = tmp_path / "seeds"
-    result = run_cli("-m", "seed=0,1,2", "backward=full,accumulate", "backward.accumulation=2,4", *SMALL,
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=180)
+    result = run_here("-m", "seed=0,1,2", "backward=full,accumulate", "backward.accumulation=2,4", *SMALL,
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = pd.read_csv(sweep / "comparison.csv")
     # Seed 1's accumulate against seed 1's full, never against seed 0's: equivalent, not "differs".

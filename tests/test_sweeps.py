@@ -5,15 +5,18 @@ import pandas as pd
 import pytest
 
 from runner import compare
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_here
 
 TINY = ["trainer.steps=15", "data.train_size=256", "data.eval_size=64", "model.hidden=8"]
 LAUNCHED = ["backward=full,sum,accumulate", "backward.accumulation=2", "trainer.threads=1"]
 
 
 def sweep(tmp_path, name, *args, timeout=180):
+    """The basic launcher's sweeps run in this process; another launcher's start their own processes."""
     sweep_dir = tmp_path / name
-    result = run_cli("-m", *args, *TINY, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=timeout)
+    command = ["-m", *args, *TINY, f"hydra.sweep.dir={sweep_dir}"]
+    launched = any(arg.startswith("hydra/launcher=") for arg in args)
+    result = run_cli(*command, cwd=tmp_path, timeout=timeout) if launched else run_here(*command, cwd=tmp_path)
     return result, sweep_dir
 
 
@@ -75,9 +78,9 @@ def test_each_distinct_training_runs_once_unless_rerun(tmp_path):
     rows show the accumulation it used (1). trainer.rerun=true trains it again."""
     for rerun in (False, True):
         sweep = tmp_path / f"rerun_{rerun}"
-        result = run_cli("-m", "backward=full,accumulate", "backward.accumulation=2,4", "trainer.steps=3",
-                         "data.train_size=256", "data.eval_size=64", f"trainer.rerun={str(rerun).lower()}",
-                         f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=180)
+        result = run_here("-m", "backward=full,accumulate", "backward.accumulation=2,4", "trainer.steps=3",
+                          "data.train_size=256", "data.eval_size=64", f"trainer.rerun={str(rerun).lower()}",
+                          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         table = pd.read_csv(sweep / "comparison.csv")
         full = table[table["backward"] == "full"]

@@ -9,7 +9,8 @@ reference's (bottom, log axis), drawn by groups so that a hundred runs stay read
 - The bottom panel shades what float32 rounding allows (torch.testing's tolerance at the
   reference's param_sum), so rounding drift and a real difference sit visibly apart; a run
   identical to its reference is drawn at a labelled floor.
-- The legend names a dozen groups at most; beyond that it names the colours and the styles.
+- The legend names a dozen groups at most; beyond that it names the colours and the styles (two dozen
+  entries at most), each label shortened to one line.
 matplotlib is imported only here.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from runner.analysis.runs import TOLERANCES, Run, varying_keys
 from runner.recording import record
 
 MOST_LEGEND_ENTRIES = 12
+LEGEND_LABEL_CHARACTERS = 70
+TITLE_CHARACTERS = 200  # the divergence panel's title: at most three lines
 STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1)),
           (0, (1, 1)), (0, (5, 3, 1, 3, 1, 3)), (0, (10, 3, 1, 3))]
 COLOUR_KEY = "backward"
@@ -91,7 +94,12 @@ def _legend(axis, members: Dict[tuple, List[Run]], colour_of, style_of, colour_k
         for values, style in style_of.items():
             handles.append(Line2D([], [], color="black", linestyle=style))
             labels.append(", ".join(f"{k}={v}" for k, v in zip(style_keys, values)) or "runs")
-        handles, labels = handles[:2 * MOST_LEGEND_ENTRIES], labels[:2 * MOST_LEGEND_ENTRIES]
+        if len(handles) > 2 * MOST_LEGEND_ENTRIES:  # a legend taller than the axes would squeeze them to nothing
+            more = len(handles) - 2 * MOST_LEGEND_ENTRIES + 1
+            handles = handles[:2 * MOST_LEGEND_ENTRIES - 1] + [Line2D([], [], linestyle="none")]
+            labels = labels[:2 * MOST_LEGEND_ENTRIES - 1] + [f"... {more} more"]
+    # A label names every varying key: a sweep across experiments varies dozens, wider than the figure.
+    labels = [textwrap.shorten(label, LEGEND_LABEL_CHARACTERS, placeholder=" ...") for label in labels]
     axis.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
@@ -143,8 +151,9 @@ def draw(runs: List[Run], reference: Optional[Run], sweep_dir: Path) -> Path:
     ref_label = ", ".join(f"{k}={reference.keys.get(k)}" for k in varying) if reference is not None else "none"
     same_seed = " at each run's own seed" if len({r.keys.get(SEED_KEY) for r in runs}) > 1 else ""
     # Long references wrap: a title wider than the axes is cut at the figure's edge.
-    bottom.set_title(textwrap.fill(f"divergence from the reference ({ref_label or 'the first run'}){same_seed}", 80),
-                     fontsize="medium")
+    title = textwrap.shorten(f"divergence from the reference ({ref_label or 'the first run'}", TITLE_CHARACTERS,
+                             placeholder=" ...") + f"){same_seed}"
+    bottom.set_title(textwrap.fill(title, 80), fontsize="medium")
     _legend(top, members, colour_of, style_of, colour_key, style_keys)
     _legend(bottom, members, colour_of, style_of, colour_key, style_keys)
     path = record.save_figure(fig, sweep_dir)
