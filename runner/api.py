@@ -58,5 +58,5 @@ def run(training: Training, run_dir: Union[str, Path], summary: Optional[Summary
             summary = training.origin
         else:
             summary = Summary(choices={group: getattr(training.config, group).name for group in GROUPS},
-                              config=training.config_record())
+                              config=training.recorded_config())
     return train_run(training, Path(run_dir), replace(summary))

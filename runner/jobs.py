@@ -99,12 +99,13 @@ class Prepared:
     extras: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # +loss/+model/+optim arguments
 
     def used_config_id(self) -> str:
-        """What the run would use (runner.config.identity), known before anything is built."""
+        """What the run would use (runner.config.identity), known before anything is built: the classes'
+        arguments as the build takes them (runner.training.build.classes_arguments)."""
         from runner.config.identity import config_record, used_config_id
+        from runner.training.build import classes_arguments
 
-        extras = self.extras
-        return used_config_id(self.config, config_record(self.config, extras["loss"], extras["model"],
-                                                         extras["optim"]))
+        loss, model, _ = classes_arguments(self.config, self.extras["loss"], self.extras["model"])
+        return used_config_id(self.config, config_record(self.config, loss, model, self.extras["optim"]))
 
 
 def prepare(cfg, hydra_node, build: bool = True) -> Prepared:

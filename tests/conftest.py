@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from runner.config.schema import GROUPS, Config
+from runner.config.schema import GROUPS, Config, LossConf
 from runner.recording.record import Summary
 from runner.training.build import build_training
 from runner.training.train import run
@@ -110,7 +110,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def make_config(**overrides) -> Config:
-    """Config() with dotted keys given as double underscores: trainer__steps=5."""
+    """Config() with dotted keys given as double underscores: trainer__steps=5. The arguments of the loss
+    class (loss__gamma, loss__normalize: keys it declares beside itself) are build()'s, not the Config's."""
     cfg = Config()
     cfg.trainer.progress = False
     for dotted, value in overrides.items():
@@ -124,14 +125,35 @@ def make_config(**overrides) -> Config:
     return cfg
 
 
+LOSS_KEYS = {f.name for f in fields(LossConf)}
+
+
+def split_loss_arguments(overrides: dict):
+    """(the Config's overrides, the loss class's arguments): loss__gamma=1 is focal's, not LossConf's."""
+    config, arguments = {}, {}
+    for dotted, value in overrides.items():
+        group, _, leaf = dotted.partition("__")
+        if group == "loss" and leaf not in LOSS_KEYS:
+            arguments[leaf] = value
+        else:
+            config[dotted] = value
+    return config, arguments
+
+
+def build(loss_kwargs=None, **overrides):
+    """build_training from dotted overrides, the loss class's arguments among them (loss__gamma=1)."""
+    overrides, arguments = split_loss_arguments(overrides)
+    return build_training(make_config(**overrides), {**arguments, **(loss_kwargs or {})})
+
+
 def train(tmp_path: Path, loss_kwargs=None, **overrides):
     """Run in-process; returns (summary, final parameters by name, run_dir)."""
     run_dir = tmp_path / f"run{next(_counter)}"
     run_dir.mkdir(parents=True)
-    training = build_training(make_config(**overrides), loss_kwargs)
+    training = build(loss_kwargs, **overrides)
     # The config and choices as the command line records them, so runner.analysis.runs can compare the runs.
     choices = {group: getattr(training.config, group).name for group in GROUPS}
-    outcome = run(training, run_dir, Summary(choices=choices, config=training.config_record()))
+    outcome = run(training, run_dir, Summary(choices=choices, config=training.recorded_config()))
     params = {n: p.detach().clone() for n, p in training.model.named_parameters()}
     return asdict(outcome.summary), params, run_dir
 

@@ -8,7 +8,7 @@ from runner import api
 from runner.recording import checkpoint
 from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import make_config, read_summary, resume_refusal, run_cli, run_here
+from tests.conftest import build, make_config, read_summary, resume_refusal, run_cli, run_here
 
 
 @pytest.mark.parametrize("overrides", [
@@ -25,17 +25,17 @@ from tests.conftest import make_config, read_summary, resume_refusal, run_cli, r
 ])
 def test_resume_is_exact_in_process(tmp_path, overrides):
     config = dict(trainer__steps=12, trainer__checkpoint_every=5, **overrides)
-    whole = run(build_training(make_config(**config)), tmp_path / "whole")
+    whole = run(build(**config), tmp_path / "whole")
     assert whole.status == "ok"
     # Stop after 7 steps, leaving the checkpoint of step 5 and two rows after it.
     (tmp_path / "part").mkdir()
-    first = run(build_training(make_config(**{**config, "trainer__steps": 7})), tmp_path / "part")
+    first = run(build(**{**config, "trainer__steps": 7}), tmp_path / "part")
     assert first.status == "ok"
     state = checkpoint.load(tmp_path / "part")
     assert state["step"] == 5
     # A fresh process would seed differently before resuming: disturb the RNG on purpose.
     torch.manual_seed(12345)
-    resumed = run(build_training(make_config(**config)), tmp_path / "part", resume=state)
+    resumed = run(build(**config), tmp_path / "part", resume=state)
     assert resumed.status == "ok" and resumed.summary.resumed_from_step == 5
     assert resumed.summary.param_sha256 == whole.summary.param_sha256
     rows = (tmp_path / "part" / "metrics.csv").read_text().splitlines()
@@ -62,39 +62,39 @@ def test_a_checkpoint_restores_the_lr_schedule(tmp_path):
 def test_resuming_a_different_training_is_refused(tmp_path):
     config = dict(trainer__steps=4, trainer__checkpoint_every=2)
     (tmp_path / "a").mkdir()
-    run(build_training(make_config(**config)), tmp_path / "a")
+    run(build(**config), tmp_path / "a")
     state = checkpoint.load(tmp_path / "a")
-    other = build_training(make_config(**config, backward__name="accumulate", backward__accumulation=2))
+    other = build(**config, backward__name="accumulate", backward__accumulation=2)
     with pytest.raises(checkpoint.CheckpointError, match="different backward"):
         run(other, tmp_path / "a", resume=state)
 
 
 def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
     tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=2)
-    run(build_training(make_config(trainer__steps=5, **tiny)), tmp_path / "a")
+    run(build(trainer__steps=5, **tiny), tmp_path / "a")
     state = checkpoint.load(tmp_path / "a")
     assert state["step"] == 4
     with pytest.raises(checkpoint.CheckpointError, match="already finished its 5 steps"):
-        run(build_training(make_config(trainer__steps=5, **tiny)), tmp_path / "a", resume=state)
+        run(build(trainer__steps=5, **tiny), tmp_path / "a", resume=state)
     with pytest.raises(checkpoint.CheckpointError, match="trainer.steps=3 is below the checkpoint's step 4"):
-        run(build_training(make_config(trainer__steps=3, **tiny)), tmp_path / "a", resume=state)
+        run(build(trainer__steps=3, **tiny), tmp_path / "a", resume=state)
     # A checkpoint copied into another run's folder belongs to another run.
-    run(build_training(make_config(trainer__steps=5, seed=1, **tiny)), tmp_path / "b")
+    run(build(trainer__steps=5, seed=1, **tiny), tmp_path / "b")
     with pytest.raises(checkpoint.CheckpointError, match="belongs to another run"):
-        run(build_training(make_config(trainer__steps=9, **tiny)), tmp_path / "b", resume=state)
+        run(build(trainer__steps=9, **tiny), tmp_path / "b", resume=state)
     # A metrics.csv cut shorter than at the checkpoint cannot be continued.
     metrics = tmp_path / "a" / "metrics.csv"
     metrics.write_bytes(metrics.read_bytes()[:state["metrics_bytes"] - 10])
     with pytest.raises(checkpoint.CheckpointError, match="metrics.csv is shorter"):
-        run(build_training(make_config(trainer__steps=9, **tiny)), tmp_path / "a", resume=state)
+        run(build(trainer__steps=9, **tiny), tmp_path / "a", resume=state)
 
 
 def test_a_finished_run_can_be_extended_exactly(tmp_path):
     tiny = dict(data__train_size=256, model__hidden=8, trainer__checkpoint_every=3)
-    run(build_training(make_config(trainer__steps=7, **tiny)), tmp_path / "short")
-    longer = run(build_training(make_config(trainer__steps=11, **tiny)), tmp_path / "short",
+    run(build(trainer__steps=7, **tiny), tmp_path / "short")
+    longer = run(build(trainer__steps=11, **tiny), tmp_path / "short",
                  resume=checkpoint.load(tmp_path / "short"))
-    whole = run(build_training(make_config(trainer__steps=11, **tiny)), tmp_path / "whole")
+    whole = run(build(trainer__steps=11, **tiny), tmp_path / "whole")
     assert longer.summary.resumed_from_step == 6
     assert longer.summary.param_sha256 == whole.summary.param_sha256
 

@@ -11,6 +11,7 @@ from runner.recording import record
 from runner.training import strategies
 from runner.training.build import build_training
 from tests.conftest import (
+    build,
     assert_params_close,
     make_config,
     max_abs_diff,
@@ -43,7 +44,7 @@ def relative_error(grads: dict, reference: dict) -> float:
 def test_infonce_is_its_formula_and_its_micro_batches_are_another_objective():
     torch.manual_seed(0)
     embeddings = torch.randn(12, 2, 5, dtype=torch.float64)
-    training = build_training(make_config(**CONTRASTIVE, loss__symmetric=True))
+    training = build(**CONTRASTIVE, loss__symmetric=True)
     for symmetric in (False, True):
         training.loss_fn.symmetric = symmetric
         torch.testing.assert_close(training.loss_fn(embeddings, None), hand_infonce(embeddings, 0.05, symmetric))
@@ -140,7 +141,8 @@ def test_gradcache_holds_less_than_full_at_8(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["loss.temperature=0"], "loss.temperature=0.0 is not allowed: expected > 0"),
+    (["model=dual_encoder", "data=pairs", "loss=infonce", "loss.temperature=0"],
+     "loss.temperature=0.0 is not allowed: expected > 0"),
     (["backward=gradcache"], "backward=gradcache does not fit model=mlp: it needs a model offering embed(inputs)"),
     (["model=dual_encoder", "data=pairs", "loss=infonce", "backward=gradcache", "trainer.processes=2"],
      "trainer.processes=2 is not allowed with backward=gradcache"),

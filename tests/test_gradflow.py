@@ -4,9 +4,8 @@ import csv
 import pytest
 import torch
 
-from runner.training.build import build_training
 from runner.training.gradflow import COLUMNS, gradient_flow
-from tests.conftest import make_config, run_here, train
+from tests.conftest import build, run_here, train
 
 MT = dict(model__name="multitask", loss__name="multitask")
 CHAIN = dict(model__name="two_stage", model__outputs=2, loss__name="ce", optim__name="adam", optim__lr=0.001,
@@ -49,7 +48,7 @@ def test_multitask_heads_receive_only_their_own_task_and_the_trunk_both(tmp_path
 
 
 def test_norms_match_an_independent_autograd_computation():
-    training = build_training(make_config(**MT))
+    training = build(**MT)
     inputs, targets = training.dataset.batch(0)
     rows = table(gradient_flow(training.strategy, training.model, training.loss_fn, inputs, targets))
     task_losses = training.loss_fn.parts(training.model(inputs), targets)
@@ -77,7 +76,7 @@ def test_learnable_loss_weights_appear_as_the_loss_module(tmp_path):
 
 def test_measuring_the_flow_leaves_no_trace():
     """Parameters, .grad, BatchNorm statistics and the RNG stream are as they were."""
-    training = build_training(make_config(model__batchnorm=True))
+    training = build(model__batchnorm=True)
     model = training.model
     inputs, targets = training.dataset.batch(0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -100,7 +99,7 @@ def test_a_constant_component_is_a_row_without_gradient():
         def forward(self, outputs, targets):
             return sum(self.parts(outputs, targets).values())
 
-    training = build_training(make_config())
+    training = build()
     inputs, targets = training.dataset.batch(0)
     flow = table(gradient_flow(training.strategy, training.model, WithConstantPart(), inputs, targets))
     assert flow[("out", "fit")]["receives_gradient"]

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from runner.components.data import TaskSpec
-from runner.components.losses import FocalLoss, build_loss, sigmoid_focal_loss
+from runner.components.losses import FocalLoss, sigmoid_focal_loss
+from runner.config.schema import ConfigError
+from runner.training.build import build_loss_fn
 from tests.conftest import make_config
 
 
@@ -80,10 +82,13 @@ def test_focal_down_weights_easy_examples():
 
 
 def test_build_loss_from_config():
+    """A config built in Python with the option's name alone builds the class its YAML names
+    (conf/loss/focal.yaml), with the arguments given, each class declaring what it fits."""
     spec = TaskSpec((3, 10, 10), "multilabel", 5)
-    loss = build_loss(make_config(loss__name="focal", loss__alpha=0.5, loss__gamma=1.0).loss, spec, "mlp")
+    loss = build_loss_fn(make_config(loss__name="focal"), {"alpha": 0.5, "gamma": 1.0}, spec)
     assert isinstance(loss, FocalLoss) and (loss.alpha, loss.gamma, loss.reduction) == (0.5, 1.0, "mean")
-    with pytest.raises(ValueError, match="loss=nope is unknown"):
-        build_loss(make_config(loss__name="nope").loss, spec, "mlp")
-    with pytest.raises(ValueError, match="loss=ce does not fit model=mlp"):
-        build_loss(make_config(loss__name="ce").loss, spec, "mlp")
+    with pytest.raises(ConfigError, match="loss=nope is unknown"):
+        build_loss_fn(make_config(loss__name="nope"), {}, spec)
+    with pytest.raises(ConfigError, match="loss=ce does not fit model=mlp .multilabel targets.: expected "
+                                          "loss=bce or loss=focal or loss=custom"):
+        build_loss_fn(make_config(loss__name="ce"), {}, spec)

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
+from runner import api
 from runner.components.data import IGNORE_INDEX
 from runner.components.losses import LoadBalancedTokenLoss
 from runner.components.models import MoELM
-from runner.training.build import build_training
 from tests.conftest import (
+    build,
     assert_params_close,
-    make_config,
     max_abs_diff,
     refusal,
     train,
@@ -24,7 +24,7 @@ MOE = dict(model__name="moe", data__name="seq", loss__name="lm", loss__aux_weigh
 
 def first_step(**overrides):
     """One optimizer step on the first batch: (its StepResult, each parameter's gradient, the training)."""
-    training = build_training(make_config(**MOE, **overrides))
+    training = build(**MOE, **overrides)
     window = training.batches.window(0)
     result = training.strategy.step(training.model, training.loss_fn, training.optimizers, window.inputs,
                                     window.targets)
@@ -108,7 +108,7 @@ def test_loader_mode_windows_count_their_load_first_too(tmp_path):
 
 def test_aux_stats_is_one_training_where_nothing_is_split():
     def used(**overrides):
-        return build_training(make_config(**{**MOE, **overrides})).used_config_id()
+        return build(**{**MOE, **overrides}).used_config_id()
 
     assert used(backward__name="full") == used(backward__name="full", loss__aux_stats="micro_batch")
     assert used(backward__name="sum", backward__accumulation=2) != \
@@ -126,15 +126,15 @@ class Calls:
 @pytest.mark.parametrize("strategy", ["sum", "accumulate"])
 def test_the_window_pass_stops_at_the_router_and_the_experts_run_once_per_micro_batch(strategy):
     for stats, router_calls in (("window", 4 + 1), ("micro_batch", 4)):
-        training = build_training(make_config(**MOE, backward__name=strategy, backward__accumulation=4,
-                                              loss__aux_stats=stats))
+        training = build(**MOE, backward__name=strategy, backward__accumulation=4,
+                                              loss__aux_stats=stats)
         router = Calls(training.model.moe.router)
         experts = [Calls(expert) for expert in training.model.moe.experts]
         window = training.batches.window(0)
         training.strategy.step(training.model, training.loss_fn, training.optimizers, window.inputs, window.targets)
         assert router.count == router_calls, stats
         assert [e.count for e in experts] == [4] * 8, stats
-    full = build_training(make_config(**MOE, backward__name="full"))
+    full = build(**MOE, backward__name="full")
     router, experts = Calls(full.model.moe.router), [Calls(expert) for expert in full.model.moe.experts]
     window = full.batches.window(0)
     full.strategy.step(full.model, full.loss_fn, full.optimizers, window.inputs, window.targets)
@@ -143,7 +143,7 @@ def test_the_window_pass_stops_at_the_router_and_the_experts_run_once_per_micro_
 
 def micro_batch_load_error(**overrides) -> float:
     """The largest gap between a micro-batch's expert shares f_i (k = 4) and the window's, on the first batch."""
-    training = build_training(make_config(**{**MOE, **overrides}))
+    training = build(**{**MOE, **overrides})
     window = training.batches.window(0)
     mask = training.model.route(window.inputs)
     loads = [training.loss_fn.count_load(m, t) for m, t in zip(mask.tensor_split(4), window.targets.tensor_split(4))]
@@ -152,7 +152,7 @@ def micro_batch_load_error(**overrides) -> float:
 
 
 def test_topics_group_each_batch_so_that_micro_batch_loads_differ_from_the_window():
-    training = build_training(make_config(**MOE))
+    training = build(**MOE)
     window = training.batches.window(0)
     topics = training.dataset.train_topics
     # Each batch's rows are grouped by topic, and a topic favours its quarter of the vocabulary.
@@ -189,10 +189,16 @@ MOE_ARGS = ["model=moe", "data=seq", "loss=lm"]
      "model=moe (or loss.aux_weight=0)"),
     ([*MOE_ARGS, "loss.aux_weight=-1"],
      "loss.aux_weight=-1.0 is not allowed: expected >= 0 (0 = no load-balancing loss)"),
-    (["loss=bce", "loss.aux_weight=0.01"],
-     "loss.aux_weight=0.01 is not allowed with loss=bce: expected loss=lm (with model=moe), or loss.aux_weight=0"),
 ])
 def test_bad_input_is_one_line(overrides, message):
     """The command line's own lines, in-process; the command line prints each after "error: ", exits 2
     and writes nothing (tests/test_cli.py::test_bad_input_on_the_command_line_is_exit_2_one_line_and_writes_nothing)."""
     assert message in refusal(*overrides, "trainer.steps=1")
+
+
+def test_a_key_of_another_loss_is_ignored_with_a_warning():
+    """loss.aux_weight is loss=lm's (its class declares it): under loss=bce it is ignored with a warning, as
+    a backward.* option of another strategy is, so that one sweep can cross the losses."""
+    training = api.compose(["loss=bce", "loss.aux_weight=0.01", "trainer.steps=1"])
+    assert training.warnings() == ["loss.aux_weight=0.01 is ignored by loss=bce: it applies to loss=lm"]
+    assert training.loss_kwargs == {} and training.used_config_id() == api.compose(["trainer.steps=1"]).used_config_id()

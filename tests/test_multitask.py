@@ -7,10 +7,9 @@ import torch.nn.functional as F
 
 from runner import api
 from runner.components.losses import MultiTaskLoss
-from runner.training.build import build_training
 from tests.conftest import (
+    build,
     assert_params_close,
-    make_config,
     max_abs_diff,
     refusal,
     run_here,
@@ -71,7 +70,7 @@ def test_runner_matches_the_multitask_answers_loops(tmp_path):
     runner_sum = train(tmp_path, **MT, trainer__steps=steps)[1]
     runner_sep = train(tmp_path, **MT, trainer__steps=steps, backward__name="separate")[1]
     for style, expected in (("sum", runner_sum), ("separate", runner_sep)):
-        training = build_training(make_config(**MT))
+        training = build(**MT)
         model, alpha, beta = training.model, 0.5, 0.5
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         for step in range(steps):
@@ -96,7 +95,7 @@ def test_gradient_cosine_matches_an_independent_computation(tmp_path):
     import pandas as pd
 
     _, _, run_dir = train(tmp_path, **MT, backward__name="separate", trainer__steps=1)
-    training = build_training(make_config(**MT))
+    training = build(**MT)
     inputs, targets = training.dataset.batch(0)
     task_losses = training.loss_fn.parts(training.model(inputs), targets)
     trunk = list(training.model.trunk.parameters())
@@ -127,8 +126,8 @@ def test_fixed_weights_and_uncertainty_weighting_formulas():
 
 
 def test_uncertainty_weights_are_trained(tmp_path):
-    training = build_training(make_config(**MT, loss__weighting="uncertainty", optim__name="adam",
-                                    optim__lr=0.01, trainer__steps=30))
+    training = build(**MT, loss__weighting="uncertainty", optim__name="adam",
+                                    optim__lr=0.01, trainer__steps=30)
     from runner.training.train import run
 
     assert run(training, tmp_path).status == "ok"
@@ -185,7 +184,7 @@ def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_tru
     summary, expected, _ = train(tmp_path, **mt, trainer__steps=steps, backward__name="separate",
                                  backward__step_per_task=True)
     assert summary["status"] == "ok"
-    training = build_training(make_config(**mt))
+    training = build(**mt)
     model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for inputs, class_targets, regress_targets in answer_batches(training, steps):
@@ -196,7 +195,7 @@ def test_the_answers_step_per_task_snippet_matches_the_runner_on_a_one_layer_tru
 
 def test_the_answers_step_per_task_snippet_fails_by_hand_on_a_deep_trunk():
     """The runner's recorded error is PyTorch's own: the same snippet fails outside the runner."""
-    training = build_training(make_config(**MT))
+    training = build(**MT)
     model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     inputs, class_targets, regress_targets = next(answer_batches(training, 1))
@@ -208,7 +207,7 @@ def test_reforward_matches_a_dcgan_style_loop(tmp_path):
     """Step per task with a fresh forward each time, as PyTorch's DCGAN example updates D then G."""
     steps = 20
     expected = train(tmp_path, **MT, trainer__steps=steps, backward__name="separate", backward__reforward=True)[1]
-    training = build_training(make_config(**MT))
+    training = build(**MT)
     model = training.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for inputs, class_targets, regress_targets in answer_batches(training, steps):
@@ -241,7 +240,5 @@ def test_step_per_task_single_run_exits_non_zero_with_the_hint(tmp_path):
 ])
 def test_more_misfits_are_refused_before_training(overrides, needle):
     from runner.config.schema import ConfigError
-    from runner.training.build import build_training
-
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        build_training(make_config(**{**MT, **overrides}))
+        build(**{**MT, **overrides})

@@ -125,7 +125,6 @@ def test_processes_need_ranks_outside_the_command_line(tmp_path):
      "trainer.parallel=fsdp is not allowed with backward=separate: expected backward=full or sum or accumulate"),
     (dict(trainer__processes=2, trainer__parallel="fsdp", trainer__autocast="fp16"),
      "trainer.autocast=fp16 is not allowed with trainer.parallel=fsdp"),
-    (dict(loss__rank_normalize="local"), "loss.rank_normalize=local is not allowed with loss=bce"),
     (dict(data__sort_lengths=True), "data.sort_lengths=true is not allowed with data=default"),
 ])
 def test_processes_bad_input(overrides, needle):
@@ -133,6 +132,13 @@ def test_processes_bad_input(overrides, needle):
 
     with pytest.raises(ConfigError, match=needle):
         validate(make_config(**overrides))
+
+
+def test_a_rank_normalisation_needs_a_token_loss():
+    """Checked where the loss is built: what counts is a class that counts tokens (loss=lm, or yours)."""
+    assert refusal("loss.rank_normalize=local", "trainer.steps=1") == (
+        "loss.rank_normalize=local is not allowed with loss=bce: it divides a token loss by a token count, "
+        "expected a token loss (loss=lm)")
 
 
 def test_auto_threads_share_the_cores_between_ranks_and_sweep_workers(monkeypatch):

@@ -11,7 +11,7 @@ from runner.components.losses import TokenCrossEntropy
 from runner.config.schema import ConfigError
 from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import assert_params_close, make_config, max_abs_diff, train
+from tests.conftest import assert_params_close, build, make_config, max_abs_diff, train
 
 # A small causal LM on short sequences: 100 steps take about a second.
 SEQ = dict(model__name="seq", data__name="seq", loss__name="lm", model__hidden=16, model__depth=1, data__max_length=12,
@@ -112,11 +112,11 @@ def test_the_loss_column_is_the_full_batchs_whatever_the_weighting(tmp_path, sha
 ])
 def test_what_fits_is_named(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
-        build_training(make_config(**overrides))
+        build(**overrides)
 
 
 def test_the_token_count_comes_from_the_targets_with_no_extra_forward():
-    training = build_training(make_config(backward__name="accumulate", backward__accumulation=4, **SEQ))
+    training = build(backward__name="accumulate", backward__accumulation=4, **SEQ)
     forwards = []
     training.model.register_forward_hook(lambda *args: forwards.append(1))
     inputs, labels = training.dataset.batch(0)

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from runner.training.build import build_training
-from tests.conftest import assert_params_close, make_config, max_abs_diff, train
+from tests.conftest import assert_params_close, build, max_abs_diff, train
 
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
 F64 = dict(rtol=1e-12, atol=1e-12)
@@ -90,8 +89,8 @@ def test_focal_gamma0_without_alpha_equals_bce(tmp_path):
 
 
 def test_loss_choice_does_not_change_initial_parameters_or_data():
-    a = build_training(make_config(loss__name="focal", backward__name="sum", backward__accumulation=4))
-    b = build_training(make_config())
+    a = build(loss__name="focal", backward__name="sum", backward__accumulation=4)
+    b = build()
     for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
     assert torch.equal(a.dataset.batch(3)[0], b.dataset.batch(3)[0])
@@ -104,7 +103,7 @@ def test_runner_matches_the_accumulation_answers_loop(tmp_path, k):
     steps = 30
     summary, runner_params, _ = train(tmp_path, model__name="cnn", trainer__steps=steps,
                                       backward__name="accumulate", backward__accumulation=k)
-    training = build_training(make_config(model__name="cnn"))  # same seed -> same initial model and data
+    training = build(model__name="cnn")  # same seed -> same initial model and data
     model, objective = training.model, torch.nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batch_size = 32

@@ -1,5 +1,12 @@
 """Losses as nn.Modules, shaped like torch.nn's: a validated `reduction`, 'mean' by default.
 
+Each built-in loss is an option of the `loss` group by one YAML naming it by `_target_`
+(conf/loss/focal.yaml: `_target_: runner.components.losses.FocalLoss`, its arguments beside it), as
+a loss of your own is. The class declares its keys next to itself (`Keys`: loss.alpha, loss.gamma,
+each with its help and range; runner.config.components) and the task kinds it can score (`fits`,
+runner.components.data.TaskSpec.kind; a loss that declares none fits any). `loss.reduction` is
+handed to every class whose constructor takes it.
+
 A loss made of named parts (multi-task, chained stages) also offers `parts(outputs, targets)`,
 a dict of already-weighted components that sum to `forward`'s value; strategies that backward
 the parts one by one use it, and the records log each as `loss_<name>`.
@@ -7,16 +14,37 @@ the parts one by one use it, and the records log each as `loss_<name>`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Optional, Protocol, Set, runtime_checkable
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.config.registry import Registry
+from runner.config.keys import Choice, above, at_least, at_most, key
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+class BCE(nn.BCEWithLogitsLoss):
+    """Binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss): multi-label 0/1 targets."""
+
+    fits = frozenset({"multilabel"})
+
+    @dataclass
+    class Keys:  # loss.reduction only (the group's own key)
+        pass
+
+
+class CE(nn.CrossEntropyLoss):
+    """Cross-entropy over classes (torch.nn.CrossEntropyLoss): integer class targets."""
+
+    fits = frozenset({"multiclass"})
+
+    @dataclass
+    class Keys:  # loss.reduction only (the group's own key)
+        pass
 
 
 @runtime_checkable
@@ -136,6 +164,14 @@ def softmax_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
 class FocalLoss(nn.Module):
     """Sigmoid focal loss for binary 0/1 targets; the softmax form for integer class targets."""
 
+    fits = frozenset({"multilabel", "multiclass"})
+
+    @dataclass
+    class Keys:
+        alpha: float = key(0.25, "focal: the weight of positives; < 0 turns the alpha weighting off",
+                           allowed=at_most(1, note=" (or < 0 to disable)"))
+        gamma: float = key(2.0, "focal: the focusing parameter (gamma=0 with alpha<0 is bce)", allowed=at_least(0))
+
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean"):
         super().__init__()
         if gamma < 0:
@@ -151,6 +187,19 @@ class FocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class Normalize(Choice):
+    tokens = "tokens", "the summed loss / the effective batch's non-ignored tokens: exact under any split"
+    micro_batch = "micro_batch", "the mean over each micro-batch's tokens (the Trainer before transformers #34191)"
+    sequence = "sequence", "the mean over each sequence's tokens, then over sequences (another objective)"
+    double = "double", ("tokens, then divided again by backward.accumulation when backwarded (TRL #2617, "
+                        "axolotl #2262): the gradient is 1/k of the batch's, which only some optimizers notice")
+
+
+class AuxStats(Choice):
+    window = "window", "f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)"
+    micro_batch = "micro_batch", "each micro-batch's own f_i: accumulation's default (refused by torchtitan PR #3000)"
 
 
 class TokenCrossEntropy(nn.Module):
@@ -170,7 +219,7 @@ class TokenCrossEntropy(nn.Module):
       #3597). The logged loss stays the batch's.
     """
 
-    NORMALIZE = ("tokens", "micro_batch", "sequence", "double")
+    NORMALIZE = tuple(member.value for member in Normalize)
 
     def __init__(self, normalize: str = "tokens", ignore_index: int = -100):
         super().__init__()
@@ -218,7 +267,7 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
     handed num_items_in_batch (normalize=tokens), else by its own.
     """
 
-    AUX_STATS = ("window", "micro_batch")
+    AUX_STATS = tuple(member.value for member in AuxStats)
 
     def __init__(self, normalize: str = "tokens", aux_weight: float = 0.01, aux_stats: str = "window",
                  ignore_index: int = -100):
@@ -254,6 +303,31 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, aux_weight={self.aux_weight}, aux_stats={self.aux_stats!r}"
+
+
+def language_model_loss(normalize: str = "tokens", aux_weight: float = 0.0, aux_stats: str = "window"):
+    """loss=lm: next-token cross-entropy (TokenCrossEntropy), with Switch Transformer's load-balancing
+    term where aux_weight > 0 (LoadBalancedTokenLoss: a model with a router, model=moe)."""
+    normalize, aux_stats = getattr(normalize, "value", normalize), getattr(aux_stats, "value", aux_stats)
+    if aux_weight > 0:
+        return LoadBalancedTokenLoss(normalize, aux_weight, aux_stats)
+    return TokenCrossEntropy(normalize=normalize)
+
+
+@dataclass
+class _LanguageModelKeys:
+    normalize: Normalize = key(Normalize.tokens, "lm: what the token loss is divided by")
+    aux_weight: float = key(0.0, "lm on model=moe: the weight of Switch Transformer's load-balancing loss "
+                                 "E * sum_i f_i * P_i (part `aux`); 0 = none (> 0 needs a model with a router)",
+                            allowed=at_least(0, note=" (0 = no load-balancing loss)"))
+    aux_stats: AuxStats = key(AuxStats.window, "lm with aux_weight > 0: whose expert load f_i a micro-batch's "
+                                               "term uses")
+
+
+language_model_loss.Keys = _LanguageModelKeys
+language_model_loss.fits = frozenset({"sequence"})
+
+
 def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(Q, dim), (K, dim) -> (Q, K) cosine similarities."""
     return F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
@@ -267,6 +341,14 @@ class InfoNCE(nn.Module):
     (CLIP's). The targets are not read. A micro-batch's loss sees only its own keys, so the sum
     of micro-batch losses is another objective: accumulating it is not the batch's gradient.
     """
+
+    fits = frozenset({"retrieval"})
+
+    @dataclass
+    class Keys:
+        temperature: float = key(0.05, "infonce: cosine similarities are divided by it before the softmax (0.05 = "
+                                       "sentence-transformers' scale 20)", allowed=above(0))
+        symmetric: bool = key(False, "infonce: also score each key against every query, and average the two losses")
 
     def __init__(self, temperature: float = 0.05, symmetric: bool = False, reduction: str = "mean"):
         super().__init__()
@@ -319,6 +401,14 @@ class MultiTaskLoss(nn.Module):
     TASKS = {"cls": F.binary_cross_entropy_with_logits, "reg": F.mse_loss}
     REGRESSION = {"reg"}
     DEFAULT_WEIGHTS = {"cls": 0.5, "reg": 0.5}
+    fits = frozenset({"multitask"})
+
+    @dataclass
+    class Keys:
+        weights: Dict[str, float] = key(help="multitask: the weight of each task (loss.weights.cls, loss.weights.reg)",
+                                        default_factory=lambda: dict(MultiTaskLoss.DEFAULT_WEIGHTS))
+        weighting: str = key("fixed", "multitask: fixed weights, or uncertainty (learned, Kendall et al. 2018)",
+                             values="fixed | uncertainty")
 
     def __init__(self, weights: Dict[str, float] | None = None, weighting: str = "fixed",
                  reduction: str = "mean"):
@@ -348,62 +438,6 @@ class MultiTaskLoss(nn.Module):
 
     def forward(self, outputs, targets) -> torch.Tensor:
         return sum(self.parts(outputs, targets).values())
-
-
-# name -> builder(loss_cfg) -> loss module; loss=custom is the user's `loss._target_` (runner.training.build)
-LOSSES = Registry("loss", also=["custom"])
-
-
-def register(name: str, fits: Set[str]):
-    """A built-in loss by name, declaring the task kinds (runner.components.data.TaskSpec.kind) it can
-    score; a loss of your own fits any."""
-    def add(builder):
-        builder.fits = frozenset(fits)
-        return LOSSES.register(name)(builder)
-    return add
-
-
-@register("bce", fits={"multilabel"})
-def _bce(cfg):
-    return nn.BCEWithLogitsLoss(reduction=cfg.reduction)
-
-
-@register("focal", fits={"multilabel", "multiclass"})
-def _focal(cfg):
-    return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, reduction=cfg.reduction)
-
-
-@register("ce", fits={"multiclass"})
-def _ce(cfg):
-    return nn.CrossEntropyLoss(reduction=cfg.reduction)
-
-
-@register("lm", fits={"sequence"})
-def _lm(cfg):
-    normalize = getattr(cfg.normalize, "value", cfg.normalize)
-    if cfg.aux_weight > 0:  # a load-balancing term (model=moe; build refuses a model without a router)
-        return LoadBalancedTokenLoss(normalize, cfg.aux_weight, getattr(cfg.aux_stats, "value", cfg.aux_stats))
-    return TokenCrossEntropy(normalize=normalize)
-
-
-@register("multitask", fits={"multitask"})
-def _multitask(cfg):
-    return MultiTaskLoss(dict(cfg.weights), cfg.weighting, cfg.reduction)
-
-
-@register("infonce", fits={"retrieval"})
-def _infonce(cfg):
-    return InfoNCE(cfg.temperature, cfg.symmetric, getattr(cfg.reduction, "value", cfg.reduction))
-
-
-def build_loss(cfg, spec, model_name: str) -> nn.Module:
-    """A built-in loss for `cfg`, checked against what the model predicts (its TaskSpec)."""
-    builder = LOSSES.get(cfg.name)
-    if spec.kind not in builder.fits:
-        fitting = sorted(name for name, other in LOSSES.items() if spec.kind in other.fits)
-        raise ValueError(f"loss={cfg.name} does not fit model={model_name} ({spec.kind} targets): "
-                         f"expected loss={' or loss='.join(fitting + ['custom'])}")
-    return builder(cfg)
 
 
 def per_stage(loss, spec):

@@ -81,8 +81,9 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
             used["optim"][key] = "step"
     # loss.aux_stats chooses between the window's and a micro-batch's expert load: one and the same
     # without micro-batches (backward=full) or without a load-balancing term.
-    if config.backward.name == "full" or not config.loss.aux_weight:
-        used["loss"]["aux_stats"] = "window"
+    arguments = used.get("loss_kwargs") or {}
+    if "aux_stats" in arguments and (config.backward.name == "full" or not arguments.get("aux_weight")):
+        arguments["aux_stats"] = "window"
     if not config.trainer.ema or "ema_every" not in per_micro_batch:  # no average, or one micro-batch a step
         used["trainer"]["ema_every"] = "step"
     if config.trainer.processes == 1:

@@ -25,14 +25,13 @@ from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
-from runner.config.components import ComponentError, checked_arguments
+from runner.config.components import ComponentError, option_arguments, option_target
 from runner.config.keys import (
     Allowed,
     Choice,
     Role,
     above,
     at_least,
-    at_most,
     half_open,
     key,
     strictly_between,
@@ -61,19 +60,6 @@ class Reduction(Choice):
     none = "none", "refused for training (a loss to train on is one number)"
     mean = "mean", "the mean over examples: micro-batches are weighted by their share of the batch"
     sum = "sum", "the sum over examples: micro-batches add up unweighted"
-
-
-class Normalize(Choice):
-    tokens = "tokens", "the summed loss / the effective batch's non-ignored tokens: exact under any split"
-    micro_batch = "micro_batch", "the mean over each micro-batch's tokens (the Trainer before transformers #34191)"
-    sequence = "sequence", "the mean over each sequence's tokens, then over sequences (another objective)"
-    double = "double", ("tokens, then divided again by backward.accumulation when backwarded (TRL #2617, "
-                        "axolotl #2262): the gradient is 1/k of the batch's, which only some optimizers notice")
-
-
-class AuxStats(Choice):
-    window = "window", "f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)"
-    micro_batch = "micro_batch", "each micro-batch's own f_i: accumulation's default (refused by torchtitan PR #3000)"
 
 
 # `global` is a Python keyword, hence the functional form (OmegaConf matches enum values by member name).
@@ -177,29 +163,16 @@ class DataConf:
 
 @dataclass
 class LossConf:
-    """The objective: a built-in loss, or your own (loss=custom)."""
+    """The objective: a built-in loss, or your own (loss=custom). Each option's YAML names its class by
+    `_target_`; the keys below are the group's own, and each class declares its own beside itself."""
 
     name: str = key("bce", "the option loss=OPTION chose (set by it)")
-    reduction: Reduction = key(Reduction.mean, "how the loss reduces over examples")
-    alpha: float = key(0.25, "focal: the weight of positives; < 0 turns the alpha weighting off",
-                       allowed=at_most(1, note=" (or < 0 to disable)"))
-    gamma: float = key(2.0, "focal: the focusing parameter (gamma=0 with alpha<0 is bce)", allowed=at_least(0))
-    weights: Dict[str, float] = key(help="multitask: the weight of each task (loss.weights.cls, loss.weights.reg)",
-                                    default_factory=dict)
-    weighting: str = key("fixed", "multitask: fixed weights, or uncertainty (learned, Kendall et al. 2018)",
-                         values="fixed | uncertainty")
-    normalize: Normalize = key(Normalize.tokens, "lm: what the token loss is divided by")
-    rank_normalize: RankNormalize = key(RankNormalize["global"], "lm with several processes: what each rank's loss "
-                                                                 "is divided by")
-    aux_weight: float = key(0.0, "lm on model=moe: the weight of Switch Transformer's load-balancing loss "
-                                 "E * sum_i f_i * P_i (part `aux`); 0 = none (> 0 needs a model with a router)",
-                            allowed=at_least(0, note=" (0 = no load-balancing loss)"))
-    aux_stats: AuxStats = key(AuxStats.window, "lm with aux_weight > 0: whose expert load f_i a micro-batch's term uses")
-    temperature: float = key(0.05, "infonce: cosine similarities are divided by it before the softmax (0.05 = "
-                                   "sentence-transformers' scale 20)", allowed=above(0))
-    symmetric: bool = key(False, "infonce: also score each key against every query, and average the two losses")
-    _target_: Optional[str] = key(None, "custom: the import path of your loss class, called as loss(outputs, "
-                                        "targets); its constructor's arguments as +loss.KEY=VALUE",
+    reduction: Reduction = key(Reduction.mean, "how the loss reduces over examples (handed to every loss class "
+                                               "whose constructor takes it)")
+    rank_normalize: RankNormalize = key(RankNormalize["global"], "a token loss (loss=lm) with several processes: "
+                                                                 "what each rank's loss is divided by")
+    _target_: Optional[str] = key(None, "the loss class an option names (loss=custom: the import path of yours, called "
+                                        "as loss(outputs, targets); its constructor's arguments as +loss.KEY=VALUE)",
                                   values="package.module.Class")
 
 
@@ -346,10 +319,35 @@ class ConfigError(ValueError):
     """Bad input: the message names the key and what is allowed."""
 
 
+# Where the built-in components live: an option naming a class there is one of the runner's own.
+BUILT_IN = "runner.components."
+
+
 def own_class(conf: Any) -> bool:
     """Does a model or loss node name a class of your own by `_target_` (model=custom, loss=custom, or an
-    option of your own: runner.config.components)?"""
-    return conf.name == "custom" or bool(getattr(conf, "_target_", None))
+    option of your own: runner.config.components), rather than one of the runner's (conf/loss/focal.yaml)?"""
+    target = getattr(conf, "_target_", None)
+    return conf.name == "custom" or (bool(target) and not str(target).startswith(BUILT_IN))
+
+
+def target_of(group: str, conf: Any) -> Optional[str]:
+    """The class a model or loss node names: its `_target_`, or for a config built in Python with only an
+    option's name, the class that option's YAML names (runner.config.components.option_target)."""
+    return getattr(conf, "_target_", None) or option_target(group, conf.name)
+
+
+def label_of(group: str, conf: Any) -> str:
+    """How messages name the option: loss=focal, or loss._target_=package.module.Class for yours."""
+    return f"{group}._target_={conf._target_}" if own_class(conf) else f"{group}={conf.name}"
+
+
+def arguments_used(group: str, conf: Any, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """The arguments the option's class takes, and what it ignores (runner.config.components.option_arguments);
+    ConfigError for a key no option declares."""
+    try:
+        return option_arguments(group, label_of(group, conf), target_of(group, conf), kwargs)
+    except ComponentError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def extra_keys(conf: Any, declared: type) -> dict:
@@ -494,15 +492,8 @@ def validate_step_in_backward(cfg: Config) -> None:
 
 
 def validate_routing(cfg: Config) -> None:
-    """loss.aux_weight and data.topics where they mean something (a model without a router is
-    refused when the model is built: runner.training.build)."""
-    if cfg.loss.aux_weight > 0 and cfg.loss.name != "lm":
-        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with loss={cfg.loss.name}: "
-                          "expected loss=lm (with model=moe), or loss.aux_weight=0")
-    if cfg.loss.aux_weight > 0 and cfg.trainer.processes > 1:
-        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with trainer.processes="
-                          f"{cfg.trainer.processes}: the window's expert load is counted in one process, "
-                          "expected trainer.processes=1")
+    """data.topics where it means something (a load-balancing loss is checked against the model and the
+    processes when both are built: runner.training.build)."""
     if cfg.data.topics and cfg.data.name != "seq":
         raise ConfigError(f"data.topics={cfg.data.topics} is not allowed with data={cfg.data.name}: expected data=seq")
 
@@ -517,10 +508,6 @@ def validate_processes(cfg: Config) -> None:
     if parallel == "fsdp" and cfg.backward.name not in DDP_STRATEGIES:
         raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
                           f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
-    rank_normalize = plain(cfg.loss.rank_normalize)
-    if rank_normalize != "global" and (cfg.loss.name != "lm" and not own_class(cfg.loss)):
-        raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with loss={cfg.loss.name}: it "
-                          "divides a token loss by a token count, expected loss=lm (or loss.rank_normalize=global)")
     if cfg.data.sort_lengths and cfg.data.name not in ("seq", "text"):
         raise ConfigError(f"data.sort_lengths=true is not allowed with data={cfg.data.name}: expected data=seq or text")
     if processes == 1:
@@ -587,23 +574,6 @@ def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],
         cause = exc.__cause__ or exc
         raise ConfigError(f"{dotted}={target}: cannot build it with {kwargs} "
                           f"({type(cause).__name__}: {first_line(cause)})") from None
-
-
-def declared_arguments(group: str, target: Optional[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Your class's arguments with the defaults of the keys it declares filled in and checked
-    (runner.config.components), so that the run's record holds them; as given where it declares none."""
-    from hydra.utils import get_object
-
-    if not target or target == "???":
-        return dict(kwargs)  # instantiate names the missing key
-    try:
-        built = get_object(target)
-    except Exception:  # instantiate reports the import error
-        return dict(kwargs)
-    try:  # the keys your class declares next to itself: typed, ranged, defaulted
-        return checked_arguments(group, target, built, kwargs)
-    except ComponentError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def first_line(exc: BaseException) -> str:

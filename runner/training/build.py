@@ -26,26 +26,23 @@ from runner.components.data import (
     train_rows,
 )
 from runner.components.loader import Batches, LoaderWindows
-from runner.components.losses import (
-    RoutedLoss,
-    TokenLoss,
-    build_loss,
-    offers,
-    per_stage,
-)
+from runner.components.losses import RoutedLoss, TokenLoss, offers, per_stage
 from runner.components.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
 from runner.components.optim import build_optimizers, build_schedulers
 from runner.components.outputs import outputs_from, take_logits
+from runner.config.components import class_of, option_target, options, takes
 from runner.config.identity import config_record, used_config_id
 from runner.config.schema import (
     Config,
     ConfigError,
     ModelConf,
-    declared_arguments,
+    arguments_used,
     instantiate,
+    label_of,
     own_class,
     plain,
     set_keys,
+    target_of,
 )
 from runner.execution import fsdp  # noqa: F401  (registers trainer.parallel=fsdp)
 from runner.execution.parallel import build_parallel, engine_class
@@ -81,10 +78,11 @@ class Training:
     batches: Any  # step -> its examples (runner.components.loader: Batches, or LoaderWindows in loader mode)
     device: torch.device
     dtype: torch.dtype
-    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom loss's arguments
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # the loss class's arguments (focal's alpha, gamma)
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
     optim_kwargs: Dict[str, Any] = field(default_factory=dict)  # the optimizer's own (+optim.KEY) arguments
     findings: "Findings" = None  # what the checks before training found (build.probe)
+    ignored: List[str] = field(default_factory=list)  # keys another option of the group reads (loss.gamma on bce)
 
     @property
     def update(self):
@@ -120,7 +118,8 @@ class Training:
         """The lines printed before training and kept in the summary: options the strategy ignores, and
         the columns a table's features left out."""
         columns = self.dataset.columns
-        return self.strategy.ignored_switches(self.config.backward) + (columns.warnings if columns else [])
+        return (self.strategy.ignored_switches(self.config.backward) + self.ignored
+                + (columns.warnings if columns else []))
 
     def used_config_id(self) -> str:
         """What this training uses (runner.config.identity): equal for two jobs that train the same."""
@@ -128,6 +127,14 @@ class Training:
 
     def config_record(self) -> Dict[str, Any]:
         return config_record(self.config, self.loss_kwargs, self.model_kwargs, self.optim_kwargs)
+
+    def recorded_config(self) -> Dict[str, Any]:
+        """The config as the command line records it in summary.json (what comparisons read): each class's
+        arguments under its group (loss.gamma), as Hydra composed them."""
+        record = self.config_record()
+        for group in ("loss", "model", "optim"):
+            record[group] = {**record[group], **record.pop(f"{group}_kwargs")}
+        return record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,22 +167,33 @@ def set_determinism(on: bool, device: torch.device) -> None:
 
 def loss_label(cfg: Config) -> str:
     """How messages name the loss: its `_target_` for the user's own."""
-    return f"loss._target_={cfg.loss._target_}" if own_class(cfg.loss) else f"loss={cfg.loss.name}"
+    return label_of("loss", cfg.loss)
 
 
 def model_label(cfg: Config) -> str:
-    return f"model._target_={cfg.model._target_}" if own_class(cfg.model) else f"model={cfg.model.name}"
+    return label_of("model", cfg.model)
 
 
-def check_no_stray_keys(cfg: Config, loss_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
-    """Keys a built-in model or loss does not declare are a typo, never silently ignored; the
-    arguments of a class of your own are its constructor's (runner.config.components)."""
-    for group, kwargs in (("model", model_kwargs), ("loss", loss_kwargs)):
-        conf = getattr(cfg, group)
-        if kwargs and not own_class(conf):
-            raise ConfigError(f"{group}.{next(iter(kwargs))} is not a key of {group}={conf.name}: expected one of "
-                              f"the keys python -m runner --help lists, or {group}._target_=package.module.Class "
-                              "for a class of your own")
+def check_no_stray_keys(cfg: Config, model_kwargs: Dict[str, Any]) -> None:
+    """Keys a built-in model does not declare are a typo, never silently ignored; the arguments of a
+    class of your own are its constructor's (runner.config.components)."""
+    if model_kwargs and not own_class(cfg.model):
+        raise ConfigError(f"model.{next(iter(model_kwargs))} is not a key of model={cfg.model.name}: expected one "
+                          "of the keys python -m runner --help lists, or model._target_=package.module.Class "
+                          "for a class of your own")
+
+
+def classes_arguments(cfg: Config, loss_kwargs: Optional[Dict[str, Any]], model_kwargs: Optional[Dict[str, Any]]):
+    """(the loss class's arguments, the model class's, what they ignore): the keys each class declares,
+    checked and with their defaults (recorded with the run), and the keys another option of the group
+    reads left out with a warning (runner.config.components.option_arguments)."""
+    model_kwargs = dict(model_kwargs or {})
+    check_no_stray_keys(cfg, model_kwargs)
+    loss_kwargs, ignored = arguments_used("loss", cfg.loss, dict(loss_kwargs or {}))
+    if own_class(cfg.model):
+        model_kwargs, more = arguments_used("model", cfg.model, model_kwargs)
+        ignored = ignored + more
+    return loss_kwargs, model_kwargs, ignored
 
 
 def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
@@ -283,21 +301,38 @@ def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.dev
 
 
 def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
+    """The loss the option names by `_target_`, with its arguments: one of the runner's own (checked against
+    what the model predicts, its `fits`, and handed loss.reduction where it takes it), or yours."""
     if own_class(cfg.loss):
         loss = instantiate("loss._target_", cfg.loss._target_, loss_kwargs)
         if not callable(loss):
             raise ConfigError(f"loss._target_={cfg.loss._target_} built a {type(loss).__name__}, "
                               "which cannot be called as loss(outputs, targets): expected an nn.Module class")
-    else:
-        loss = build_loss(cfg.loss, spec, cfg.model.name)
-    return per_stage(loss, spec)
+        return per_stage(loss, spec)
+    cls = class_of(target_of("loss", cfg.loss))
+    if cls is None:
+        raise ConfigError(f"loss={cfg.loss.name} is unknown: expected one of {', '.join(options('loss'))}")
+    if spec.kind not in getattr(cls, "fits", {spec.kind}):
+        fitting = [option for option in options("loss")
+                   if spec.kind in getattr(class_of(option_target("loss", option)), "fits", ())] + ["custom"]
+        raise ConfigError(f"loss={cfg.loss.name} does not fit model={cfg.model.name} ({spec.kind} targets): "
+                          f"expected loss={' or loss='.join(fitting)}")
+    reduction = {"reduction": plain(cfg.loss.reduction)} if "reduction" in takes(cls)[1] else {}
+    return per_stage(cls(**loss_kwargs, **reduction), spec)  # its own ValueError names the key
 
 
 def check_router(cfg: Config, model: torch.nn.Module, loss_fn) -> None:
-    """A load-balancing loss needs a model whose router it can read (runner.components.models.Router)."""
-    if offers(loss_fn, RoutedLoss) and not offers(model, Router):
-        raise ConfigError(f"loss.aux_weight={cfg.loss.aux_weight} is not allowed with {model_label(cfg)}: "
-                          "it balances a mixture-of-experts router, expected model=moe (or loss.aux_weight=0)")
+    """A load-balancing loss needs a model whose router it can read (runner.components.models.Router),
+    and the window's expert load counted in one process."""
+    if not offers(loss_fn, RoutedLoss):
+        return
+    given = f"loss.aux_weight={loss_fn.aux_weight} is not allowed with"
+    if not offers(model, Router):
+        raise ConfigError(f"{given} {model_label(cfg)}: it balances a mixture-of-experts router, expected "
+                          "model=moe (or loss.aux_weight=0)")
+    if cfg.trainer.processes > 1:
+        raise ConfigError(f"{given} trainer.processes={cfg.trainer.processes}: the window's expert load is counted "
+                          "in one process, expected trainer.processes=1")
 
 
 def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
@@ -317,13 +352,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
                    model_kwargs: Optional[Dict[str, Any]] = None,
                    optim_kwargs: Optional[Dict[str, Any]] = None) -> Training:
     """Build and check one training; ConfigError (bad input) before anything runs."""
-    loss_kwargs, model_kwargs = dict(loss_kwargs or {}), dict(model_kwargs or {})
-    check_no_stray_keys(cfg, loss_kwargs, model_kwargs)
-    # A class of your own: the defaults of the keys it declares are recorded with the run too.
-    if own_class(cfg.loss):
-        loss_kwargs = declared_arguments("loss", cfg.loss._target_, loss_kwargs)
-    if own_class(cfg.model):
-        model_kwargs = declared_arguments("model", cfg.model._target_, model_kwargs)
+    loss_kwargs, model_kwargs, ignored = classes_arguments(cfg, loss_kwargs, model_kwargs)
     device = resolve_device(cfg.trainer.device)
     dtype = getattr(torch, plain(cfg.trainer.dtype))
     set_determinism(cfg.trainer.deterministic, device)
@@ -369,7 +398,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         first_gradient=FirstGradient(cfg.trainer.first_grad))
     strategy = build_strategy(cfg.backward, rule)
     return Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
-                    loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings)
+                    loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings, ignored)
 
 
 @dataclass
