@@ -34,8 +34,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -47,9 +48,23 @@ from runner.training.train import run
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def config(model: str, strategy: str, steps: int, device: str) -> Config:
-    cfg = Config()
-    cfg.model.name, cfg.model.hidden = model, 512
+@dataclass
+class Bench(Config):
+    """A config built in Python, with its model class's arguments beside it (model.hidden: the keys the
+    classes of runner.components.models declare, which the Config's `model` node does not hold)."""
+
+    model_args: Dict[str, Any] = field(default_factory=dict)
+
+
+def build(cfg: Bench):
+    return build_training(cfg, model_kwargs=cfg.model_args)
+
+
+def config(model: str, strategy: str, steps: int, device: str) -> Bench:
+    cfg = Bench()
+    cfg.model.name = model
+    if model != "cnn":  # the classes that take model.hidden
+        cfg.model_args["hidden"] = 512
     cfg.data.batch_size, cfg.data.train_size, cfg.data.eval_size = 512, 8192, 0
     cfg.backward.name, cfg.backward.accumulation = strategy, 4 if strategy != "full" else 1
     cfg.trainer.steps, cfg.trainer.device, cfg.trainer.progress = steps, device, False
@@ -116,11 +131,11 @@ def hand_written_loop(training, steps: int, records: bool = False, as_written: b
         printed.close()
 
 
-def runner_loop(cfg: Config, workdir: Path) -> float:
+def runner_loop(cfg: Bench, workdir: Path) -> float:
     """Seconds per step of train.run. On CPU, steady state: from the end of step 1 to the end of
     step n, as metrics.csv's time_s says (the first step carries one-time costs, such as the
     saved-tensor meter, on both sides); on CUDA the whole loop, whose end waits for the device."""
-    training = build_training(cfg)
+    training = build(cfg)
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     outcome = run(training, run_dir)
     assert outcome.status == "ok", outcome.summary.error
@@ -142,10 +157,10 @@ def interleaved(loops: Dict[str, Callable[[], float]], repeats: int) -> Dict[str
     return times
 
 
-def sequence_config(strategy: str, steps: int, device: str, quick: bool = False) -> Config:
+def sequence_config(strategy: str, steps: int, device: str, quick: bool = False) -> Bench:
     cfg = config("seq", strategy, steps, device)
     cfg.data.name, cfg.loss.name = "seq", "lm"
-    cfg.model.hidden, cfg.model.vocab, cfg.model.depth = (32, 16, 1) if quick else (128, 64, 1)
+    cfg.model_args["hidden"], cfg.model.vocab, cfg.model_args["depth"] = (32, 16, 1) if quick else (128, 64, 1)
     cfg.data.batch_size, cfg.data.train_size, cfg.data.max_length = (64, 256, 16) if quick else (64, 2048, 64)
     return cfg
 
@@ -179,22 +194,22 @@ def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str
     for strategy in ("full", "accumulate"):
         cfg = sequence_config(strategy, steps, device, quick)
         times = interleaved({"runner": lambda: runner_loop(cfg, workdir),
-                             "hand": lambda: hand_written_token_loop(build_training(cfg), steps)}, repeats)
+                             "hand": lambda: hand_written_token_loop(build(cfg), steps)}, repeats)
         r, h = statistics.median(times["runner"]), statistics.median(times["hand"])
         spread = max(map(_spread, times.values()))
         rows.append(dict(benchmark="sequence step",
-                         case=f"seq (GRU {cfg.model.hidden}, vocab {cfg.model.vocab}, lengths 2..{cfg.data.max_length}) "
+                         case=f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, lengths 2..{cfg.data.max_length}) "
                               f"{strategy}, batch 64, loss=lm tokens ({device}) "
                               "vs hand-written token-count loop",
                          runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
                          result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
 
 
-def contrastive_config(strategy: str, k: int, steps: int, device: str, quick: bool = False) -> Config:
+def contrastive_config(strategy: str, k: int, steps: int, device: str, quick: bool = False) -> Bench:
     cfg = config("dual_encoder", strategy, steps, device)
     cfg.data.name, cfg.loss.name, cfg.model.outputs, cfg.backward.accumulation = "pairs", "infonce", 16, k
     if quick:
-        cfg.model.hidden, cfg.data.batch_size, cfg.data.train_size = 64, 64, 512
+        cfg.model_args["hidden"], cfg.data.batch_size, cfg.data.train_size = 64, 64, 512
     return cfg
 
 
@@ -209,7 +224,7 @@ def bench_contrastive_steps(rows: List[Dict], repeats: int, steps: int, device: 
         spread = max(map(_spread, times.values()))
         cfg = configs["gradcache"]
         rows.append(dict(benchmark="contrastive step",
-                         case=f"dual_encoder (hidden {cfg.model.hidden}) infonce, batch {cfg.data.batch_size} in {k} "
+                         case=f"dual_encoder (hidden {cfg.model_args['hidden']}) infonce, batch {cfg.data.batch_size} in {k} "
                               f"({device}): gradcache vs accumulate",
                          runner=g * 1e3, baseline=a * 1e3, unit="ms/step",
                          result=f"ratio {g / a:.3f} (spread {spread:.1%})", target="ratio <= 1.5", met=g / a <= 1.5))
@@ -239,9 +254,9 @@ def bench_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir
         for strategy in ("full", "accumulate"):
             cfg = config(model, strategy, steps, device)
             loops = {"runner": lambda: runner_loop(cfg, workdir),
-                     "bare": lambda: hand_written_loop(build_training(cfg), steps),
-                     "as written": lambda: hand_written_loop(build_training(cfg), steps, as_written=True),
-                     "records": lambda: hand_written_loop(build_training(cfg), steps, records=True)}
+                     "bare": lambda: hand_written_loop(build(cfg), steps),
+                     "as written": lambda: hand_written_loop(build(cfg), steps, as_written=True),
+                     "records": lambda: hand_written_loop(build(cfg), steps, records=True)}
             times = interleaved(loops, repeats)
             r, fastest = statistics.median(times["runner"]), min(times["runner"])
             spread = max(map(_spread, times.values()))
@@ -344,8 +359,8 @@ def bench_probe(rows: List[Dict], repeats: int, device: str) -> None:
     for model in ("mlp", "cnn"):
         for batchnorm in (False, True):
             cfg = config(model, "full", 1, device)
-            cfg.model.batchnorm = batchnorm
-            training = build_training(cfg)
+            cfg.model_args["batchnorm"] = batchnorm
+            training = build(cfg)
             inputs, targets = training.dataset.batch(0)
 
             def step_once():
@@ -374,13 +389,13 @@ def _seconds(work, device: str) -> float:
 def bench_memory(rows: List[Dict], device: str, workdir: Path) -> None:
     for model in ("mlp", "cnn"):
         full_cfg = config(model, "full", 1, device)
-        full = run(build_training(full_cfg), Path(tempfile.mkdtemp(dir=workdir))).summary
+        full = run(build(full_cfg), Path(tempfile.mkdtemp(dir=workdir))).summary
         for k in (1, 2, 4, 8):
             measured = {}
             for strategy in ("sum", "accumulate"):
                 cfg = config(model, strategy, 1, device)
                 cfg.backward.accumulation = k
-                measured[strategy] = run(build_training(cfg), Path(tempfile.mkdtemp(dir=workdir))).summary
+                measured[strategy] = run(build(cfg), Path(tempfile.mkdtemp(dir=workdir))).summary
             s, a = measured["sum"].peak_saved_bytes, measured["accumulate"].peak_saved_bytes
             cuda = ""
             if device == "cuda":

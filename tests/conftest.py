@@ -17,7 +17,7 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from runner.config.schema import GROUPS, Config, LossConf
+from runner.config.schema import GROUPS, Config, LossConf, ModelConf
 from runner.recording.record import Summary
 from runner.training.build import build_training
 from runner.training.train import run
@@ -111,7 +111,7 @@ def pytest_collection_modifyitems(config, items):
 
 def make_config(**overrides) -> Config:
     """Config() with dotted keys given as double underscores: trainer__steps=5. The arguments of the loss
-    class (loss__gamma, loss__normalize: keys it declares beside itself) are build()'s, not the Config's."""
+    and model classes (loss__gamma, model__hidden: keys they declare beside themselves) are build()'s."""
     cfg = Config()
     cfg.trainer.progress = False
     for dotted, value in overrides.items():
@@ -125,25 +125,27 @@ def make_config(**overrides) -> Config:
     return cfg
 
 
-LOSS_KEYS = {f.name for f in fields(LossConf)}
+# The groups' own keys; the others (loss__gamma, model__hidden) are the arguments of the group's class.
+OWN_KEYS = {"loss": {f.name for f in fields(LossConf)}, "model": {f.name for f in fields(ModelConf)}}
 
 
-def split_loss_arguments(overrides: dict):
-    """(the Config's overrides, the loss class's arguments): loss__gamma=1 is focal's, not LossConf's."""
-    config, arguments = {}, {}
+def split_arguments(overrides: dict):
+    """(the Config's overrides, the loss class's arguments, the model class's): loss__gamma=1 is focal's,
+    model__hidden=16 the model's, not the Config's."""
+    config, arguments = {}, {"loss": {}, "model": {}}
     for dotted, value in overrides.items():
         group, _, leaf = dotted.partition("__")
-        if group == "loss" and leaf not in LOSS_KEYS:
-            arguments[leaf] = value
+        if group in OWN_KEYS and leaf not in OWN_KEYS[group]:
+            arguments[group][leaf] = value
         else:
             config[dotted] = value
-    return config, arguments
+    return config, arguments["loss"], arguments["model"]
 
 
 def build(loss_kwargs=None, **overrides):
-    """build_training from dotted overrides, the loss class's arguments among them (loss__gamma=1)."""
-    overrides, arguments = split_loss_arguments(overrides)
-    return build_training(make_config(**overrides), {**arguments, **(loss_kwargs or {})})
+    """build_training from dotted overrides, the classes' arguments among them (loss__gamma=1, model__hidden=16)."""
+    overrides, loss, model = split_arguments(overrides)
+    return build_training(make_config(**overrides), {**loss, **(loss_kwargs or {})}, model_kwargs=model)
 
 
 def train(tmp_path: Path, loss_kwargs=None, **overrides):

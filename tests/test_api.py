@@ -14,8 +14,8 @@ SEQ = ["model=seq", "data=seq", "loss=lm", "trainer.steps=3"]
 
 def test_compose_applies_the_groups_yaml_and_runs_like_the_command_line(tmp_path):
     training = api.compose([*SEQ, "trainer.progress=false"])
-    assert isinstance(training.model, CausalLM)  # model=seq's YAML: hidden 32, depth 1 (the schema says 64, 2)
-    assert (training.config.model.hidden, training.config.model.depth) == (32, 1)
+    assert isinstance(training.model, CausalLM)  # model=seq's YAML: hidden 32, depth 1
+    assert (training.model_kwargs["hidden"], training.model_kwargs["depth"]) == (32, 1)
     outcome = api.run(training, tmp_path / "api")
     assert outcome.status == "ok", outcome.summary.error
 

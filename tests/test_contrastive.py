@@ -11,11 +11,12 @@ from runner.recording import record
 from runner.training import strategies
 from runner.training.build import build_training
 from tests.conftest import (
-    build,
     assert_params_close,
+    build,
     make_config,
     max_abs_diff,
     refusal,
+    split_arguments,
     train,
 )
 
@@ -101,10 +102,10 @@ def test_gradcache_equals_full_with_a_shared_tower_a_symmetric_loss_and_loader_w
         assert all(name.startswith("query_tower.") for name in cached)
 
 
-def hand_written_gradcache_reference(cfg, k: int, steps: int) -> dict:
+def hand_written_gradcache_reference(overrides, k: int, steps: int) -> dict:
     """The full-batch loss with a graph over every micro-batch, forwarded one after another from
     the same random state: the masks gradcache's first pass draws, the full batch's gradient."""
-    training = build_training(cfg)
+    training = build(**overrides)
     model, optimizer = training.model, training.optimizers[0]
     for step in range(steps):
         inputs, _ = training.dataset.batch(step)
@@ -119,7 +120,7 @@ def test_with_dropout_gradcache_is_the_full_batch_gradient_only_when_the_random_
         tmp_path, monkeypatch):
     overrides = dict(CONTRASTIVE, model__dropout=0.2, trainer__steps=8, backward__name="gradcache",
                      backward__accumulation=4)
-    reference = hand_written_gradcache_reference(make_config(**overrides), 4, 8)
+    reference = hand_written_gradcache_reference(overrides, 4, 8)
     summary, replayed, _ = train(tmp_path, **overrides)
     assert summary["stochastic"] is True  # the coupling probe saw dropout
     assert_params_close(replayed, reference, **FLOAT32)
@@ -163,10 +164,10 @@ def test_bad_input_is_one_line(args, message):
     (dict(CONTRASTIVE, model__dropout=1.0), "model.dropout=1.0 is not allowed: expected in [0, 1)"),
 ])
 def test_misfits_are_refused_naming_what_is_missing(overrides, message):
-    cfg = make_config(**overrides)
+    config, _, _ = split_arguments(overrides)
     with pytest.raises(ConfigError) as refused:
-        validate(cfg)
-        build_training(cfg)
+        validate(make_config(**config))
+        build(**overrides)
     assert message in str(refused.value)
 
 

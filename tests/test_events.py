@@ -9,9 +9,8 @@ from runner.config.schema import ConfigError, validate
 from runner.recording import checkpoint, record
 from runner.recording.events import Subscriber, Subscribers
 from runner.recording.record import Summary
-from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import make_config, refusal, train
+from tests.conftest import build, make_config, refusal, train
 from tests.own_components import RowCollector
 
 TINY = dict(data__train_size=64, data__eval_size=16, model__hidden=8)
@@ -39,7 +38,7 @@ def test_your_sink_hears_the_run_start_every_row_as_metrics_csv_has_it_and_the_e
 
 
 def test_a_failing_run_ends_your_sink_with_its_status(tmp_path, monkeypatch):
-    training = build_training(make_config(trainer__steps=4, trainer__loggers=["csv", COLLECTOR], **TINY))
+    training = build(trainer__steps=4, trainer__loggers=["csv", COLLECTOR], **TINY)
     real_step, calls = training.strategy.step, []
 
     def breaks_at_the_third_step(*args, **kwargs):
@@ -60,7 +59,7 @@ def test_a_failing_run_ends_your_sink_with_its_status(tmp_path, monkeypatch):
     def broken_finish(*args):
         raise OSError("disk full")
 
-    training = build_training(make_config(trainer__steps=2, trainer__loggers=["csv", COLLECTOR], **TINY))
+    training = build(trainer__steps=2, trainer__loggers=["csv", COLLECTOR], **TINY)
     monkeypatch.setattr(loop, "_finish", broken_finish)
     with pytest.raises(OSError, match="disk full"):
         run(training, tmp_path / "raised", Summary(config=training.config_record()))
@@ -69,9 +68,9 @@ def test_a_failing_run_ends_your_sink_with_its_status(tmp_path, monkeypatch):
 
 def test_a_resumed_run_is_heard_from_its_checkpoint_step_on(tmp_path):
     config = dict(trainer__checkpoint_every=3, trainer__loggers=["csv", COLLECTOR], **TINY)
-    first = run(build_training(make_config(trainer__steps=4, **config)), tmp_path / "run")
+    first = run(build(trainer__steps=4, **config), tmp_path / "run")
     assert first.status == "ok" and [row["step"] for row in heard(tmp_path / "run")["rows"]] == [1, 2, 3, 4]
-    resumed = run(build_training(make_config(trainer__steps=6, **config)), tmp_path / "run",
+    resumed = run(build(trainer__steps=6, **config), tmp_path / "run",
                   resume=checkpoint.load(tmp_path / "run"))
     assert resumed.status == "ok"
     got = heard(tmp_path / "run")

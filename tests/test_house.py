@@ -4,6 +4,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 import runner
 from runner.config import schema
 from runner.config.backward_options import PassOptions, readers_by_option
@@ -194,38 +196,33 @@ def test_every_metrics_column_is_declared_in_record(tmp_path):
 
 
 def test_built_in_choices_come_through_one_registry():
-    """Models, strategies and parallel engines: one mechanism; losses, as the user's own, through `_target_`."""
-    import pytest
-
-    from runner.components.models import MODELS
+    """Strategies and parallel engines: one mechanism; models and losses, as the user's own, through `_target_`."""
     from runner.config.registry import Registry
     from runner.execution.parallel import ENGINES
 
-    assert all(isinstance(r, Registry) for r in (MODELS, STRATEGIES, ENGINES))
-    assert set(ENGINES) == {"ddp", "fsdp"} and {"mlp", "seq"} <= set(MODELS)
-    with pytest.raises(ValueError, match=r"model=nope is unknown: expected one of \[.*'mlp'"):
-        MODELS.get("nope")
+    assert all(isinstance(r, Registry) for r in (STRATEGIES, ENGINES))
+    assert set(ENGINES) == {"ddp", "fsdp"} and {"full", "accumulate"} <= set(STRATEGIES)
 
 
-def test_each_built_in_loss_is_one_class_and_one_yaml():
-    """conf/loss/NAME.yaml names its class by `_target_`; the class declares its keys (Keys) and what it
-    fits, and the YAML sets each declared key to the class's default: the command line and a config
-    built in Python with the option's name alone train the same."""
+@pytest.mark.parametrize("group", ["model", "loss"])
+def test_each_built_in_component_is_one_class_and_one_yaml(group):
+    """conf/GROUP/NAME.yaml names its class by `_target_`; the class declares its keys (Keys) and what it
+    fits (a loss: `fits`; a model: `spec()`), and the YAML sets each declared key to the class's default:
+    the command line and a config built in Python with the option's name alone train the same."""
     import yaml
 
     from runner.config.components import class_of, declared_keys, default_of, options
     from runner.config.location import CONF_DIR
-    from runner.config.schema import LossConf
 
-    group_keys = {f.name for f in fields(LossConf)}
-    for option in options("loss"):
-        tree = yaml.safe_load((CONF_DIR / "loss" / f"{option}.yaml").read_text())
+    group_keys = {f.name for f in fields(getattr(schema, f"{group.capitalize()}Conf"))}
+    for option in options(group):
+        tree = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())
         if option == "custom":
             assert tree["_target_"] == "???"
             continue
         cls = class_of(tree["_target_"])
-        assert tree["_target_"].startswith("runner.components.losses.") and cls is not None, option
-        assert cls.fits and declared_keys(cls) is not None, option
+        assert tree["_target_"].startswith(schema.BUILT_IN) and cls is not None, option
+        assert declared_keys(cls) is not None and (cls.fits if group == "loss" else callable(cls.spec)), option
         declared = {f.name: default_of(f) for f in fields(declared_keys(cls))}
         assert set(tree) - group_keys == set(declared), option
         assert {k: tree[k] for k in declared} == {k: getattr(v, "value", v) for k, v in declared.items()}, option

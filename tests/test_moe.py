@@ -10,8 +10,8 @@ from runner.components.data import IGNORE_INDEX
 from runner.components.losses import LoadBalancedTokenLoss
 from runner.components.models import MoELM
 from tests.conftest import (
-    build,
     assert_params_close,
+    build,
     max_abs_diff,
     refusal,
     train,
@@ -19,7 +19,7 @@ from tests.conftest import (
 
 # Short topic-clustered sequences on a small top-2-of-8 model: a step takes milliseconds.
 MOE = dict(model__name="moe", data__name="seq", loss__name="lm", loss__aux_weight=0.01, data__topics=4,
-           model__hidden=16, data__max_length=12, data__train_size=512, data__eval_size=64, trainer__memory="off")
+           model__hidden=16, model__depth=2, data__max_length=12, data__train_size=512, data__eval_size=64, trainer__memory="off")
 
 
 def first_step(**overrides):

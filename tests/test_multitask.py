@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from runner import api
 from runner.components.losses import MultiTaskLoss
 from tests.conftest import (
-    build,
     assert_params_close,
+    build,
     max_abs_diff,
     refusal,
     run_here,

@@ -9,7 +9,7 @@ from runner import api
 from runner.components.optim import build_optimizers
 from runner.config.schema import ConfigError, OptimConf
 from runner.training.build import build_training
-from tests.conftest import make_config, read_summary, refusal, resume_refusal, run_cli
+from tests.conftest import build, read_summary, refusal, resume_refusal, run_cli
 
 SMALL = ["data.train_size=256", "data.eval_size=32", "model.hidden=8"]
 
@@ -78,8 +78,8 @@ def test_a_resume_keeps_the_optimizers_own_arguments(tmp_path):
 
 def test_a_python_config_picks_the_optimizer_by_name():
     """Config() without Hydra has no _target_: optim.name picks the class, betas as a tuple."""
-    training = build_training(make_config(optim__name="adam", optim__lr=0.001, optim__betas=[0.5, 0.999],
-                                          data__train_size=256, data__eval_size=32, model__hidden=8))
+    training = build(optim__name="adam", optim__lr=0.001, optim__betas=[0.5, 0.999],
+                                          data__train_size=256, data__eval_size=32, model__hidden=8)
     [optimizer] = training.optimizers
     assert type(optimizer) is torch.optim.Adam
     assert optimizer.param_groups[0]["betas"] == (0.5, 0.999) and optimizer.param_groups[0]["lr"] == 0.001

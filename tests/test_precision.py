@@ -11,9 +11,8 @@ from runner.analysis.runs import find_oracle, grad_rel_diff, load_run
 from runner.config.backward_options import GradAccumDType
 from runner.config.schema import Autocast, ConfigError, DType, validate
 from runner.recording import record
-from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import make_config, train
+from tests.conftest import build, make_config, train
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale_once_per_optimizer_step(tmp_path):
@@ -63,7 +62,7 @@ def test_pure_bf16_gradients_drift_with_k_in_bf16_and_not_in_a_float32_buffer(tm
 
 def test_first_grad_is_the_gradient_the_optimizer_applied(tmp_path):
     """SGD without momentum: θ1 = θ0 - lr g, so first_grad.pt must equal (θ0 - θ1) / lr."""
-    training = build_training(make_config(trainer__steps=1, backward__name="accumulate", backward__accumulation=4))
+    training = build(trainer__steps=1, backward__name="accumulate", backward__accumulation=4)
     before = {n: p.detach().clone() for n, p in training.model.named_parameters()}
     run(training, tmp_path / "run")
     grads = torch.load(tmp_path / "run" / record.FIRST_GRAD, weights_only=True)
@@ -121,7 +120,7 @@ def test_precision_bad_input(overrides, needle):
 
 
 def test_autocast_bf16_keeps_float32_parameters_and_gradients(tmp_path):
-    training = build_training(make_config(trainer__steps=1, trainer__autocast=Autocast.bf16))
+    training = build(trainer__steps=1, trainer__autocast=Autocast.bf16)
     run(training, tmp_path / "run")
     grads = torch.load(tmp_path / "run" / record.FIRST_GRAD, weights_only=True)
     assert all(p.dtype == torch.float32 for p in training.model.parameters())

@@ -6,8 +6,7 @@ from torch import nn
 from runner.components.models import MLP, CausalLM
 from runner.execution.memory import SavedTensorsMeter
 from runner.execution.recompute import recompute_blocks
-from runner.training.build import build_training
-from tests.conftest import make_config, train
+from tests.conftest import build, train
 
 SEQ = dict(model__name="seq", data__name="seq", loss__name="lm", model__cell="transformer", model__depth=2,
            data__max_length=12, data__train_size=256, data__eval_size=32)
@@ -33,8 +32,8 @@ def test_checkpointing_ends_with_the_same_parameters_bit_for_bit_and_holds_less(
 
 def forward_calls(strategy: str, checkpointing: bool) -> int:
     """Forward calls of a module inside the first Transformer layer during one training step."""
-    training = build_training(make_config(backward__name=strategy, backward__accumulation=2,
-                                          backward__activation_checkpointing=checkpointing, **SEQ))
+    training = build(backward__name=strategy, backward__accumulation=2,
+                                          backward__activation_checkpointing=checkpointing, **SEQ)
     calls = []
     training.model.body.layers[0].linear1.register_forward_hook(lambda *_: calls.append(1))
     window = training.batches.window(0)
@@ -125,7 +124,7 @@ def test_which_blocks():
     assert recompute_blocks(MLP()) == ["hidden", "out"]  # the default: children with parameters
     assert recompute_blocks(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))) \
         == ["0.0", "0.2"]  # into a lone Sequential
-    assert recompute_blocks(CausalLM(cell="transformer", layers=3)) == ["body.layers.0", "body.layers.1",
+    assert recompute_blocks(CausalLM(cell="transformer", depth=3)) == ["body.layers.0", "body.layers.1",
                                                                        "body.layers.2"]  # declared
     model = CausalLM(cell="gru")
     assert recompute_blocks(model) == ["body"]

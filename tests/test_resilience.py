@@ -18,8 +18,7 @@ import pytest
 from runner import api
 from runner.jobs import exit_code
 from runner.training import train
-from runner.training.build import build_training
-from tests.conftest import ROOT, make_config, run_cli
+from tests.conftest import ROOT, build, run_cli
 
 TINY = ["data.train_size=256", "data.eval_size=64", "model.hidden=8", "trainer.threads=1"]
 LONG = [*TINY, "trainer.steps=100000"]
@@ -134,8 +133,7 @@ def test_huge_learning_rate_ends_diverged_at_a_recorded_step(tmp_path):
 
 def test_rows_batched_after_the_diverged_step_are_not_written(tmp_path):
     # log_every > 1 (the CUDA default) buffers rows; the CSV still ends at the diverged step.
-    cfg = make_config(optim__lr=1e6, trainer__log_every=50, data__train_size=256, model__hidden=8)
-    outcome = train.run(build_training(cfg), tmp_path)
+    outcome = train.run(build(optim__lr=1e6, trainer__log_every=50, data__train_size=256, model__hidden=8), tmp_path)
     assert outcome.status == "diverged" and exit_code(outcome.status, outcome.signum) == 1
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert metrics["step"].iloc[-1] == outcome.summary.diverged_at_step < 50

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from runner.components.data import IGNORE_INDEX, markov_sequences
 from runner.components.losses import TokenCrossEntropy
 from runner.config.schema import ConfigError
-from runner.training.build import build_training
 from runner.training.train import run
-from tests.conftest import assert_params_close, build, make_config, max_abs_diff, train
+from tests.conftest import assert_params_close, build, max_abs_diff, train
 
 # A small causal LM on short sequences: 100 steps take about a second.
 SEQ = dict(model__name="seq", data__name="seq", loss__name="lm", model__hidden=16, model__depth=1, data__max_length=12,
@@ -72,8 +71,8 @@ def test_float64_agrees_far_tighter(tmp_path):
 
 def test_accumulate_matches_a_hand_written_token_count_loop(tmp_path):
     """Count the batch's tokens, divide each micro-batch's summed loss by it, backward, step."""
-    config = make_config(backward__name="accumulate", backward__accumulation=4, **{**SEQ, "trainer__steps": 40})
-    training = build_training(config)
+    training = build(backward__name="accumulate", backward__accumulation=4, **{**SEQ, "trainer__steps": 40})
+    config = training.config
     model = copy.deepcopy(training.model)  # the same initial parameters
     optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr)
     for step in range(40):

@@ -9,7 +9,7 @@ import pytest
 from runner.config.schema import ConfigError, validate
 from runner.recording import record
 from runner.recording.record import Summary
-from tests.conftest import make_config, read_summary, refusal, run_cli
+from tests.conftest import build, make_config, read_summary, refusal, run_cli
 
 # Skipped without the trackers extra; found, not imported, at collection (mlflow alone takes 2 s to import).
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("mlflow", "tensorboard")),
@@ -121,13 +121,11 @@ def test_a_sweep_is_a_parent_run_with_its_jobs_nested(outputs):
 
 def test_a_failing_run_ends_its_mlflow_run_failed(outputs, monkeypatch):
     from runner.training import train
-    from runner.training.build import build_training
 
     def run_with(patch, name):
-        config = make_config(trainer__steps=3, data__train_size=64, data__eval_size=16, model__hidden=8,
-                             trainer__loggers=["csv", "mlflow"],
-                             trainer__mlflow_uri=f"sqlite:///{outputs / record.MLFLOW_STORE}")
-        training = build_training(config)
+        training = build(trainer__steps=3, data__train_size=64, data__eval_size=16, model__hidden=8,
+                         trainer__loggers=["csv", "mlflow"],
+                         trainer__mlflow_uri=f"sqlite:///{outputs / record.MLFLOW_STORE}")
         patch(training)
         run_dir = outputs / "in_process" / name
         return training, run_dir, lambda: train.run(training, run_dir, Summary(config=training.config_record()))

@@ -3,9 +3,9 @@ import pandas as pd
 import torch
 
 from runner.jobs import exit_code
-from runner.training.build import build_training, probe
+from runner.training.build import probe
 from runner.training.train import run
-from tests.conftest import make_config, train
+from tests.conftest import build, train
 
 
 def reprobe(training):
@@ -15,7 +15,7 @@ def reprobe(training):
 
 
 def test_probe_reports_parameters_without_gradient_and_leaves_no_trace():
-    training = build_training(make_config(model__batchnorm=True))
+    training = build(model__batchnorm=True)
     training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
     stats = training.model.norm.running_mean.clone()
     rng = torch.get_rng_state()
@@ -28,7 +28,7 @@ def test_probe_reports_parameters_without_gradient_and_leaves_no_trace():
 
 
 def test_unused_parameter_is_named_in_the_summary(tmp_path):
-    training = build_training(make_config(trainer__steps=2))
+    training = build(trainer__steps=2)
     training.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
     training.findings = reprobe(training)
     outcome = run(training, tmp_path)
@@ -45,7 +45,7 @@ def test_buffered_logging_writes_every_step(tmp_path):
 
 
 def test_a_failing_step_is_recorded_not_raised(tmp_path):
-    training = build_training(make_config(trainer__steps=10))
+    training = build(trainer__steps=10)
     original = training.strategy.step
     calls = []
 

@@ -1,4 +1,8 @@
-"""Plain nn.Modules. Each builder returns the model and the TaskSpec its data must match.
+"""Plain nn.Modules. Each built-in model is an option of the `model` group by one YAML naming its class
+by `_target_` (conf/model/mlp.yaml: `_target_: runner.components.models.MLP`, its arguments beside it), as
+a model of your own is. The class declares its keys next to itself (`Keys`: model.hidden, model.depth, ...,
+each with its help and range; runner.config.components), takes the group's own keys (model.outputs,
+model.vocab) where its constructor names them, and says what its data must be (`spec()`, a TaskSpec).
 
 Models output logits (no sigmoid): losses use the with-logits forms, which are stable.
 Initialisation draws from the global RNG, which the runner seeds with `seed` right before
@@ -7,26 +11,55 @@ building, so initial parameters depend on the seed and the model choice alone.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Protocol, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Dict, List, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runner.components.data import TaskSpec
-from runner.config.registry import Registry
+from runner.config.keys import at_least, half_open, key
 
 IMAGE_SHAPE = (3, 10, 10)
 PAIR_SHAPE = (2, 16)  # dual_encoder, data=pairs: a query view and a key view of 16 features each
+POSITIVE_INT = at_least(1, integer=True)
+
+
+def hidden_key(default: int):
+    return key(default, "hidden units per layer", allowed=POSITIVE_INT)
+
+
+def depth_key(default: int):
+    return key(default, "layers: of the shared trunk (multitask), recurrent or attention (seq, moe), of each tower "
+                        "(dual_encoder)", allowed=POSITIVE_INT)
+
+
+def batchnorm_key():
+    return key(False, "add BatchNorm, which couples the examples of a batch")
+
+
+def cell_key():
+    return key("gru", "the sequence layer: gru, or transformer (causal self-attention)", values="gru | transformer")
 
 
 class MLP(nn.Module):
+    """Flattened 3x10x10 inputs -> one hidden layer (+BatchNorm) -> `outputs` logits."""
+
+    @dataclass
+    class Keys:
+        hidden: int = hidden_key(64)
+        batchnorm: bool = batchnorm_key()
+
     def __init__(self, hidden: int = 64, outputs: int = 5, batchnorm: bool = False):
         super().__init__()
         in_features = math.prod(IMAGE_SHAPE)
         self.hidden = nn.Linear(in_features, hidden)
         self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
         self.out = nn.Linear(hidden, outputs)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(IMAGE_SHAPE, "multilabel", self.out.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.relu(self.norm(self.hidden(x.flatten(1)))))
@@ -35,11 +68,18 @@ class MLP(nn.Module):
 class ConvNet(nn.Module):
     """The gradient-accumulation answer's model, returning logits instead of sigmoid outputs."""
 
+    @dataclass
+    class Keys:
+        batchnorm: bool = batchnorm_key()
+
     def __init__(self, outputs: int = 5, batchnorm: bool = False):
         super().__init__()
         self.conv_layer = nn.Conv2d(3, 10, 3, 1, 1)
         self.norm = nn.BatchNorm2d(10) if batchnorm else nn.Identity()
         self.fc_layer = nn.Linear(10 * 5 * 5, outputs)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(IMAGE_SHAPE, "multilabel", self.fc_layer.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.conv_layer(x))
@@ -53,6 +93,11 @@ class MultiTaskNet(nn.Module):
     regression head. With depth >= 2 the trunk's later layers save their weights for backward,
     which is what makes stepping between per-task backwards fail on current PyTorch."""
 
+    @dataclass
+    class Keys:
+        hidden: int = hidden_key(64)
+        depth: int = depth_key(2)
+
     def __init__(self, hidden: int = 64, depth: int = 2):
         super().__init__()
         sizes = [math.prod(IMAGE_SHAPE)] + [hidden] * depth
@@ -64,6 +109,9 @@ class MultiTaskNet(nn.Module):
     def shared_parameters(self):
         return list(self.trunk.parameters())
 
+    def spec(self) -> TaskSpec:
+        return TaskSpec(IMAGE_SHAPE, "multitask", 1)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.trunk(x.flatten(1))
         return {"cls": self.cls(features), "reg": self.reg(features)}
@@ -71,12 +119,26 @@ class MultiTaskNet(nn.Module):
 
 class TwoStage(nn.Module):
     """Two chained models as in the chained-models answer: stage 2 consumes stage 1's output,
-    and each stage's output has its own loss (Linear(10, 2) -> Linear(2, 2) by default)."""
+    and each stage's output has its own loss (Linear(10, 2) -> Linear(2, 2) by default). The answer
+    scores both stages' outputs with cross-entropy against the same labels, so stage 1's width is
+    the number of classes, `outputs`."""
 
-    def __init__(self, in_features: int = 10, stage1_outputs: int = 2, classes: int = 2):
+    FEATURES = 10
+
+    @dataclass
+    class Keys:  # model.outputs only (the group's own key)
+        pass
+
+    def __init__(self, outputs: int = 2):
         super().__init__()
-        self.stage1 = nn.Linear(in_features, stage1_outputs)
-        self.stage2 = nn.Linear(stage1_outputs, classes)
+        if outputs < 2:
+            raise ValueError(f"model.outputs={outputs} is not allowed for model=two_stage: expected >= 2 classes")
+        self.stage1 = nn.Linear(self.FEATURES, outputs)
+        self.stage2 = nn.Linear(outputs, outputs)
+
+    def spec(self) -> TaskSpec:
+        classes = self.stage2.out_features
+        return TaskSpec((self.FEATURES,), "multiclass", classes, stages=("stage1", "stage2"))
 
     def forward(self, x: torch.Tensor, detach: bool = False) -> Dict[str, torch.Tensor]:
         a = self.stage1(x)
@@ -93,11 +155,17 @@ class CausalLM(nn.Module):
 
     CELLS = ("gru", "transformer")
 
-    def __init__(self, vocab: int = 16, hidden: int = 32, layers: int = 1, cell: str = "gru"):
+    @dataclass
+    class Keys:
+        hidden: int = hidden_key(32)
+        depth: int = depth_key(1)
+        cell: str = cell_key()
+
+    def __init__(self, vocab: int = 16, hidden: int = 32, depth: int = 1, cell: str = "gru"):
         super().__init__()
         if cell not in self.CELLS:
             raise ValueError(f"model.cell={cell} is not allowed: expected one of {list(self.CELLS)}")
-        self.cell = cell
+        self.cell, layers = cell, depth
         self.embed = nn.Embedding(vocab, hidden)
         if cell == "gru":
             self.body = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
@@ -106,6 +174,9 @@ class CausalLM(nn.Module):
                                                dropout=0.0, batch_first=True)
             self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Linear(hidden, vocab)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec((), "sequence", self.embed.num_embeddings)
 
     def checkpoint_blocks(self) -> List[nn.Module]:
         """Each Transformer layer (it keeps attention scores and feed-forward activations, many
@@ -182,9 +253,17 @@ class MoELM(CausalLM):
     `router_probs` (B, T, experts) and `expert_mask` (B, T, experts, the 0/1 assignment), which
     the load-balancing loss (loss=lm with loss.aux_weight > 0) reads."""
 
-    def __init__(self, vocab: int = 16, hidden: int = 32, layers: int = 1, cell: str = "gru",
+    @dataclass
+    class Keys:
+        hidden: int = hidden_key(32)
+        depth: int = depth_key(1)
+        cell: str = cell_key()
+        experts: int = key(8, "experts in the mixture-of-experts feed-forward layer", allowed=POSITIVE_INT)
+        top_k: int = key(2, "experts each token is sent to", values="an integer in 1..model.experts")
+
+    def __init__(self, vocab: int = 16, hidden: int = 32, depth: int = 1, cell: str = "gru",
                  experts: int = 8, top_k: int = 2):
-        super().__init__(vocab, hidden, layers, cell)
+        super().__init__(vocab, hidden, depth, cell)
         out = self.out
         del self.out  # registered again after the experts: the output layer stays the last Linear (output_layer)
         self.moe = MixtureOfExperts(hidden, experts, top_k)
@@ -206,21 +285,34 @@ class DualEncoder(nn.Module):
     inputs (B, 2, features) -> embeddings (B, 2, dim), row i from example i alone, so the output
     slices along dim 0 like the batch. Each tower: `depth` Linear+ReLU(+Dropout) layers, then a
     Linear to `dim`. Dropout draws fresh masks on every forward: a strategy that forwards twice
-    (backward=gradcache) must replay the random state to get the same masks.
+    (backward=gradcache) must replay the random state to get the same masks. `outputs`: the
+    embedding's dimensions.
     """
 
-    def __init__(self, features: int, hidden: int = 64, dim: int = 16, depth: int = 2, shared: bool = False,
-                 dropout: float = 0.0):
+    @dataclass
+    class Keys:
+        hidden: int = hidden_key(64)
+        depth: int = depth_key(2)
+        shared: bool = key(False, "one tower embeds both views (else a tower per view, each model.depth layers of "
+                                  "model.hidden units, then model.outputs embedding dimensions)")
+        dropout: float = key(0.0, "dropout probability inside each tower (gradcache replays its masks)",
+                             allowed=half_open(0, 1))
+
+    def __init__(self, hidden: int = 64, outputs: int = 16, depth: int = 2, shared: bool = False,
+                 dropout: float = 0.0, features: int = PAIR_SHAPE[-1]):
         super().__init__()
 
         def tower() -> nn.Sequential:
             sizes = [features] + [hidden] * depth
             layers = [layer for i in range(depth) for layer in
                       (nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) + ((nn.Dropout(dropout),) if dropout else ())]
-            return nn.Sequential(*layers, nn.Linear(sizes[-1], dim))
+            return nn.Sequential(*layers, nn.Linear(sizes[-1], outputs))
 
         self.query_tower = tower()
         self.key_tower = None if shared else tower()  # None: not registered twice in the state_dict
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(PAIR_SHAPE, "retrieval", self.query_tower[-1].out_features)
 
     def embed(self, pairs: torch.Tensor) -> torch.Tensor:
         key_tower = self.key_tower if self.key_tower is not None else self.query_tower
@@ -249,68 +341,3 @@ def init_prior_bias(layer: nn.Linear, prior: float) -> None:
     """RetinaNet's initialisation: every output starts predicting `prior` for the rare class."""
     with torch.no_grad():
         layer.bias.fill_(-math.log((1 - prior) / prior))
-
-
-# name -> builder(model_cfg) -> (model, TaskSpec); model=custom is the user's `model._target_`.
-MODELS = Registry("model")
-
-
-@MODELS.register("mlp")
-def _mlp(cfg) -> Tuple[nn.Module, TaskSpec]:
-    return (MLP(cfg.hidden, cfg.outputs, cfg.batchnorm),
-            TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs))
-
-
-@MODELS.register("cnn")
-def _cnn(cfg) -> Tuple[nn.Module, TaskSpec]:
-    return ConvNet(cfg.outputs, cfg.batchnorm), TaskSpec(IMAGE_SHAPE, "multilabel", cfg.outputs)
-
-
-@MODELS.register("multitask")
-def _multitask(cfg) -> Tuple[nn.Module, TaskSpec]:
-    if cfg.depth < 1:
-        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
-    return MultiTaskNet(cfg.hidden, cfg.depth), TaskSpec(IMAGE_SHAPE, "multitask", 1)
-
-
-@MODELS.register("two_stage")
-def _two_stage(cfg) -> Tuple[nn.Module, TaskSpec]:
-    # The answer scores both stages' outputs with cross-entropy against the same labels, so stage
-    # 1's width is the number of classes (2 by default: Linear(10, 2) -> Linear(2, 2)).
-    if cfg.outputs < 2:
-        raise ValueError(f"model.outputs={cfg.outputs} is not allowed for model=two_stage: expected >= 2 classes")
-    return TwoStage(TWO_STAGE_FEATURES, cfg.outputs, cfg.outputs), \
-        TaskSpec((TWO_STAGE_FEATURES,), "multiclass", cfg.outputs, stages=("stage1", "stage2"))
-
-
-TWO_STAGE_FEATURES = 10
-
-
-@MODELS.register("seq")
-def _seq(cfg) -> Tuple[nn.Module, TaskSpec]:
-    if cfg.depth < 1:
-        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
-    return CausalLM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell), TaskSpec((), "sequence", cfg.vocab)
-
-
-@MODELS.register("moe")
-def _moe(cfg) -> Tuple[nn.Module, TaskSpec]:
-    if cfg.depth < 1:
-        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
-    return MoELM(cfg.vocab, cfg.hidden, cfg.depth, cfg.cell, cfg.experts, cfg.top_k), \
-        TaskSpec((), "sequence", cfg.vocab)
-
-
-@MODELS.register("dual_encoder")
-def _dual_encoder(cfg) -> Tuple[nn.Module, TaskSpec]:
-    if cfg.depth < 1:
-        raise ValueError(f"model.depth={cfg.depth} is not allowed: expected an integer >= 1")
-    return (DualEncoder(PAIR_SHAPE[-1], cfg.hidden, cfg.outputs, cfg.depth, cfg.shared, cfg.dropout),
-            TaskSpec(PAIR_SHAPE, "retrieval", cfg.outputs))
-
-
-def build_model(cfg) -> Tuple[nn.Module, TaskSpec]:
-    model, spec = MODELS.get(cfg.name)(cfg)
-    if cfg.prior_bias:
-        init_prior_bias(output_layer(model), cfg.prior)
-    return model, spec

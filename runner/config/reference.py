@@ -202,10 +202,23 @@ def keys(conf: Conf) -> List[KeyDoc]:
 
     docs = list(walk(Config, ""))
     for group in GROUPS:
-        own = list(_declared(conf, group, set_by))
+        own = _merged(_declared(conf, group, set_by))
         last = max((i for i, doc in enumerate(docs) if doc.dotted.startswith(f"{group}.")), default=len(docs) - 1)
         docs[last + 1:last + 1] = own
     return docs
+
+
+def _merged(docs: Iterator[KeyDoc]) -> List[KeyDoc]:
+    """One entry per key that several options' classes declare (model.hidden: mlp's, seq's, ...): the
+    first's meaning and default, every declaring option named, each option's other default beside it."""
+    merged: Dict[str, KeyDoc] = {}
+    for doc in docs:
+        first = merged.setdefault(doc.dotted, doc)
+        if first is not doc:
+            first.declared_by += ", " + doc.declared_by
+            first.set_by.update(doc.set_by if doc.set_by or doc.default == first.default
+                                else {doc.declared_by.split(" ")[0]: doc.default})
+    return list(merged.values())
 
 
 def _declared(conf: Conf, group: str, set_by: Dict[str, Dict[str, str]]) -> Iterator[KeyDoc]:

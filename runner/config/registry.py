@@ -1,12 +1,13 @@
-"""One registry for the built-in choices a config names: models, losses, strategies, parallel
-engines. The user's own objects come through `_target_` (hydra.utils.instantiate) instead.
+"""One registry for the built-in choices a config names by name alone: strategies and parallel engines.
+Models and losses are options naming their class by `_target_` (runner.config.components), as the
+user's own objects are.
 
-    MODELS = Registry("model")
+    STRATEGIES = Registry("backward")
 
-    @MODELS.register("mlp")
-    def _mlp(cfg): ...
+    @STRATEGIES.register("full")
+    class Full(Strategy): ...
 
-    MODELS.get("mlp")   # or ValueError: "model=nope is unknown: expected one of [...]"
+    STRATEGIES.get("full")   # or ValueError: "backward=nope is unknown: expected one of [...]"
 """
 from __future__ import annotations
 

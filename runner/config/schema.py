@@ -102,29 +102,21 @@ POSITIVE_INT = at_least(1, integer=True)
 
 @dataclass
 class ModelConf:
-    """The network: a built-in model, or your nn.Module (model=custom). Each option sets some of these keys."""
+    """The network: a built-in model, or your nn.Module (model=custom). Each option's YAML names its class by
+    `_target_`; the keys below are the group's own, and each class declares its own beside itself."""
 
     name: str = key("mlp", "the option model=OPTION chose (set by it)")
-    hidden: int = key(64, "hidden units per layer", allowed=POSITIVE_INT)
-    outputs: int = key(5, "output units (labels, classes, or embedding dimensions)", allowed=POSITIVE_INT)
-    batchnorm: bool = key(False, "mlp, cnn: add BatchNorm, which couples the examples of a batch")
+    outputs: int = key(5, "output units (labels, classes, or embedding dimensions): what the model predicts",
+                       allowed=POSITIVE_INT)
+    vocab: int = key(16, "seq, moe, custom on data=seq/text: the vocabulary, tokens 0..vocab-1 (256 for data=text)",
+                     allowed=at_least(2, integer=True))
     prior_bias: bool = key(False, "initialise the output bias to -log((1-prior)/prior), as RetinaNet does "
                                   "for rare positives")
     prior: float = key(0.01, "prior_bias: the positive rate the output bias starts at",
                        allowed=strictly_between(0, 1))
-    depth: int = key(2, "layers of a shared trunk (multitask), or the recurrent/attention layers (seq, moe)")
-    vocab: int = key(16, "seq, moe, custom on data=seq/text: the vocabulary, tokens 0..vocab-1 (256 for data=text)",
-                     allowed=at_least(2, integer=True))
-    cell: str = key("gru", "seq, moe: the sequence layer: gru, or transformer (causal self-attention)",
-                    values="gru | transformer")
-    experts: int = key(8, "moe: experts in the mixture-of-experts feed-forward layer", allowed=POSITIVE_INT)
-    top_k: int = key(2, "moe: experts each token is sent to", values="an integer in 1..model.experts")
-    shared: bool = key(False, "dual_encoder: one tower embeds both views (else a tower per view, each model.depth "
-                              "layers of model.hidden units, then model.outputs embedding dimensions)")
-    dropout: float = key(0.0, "dual_encoder: dropout probability inside each tower (gradcache replays its masks)",
-                         allowed=half_open(0, 1))
-    _target_: Optional[str] = key(None, "custom: the import path of your nn.Module class; its constructor's "
-                                        "arguments as +model.KEY=VALUE", values="package.module.Class")
+    _target_: Optional[str] = key(None, "the model class an option names (model=custom: the import path of your "
+                                        "nn.Module class; its constructor's arguments as +model.KEY=VALUE)",
+                                  values="package.module.Class")
 
 
 @dataclass
@@ -390,8 +382,6 @@ def validate(cfg: Config) -> None:
          f"at most the data set's data.train_size ({cfg.data.train_size})"),
         (cfg.data.max_length >= cfg.data.min_length, "data.max_length", cfg.data.max_length,
          f">= data.min_length ({cfg.data.min_length})"),
-        (1 <= cfg.model.top_k <= cfg.model.experts, "model.top_k", cfg.model.top_k,
-         f"an integer in 1..model.experts ({cfg.model.experts})"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:

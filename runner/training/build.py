@@ -27,7 +27,7 @@ from runner.components.data import (
 )
 from runner.components.loader import Batches, LoaderWindows
 from runner.components.losses import RoutedLoss, TokenLoss, offers, per_stage
-from runner.components.models import IMAGE_SHAPE, PAIR_SHAPE, Router, build_model
+from runner.components.models import IMAGE_SHAPE, PAIR_SHAPE, Router, init_prior_bias, output_layer
 from runner.components.optim import build_optimizers, build_schedulers
 from runner.components.outputs import outputs_from, take_logits
 from runner.config.components import class_of, option_target, options, takes
@@ -174,33 +174,30 @@ def model_label(cfg: Config) -> str:
     return label_of("model", cfg.model)
 
 
-def check_no_stray_keys(cfg: Config, model_kwargs: Dict[str, Any]) -> None:
-    """Keys a built-in model does not declare are a typo, never silently ignored; the arguments of a
-    class of your own are its constructor's (runner.config.components)."""
-    if model_kwargs and not own_class(cfg.model):
-        raise ConfigError(f"model.{next(iter(model_kwargs))} is not a key of model={cfg.model.name}: expected one "
-                          "of the keys python -m runner --help lists, or model._target_=package.module.Class "
-                          "for a class of your own")
-
-
 def classes_arguments(cfg: Config, loss_kwargs: Optional[Dict[str, Any]], model_kwargs: Optional[Dict[str, Any]]):
     """(the loss class's arguments, the model class's, what they ignore): the keys each class declares,
     checked and with their defaults (recorded with the run), and the keys another option of the group
     reads left out with a warning (runner.config.components.option_arguments)."""
-    model_kwargs = dict(model_kwargs or {})
-    check_no_stray_keys(cfg, model_kwargs)
     loss_kwargs, ignored = arguments_used("loss", cfg.loss, dict(loss_kwargs or {}))
-    if own_class(cfg.model):
-        model_kwargs, more = arguments_used("model", cfg.model, model_kwargs)
-        ignored = ignored + more
-    return loss_kwargs, model_kwargs, ignored
+    model_kwargs, more = arguments_used("model", cfg.model, dict(model_kwargs or {}))
+    return loss_kwargs, model_kwargs, ignored + more
 
 
 def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
-    """The model, and what it predicts: a built-in model says; the user's own predicts what the
-    data holds (the synthetic default: `model.outputs` labels of 3x10x10 inputs)."""
+    """The model the option names by `_target_`, and what it predicts: one of the runner's own says
+    (`spec()`: it takes the group's model.outputs and model.vocab where its constructor names them, and
+    model.prior_bias sets its output bias); the user's own predicts what the data holds (the synthetic
+    default: `model.outputs` labels of 3x10x10 inputs)."""
     if not own_class(cfg.model):
-        return build_model(cfg.model)
+        cls = class_of(target_of("model", cfg.model))
+        if cls is None:
+            raise ConfigError(f"model={cfg.model.name} is unknown: expected one of {', '.join(options('model'))}")
+        named = takes(cls)[1]
+        group = {k: getattr(cfg.model, k) for k in ("outputs", "vocab") if k in named}
+        model = cls(**model_kwargs, **group)  # its own ValueError names the key
+        if cfg.model.prior_bias:
+            init_prior_bias(output_layer(model), cfg.model.prior)
+        return model, model.spec()
     model = instantiate("model._target_", cfg.model._target_, model_kwargs,
                         optional=set_keys(cfg.model, ModelConf))
     if not isinstance(model, torch.nn.Module):
@@ -216,7 +213,7 @@ def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] 
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.components.loader).
     batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
     if data.name in ("seq", "text") or spec.kind == "sequence":
-        if data.name not in ("seq", "text") or (cfg.model.name not in ("seq", "moe") and not own_class(cfg.model)):
+        if data.name not in ("seq", "text") or (spec.kind != "sequence" and not own_class(cfg.model)):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
                               "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
         spec = TaskSpec((), "sequence", cfg.model.vocab)
@@ -228,7 +225,7 @@ def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] 
         return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
                          data.min_length, data.max_length, data.sort_lengths, data.topics), spec
     if data.name == "pairs" or spec.kind == "retrieval":
-        if data.name != "pairs" or (cfg.model.name != "dual_encoder" and not own_class(cfg.model)):
+        if data.name != "pairs" or (spec.kind != "retrieval" and not own_class(cfg.model)):
             raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: paired views need "
                               "model=dual_encoder with data=pairs and loss=infonce (or model=custom on data=pairs)")
         spec = TaskSpec(PAIR_SHAPE, "retrieval", cfg.model.outputs)
