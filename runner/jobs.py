@@ -43,7 +43,7 @@ def check_resume_overrides(run_dir: Path, saved: Dict[str, Any], choices: Dict[s
     # A custom loss's, model's or the optimizer's arguments sit beside its keys in the command
     # (+loss.KEY), apart in the checkpoint.
     saved = {**saved, **{group: {**saved.get(group, {}), **saved.get(f"{group}_kwargs", {})}
-                         for group in ("loss", "model", "optim")}}
+                         for group in schema.ARGUMENT_GROUPS}}
     theirs_flat, mine_flat = flatten(saved), flatten(composed)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
@@ -104,8 +104,9 @@ class Prepared:
         from runner.config.identity import config_record, used_config_id
         from runner.training.build import classes_arguments
 
-        loss, model, _ = classes_arguments(self.config, self.extras["loss"], self.extras["model"])
-        return used_config_id(self.config, config_record(self.config, loss, model, self.extras["optim"]))
+        used, _ = classes_arguments(self.config, self.extras)
+        return used_config_id(self.config, config_record(self.config, used["loss"], used["model"], self.extras["optim"],
+                                                         used["data"]))
 
 
 def prepare(cfg, hydra_node, build: bool = True) -> Prepared:
@@ -151,7 +152,7 @@ def built(prepared: Prepared) -> Prepared:
 
     config, extras = prepared.config, prepared.extras
     return replace(prepared, training=build_training(config, extras["loss"], model_kwargs=extras["model"],
-                                                     optim_kwargs=extras["optim"]))
+                                                     optim_kwargs=extras["optim"], data_kwargs=extras["data"]))
 
 
 def exit_code(status: str, signum: Optional[int]) -> int:

@@ -17,7 +17,7 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from runner.config.schema import GROUPS, Config, LossConf, ModelConf
+from runner.config.schema import GROUPS, Config, DataConf, LossConf, ModelConf
 from runner.recording.record import Summary
 from runner.training.build import build_training
 from runner.training.train import run
@@ -126,33 +126,36 @@ def make_config(**overrides) -> Config:
 
 
 # The groups' own keys; the others (loss__gamma, model__hidden) are the arguments of the group's class.
-OWN_KEYS = {"loss": {f.name for f in fields(LossConf)}, "model": {f.name for f in fields(ModelConf)}}
+OWN_KEYS = {"loss": {f.name for f in fields(LossConf)}, "model": {f.name for f in fields(ModelConf)},
+            "data": {f.name for f in fields(DataConf)}}
 
 
 def split_arguments(overrides: dict):
-    """(the Config's overrides, the loss class's arguments, the model class's): loss__gamma=1 is focal's,
-    model__hidden=16 the model's, not the Config's."""
-    config, arguments = {}, {"loss": {}, "model": {}}
+    """(the Config's overrides, the loss class's arguments, the model class's, the data source's):
+    loss__gamma=1 is focal's, model__hidden=16 the model's, data__max_length=12 the source's, not the Config's."""
+    config, arguments = {}, {"loss": {}, "model": {}, "data": {}}
     for dotted, value in overrides.items():
         group, _, leaf = dotted.partition("__")
         if group in OWN_KEYS and leaf not in OWN_KEYS[group]:
             arguments[group][leaf] = value
         else:
             config[dotted] = value
-    return config, arguments["loss"], arguments["model"]
+    return config, arguments["loss"], arguments["model"], arguments["data"]
 
 
-def build(loss_kwargs=None, **overrides):
-    """build_training from dotted overrides, the classes' arguments among them (loss__gamma=1, model__hidden=16)."""
-    overrides, loss, model = split_arguments(overrides)
-    return build_training(make_config(**overrides), {**loss, **(loss_kwargs or {})}, model_kwargs=model)
+def build(overrides=None, *, loss_kwargs=None, model_kwargs=None, **more):
+    """build_training from dotted overrides (a dict, or keywords), the classes' arguments among them
+    (loss__gamma=1, model__hidden=16, data__path=FILE), and a class of your own's (loss_kwargs, model_kwargs)."""
+    config, loss, model, data = split_arguments({**(overrides or {}), **more})
+    return build_training(make_config(**config), {**loss, **(loss_kwargs or {})},
+                          model_kwargs={**model, **(model_kwargs or {})}, data_kwargs=data)
 
 
 def train(tmp_path: Path, loss_kwargs=None, **overrides):
     """Run in-process; returns (summary, final parameters by name, run_dir)."""
     run_dir = tmp_path / f"run{next(_counter)}"
     run_dir.mkdir(parents=True)
-    training = build(loss_kwargs, **overrides)
+    training = build(overrides, loss_kwargs=loss_kwargs)
     # The config and choices as the command line records them, so runner.analysis.runs can compare the runs.
     choices = {group: getattr(training.config, group).name for group in GROUPS}
     outcome = run(training, run_dir, Summary(choices=choices, config=training.recorded_config()))

@@ -164,7 +164,7 @@ def test_bad_input_is_one_line(args, message):
     (dict(CONTRASTIVE, model__dropout=1.0), "model.dropout=1.0 is not allowed: expected in [0, 1)"),
 ])
 def test_misfits_are_refused_naming_what_is_missing(overrides, message):
-    config, _, _ = split_arguments(overrides)
+    config, _, _, _ = split_arguments(overrides)
     with pytest.raises(ConfigError) as refused:
         validate(make_config(**config))
         build(**overrides)

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from runner.components.data import IGNORE_INDEX
 from runner.components.user_data import read_text
 from runner.config.schema import ConfigError
-from runner.training.build import build_training
 from runner.training.checks import output_width
 from runner.training.train import run
-from tests.conftest import assert_params_close, make_config, read_summary, refusal, run_cli
+from tests.conftest import assert_params_close, build, read_summary, refusal, run_cli
 
 GPT2 = "experiments.examples.gpt2_tiny.tiny_gpt2"
 TABULAR = "runner.experiments.examples.tabular.TabularNet"
@@ -26,7 +25,7 @@ def gpt2_config(**overrides):
     keys = dict(model__name="custom", model___target_=GPT2, model__vocab=16, data__name="seq", loss__name="lm",
                 data__train_size=64, data__eval_size=16, data__batch_size=8, data__max_length=12,
                 optim__lr=0.1, trainer__steps=3)
-    return make_config(**{**keys, **overrides})
+    return dict(**{**keys, **overrides})
 
 
 def reference_gpt2(model_state, dataset, steps: int, lr: float):
@@ -51,7 +50,7 @@ def test_a_hugging_face_causal_lm_trains_on_its_logits_like_a_hand_written_loop(
     pytest.importorskip("transformers")
     results = {}
     for strategy, k in (("full", 1), ("accumulate", 4)):
-        training = build_training(gpt2_config(backward__name=strategy, backward__accumulation=k),
+        training = build(gpt2_config(backward__name=strategy, backward__accumulation=k),
                                   model_kwargs=GPT2_KWARGS)
         start = {n: t.clone() for n, t in training.model.state_dict().items()}
         outcome = run(training, tmp_path / strategy)
@@ -79,7 +78,7 @@ class DictOutputs(torch.nn.Module):
 def test_a_mapping_output_with_logits_works_and_a_tensor_output_says_nothing(tmp_path):
     path = write_table(tmp_path / "t.csv")
     for target, outputs_from in ((f"{__name__}.DictOutputs", "logits"), (TABULAR, None)):
-        training = build_training(csv_config(path, model___target_=target, trainer__steps=2),
+        training = build(csv_config(path, model___target_=target, trainer__steps=2),
                                   model_kwargs={"in_features": 7})
         assert run(training, tmp_path / target).status == "ok"
         assert read_summary(tmp_path / target)["outputs_from"] == outputs_from
@@ -113,10 +112,10 @@ def test_data_text_trains_a_token_loss_exactly_under_accumulation(tmp_path):
     path = write_text(tmp_path / "t.txt")
     params = {}
     for strategy, k in (("full", 1), ("accumulate", 4)):
-        config = make_config(model__name="seq", model__vocab=256, data__name="text", data__path=str(path),
+        config = dict(model__name="seq", model__vocab=256, data__name="text", data__path=str(path),
                              data__max_length=40, data__batch_size=8, loss__name="lm", trainer__steps=3,
                              backward__name=strategy, backward__accumulation=k)
-        training = build_training(config)
+        training = build(config)
         assert len(training.dataset.train_inputs) == 48 and len(training.dataset.eval_inputs) == 12
         assert run(training, tmp_path / strategy).status == "ok"
         params[strategy] = {n: p.detach().clone() for n, p in training.model.named_parameters()}
@@ -160,10 +159,10 @@ def test_a_custom_model_on_data_text_is_judged_by_the_width_it_scores_not_by_mod
 
 def test_text_that_is_not_utf8_is_refused_naming_the_key(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"ok\n\n\xff\xfe bad")
-    config = make_config(model__name="seq", model__vocab=256, data__name="text", data__path=str(tmp_path / "t.txt"),
+    config = dict(model__name="seq", model__vocab=256, data__name="text", data__path=str(tmp_path / "t.txt"),
                          loss__name="lm")
     with pytest.raises(ConfigError, match=r"data.path=.*t.txt: not UTF-8 text \(byte 4 of the file\)"):
-        build_training(config)
+        build(config)
 
 
 # CSV tables
@@ -186,12 +185,12 @@ def write_table(path, rows=100, bad_cell=None):
 def csv_config(path, **overrides):
     keys = dict(model__name="custom", model___target_=TABULAR, data__name="csv", data__path=str(path),
                 data__target="y", trainer__steps=2)
-    return make_config(**{**keys, **overrides})
+    return dict(**{**keys, **overrides})
 
 
 def test_left_out_columns_are_named_with_their_first_bad_cell_and_the_summary_says_what_was_used(tmp_path):
     path = write_table(tmp_path / "t.csv", bad_cell=41)
-    training = build_training(csv_config(path), model_kwargs={"in_features": 6})
+    training = build(csv_config(path), model_kwargs={"in_features": 6})
     assert run(training, tmp_path / "run").status == "ok"
     summary = read_summary(tmp_path / "run")
     assert summary["features"] == ["f0", "f1", "f2", "f3", "f4", "f5"]
@@ -202,7 +201,7 @@ def test_left_out_columns_are_named_with_their_first_bad_cell_and_the_summary_sa
 
 def test_data_features_picks_columns_and_a_non_numeric_pick_is_one_line_and_exit_2(tmp_path):
     path = write_table(tmp_path / "t.csv", bad_cell=41)
-    training = build_training(csv_config(path, data__features=["f2", "f0"]), model_kwargs={"in_features": 2})
+    training = build(csv_config(path, data__features=["f2", "f0"]), model_kwargs={"in_features": 2})
     table, data = pd.read_csv(path), training.dataset
     rows = torch.cat([data.train_inputs, data.eval_inputs])  # the table's rows in seeded order, f2 then f0
     for i, name in enumerate(["f2", "f0"]):

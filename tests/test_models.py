@@ -10,7 +10,7 @@ from tests.conftest import make_config, split_arguments
 
 def build_model(**overrides):
     """The model and its TaskSpec, as build_training builds them from these overrides."""
-    config, _, model = split_arguments(overrides)
+    config, _, model, _ = split_arguments(overrides)
     return build_model_and_spec(make_config(**config), model)
 
 

@@ -125,7 +125,6 @@ def test_processes_need_ranks_outside_the_command_line(tmp_path):
      "trainer.parallel=fsdp is not allowed with backward=separate: expected backward=full or sum or accumulate"),
     (dict(trainer__processes=2, trainer__parallel="fsdp", trainer__autocast="fp16"),
      "trainer.autocast=fp16 is not allowed with trainer.parallel=fsdp"),
-    (dict(data__sort_lengths=True), "data.sort_lengths=true is not allowed with data=default"),
 ])
 def test_processes_bad_input(overrides, needle):
     from runner.config.schema import validate
@@ -139,6 +138,17 @@ def test_a_rank_normalisation_needs_a_token_loss():
     assert refusal("loss.rank_normalize=local", "trainer.steps=1") == (
         "loss.rank_normalize=local is not allowed with loss=bce: it divides a token loss by a token count, "
         "expected a token loss (loss=lm)")
+
+
+def test_sorting_lengths_is_a_key_of_the_sequence_sources():
+    """data.sort_lengths is declared by data=seq's and data=text's classes: elsewhere it is ignored with a
+    warning, as another source's key is, and the run is the one without it."""
+    from runner import api
+
+    training = api.compose(["data.sort_lengths=true", "trainer.steps=1"])
+    assert training.warnings() == ["data.sort_lengths=true is ignored by data=default: it applies to data=seq or "
+                                   "data=text"]
+    assert training.used_config_id() == api.compose(["trainer.steps=1"]).used_config_id()
 
 
 def test_auto_threads_share_the_cores_between_ranks_and_sweep_workers(monkeypatch):

@@ -51,10 +51,11 @@ def _composed_keys(overrides=()):
 def test_every_key_of_the_composed_config_is_in_the_reference():
     # Checked against what Hydra composes, not against the schema the page is generated from, so a
     # section the generator skips (trainer.* once was) shows here.
-    # Each model and loss option adds the keys its class declares (loss=focal: loss.alpha, loss.gamma).
+    # Each model, loss and data option adds the keys its class declares (loss=focal: loss.alpha, loss.gamma).
     from runner.config.components import options
 
-    choices = [f"{group}={option}" for group in ("model", "loss") for option in options(group) if option != "custom"]
+    choices = [f"{group}={option}" for group in ("model", "loss", "data") for option in options(group)
+               if option != "custom"]
     composed = list(dict.fromkeys(key for choice in choices for key in _composed_keys([choice])))
     assert len(composed) > 85 and any(key.startswith("trainer.") for key in composed)
     for page in ((ROOT / "docs" / "reference.md").read_text(), reference.markdown(CONF_DIR)):
@@ -86,7 +87,7 @@ def test_a_key_shows_its_default_range_values_and_the_options_that_set_it():
     assert "A resume may change it" in docs["trainer.steps"].meaning()
 
 
-@pytest.mark.parametrize("dotted,value", [("model.outputs", 0), ("optim.lr", 0.0), ("data.noise", 0.5),
+@pytest.mark.parametrize("dotted,value", [("model.outputs", 0), ("optim.lr", 0.0), ("data.eval_size", -1),
                                           ("backward.accumulation", 0)])
 def test_a_declared_range_is_what_validate_enforces(dotted, value):
     config = schema.Config()

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from runner.config.schema import ConfigError
-from runner.training.build import build_training
-from tests.conftest import assert_params_close, make_config, read_summary, refusal
+from tests.conftest import assert_params_close, build, read_summary, refusal
 
 TABULAR = "runner.experiments.examples.tabular.TabularNet"
 F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
@@ -27,13 +26,13 @@ def write_table(path, rows=200, features=6, seed=0):
 def csv_config(path, **overrides):
     keys = dict(model__name="custom", model___target_=TABULAR, data__name="csv", data__path=str(path),
                 data__target="y", trainer__steps=30)
-    return make_config(**{**keys, **overrides})
+    return dict(**{**keys, **overrides})
 
 
 def run_custom(tmp_path, path, model_kwargs, **overrides):
     from runner.training.train import run
 
-    training = build_training(csv_config(path, **overrides), model_kwargs=model_kwargs)
+    training = build(csv_config(path, **overrides), model_kwargs=model_kwargs)
     outcome = run(training, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
     return outcome, {n: p.detach().clone() for n, p in training.model.named_parameters()}
 
@@ -53,9 +52,9 @@ def test_a_custom_module_on_a_csv_gives_sum_and_accumulate_within_float32_tolera
 
 def test_the_split_and_the_order_depend_on_the_seed_alone(tmp_path):
     path = write_table(tmp_path / "t.csv")
-    a = build_training(csv_config(path), model_kwargs={"in_features": 7}).dataset
-    b = build_training(csv_config(path, backward__name="accumulate"), model_kwargs={"in_features": 7}).dataset
-    c = build_training(csv_config(path, seed=1), model_kwargs={"in_features": 7}).dataset
+    a = build(csv_config(path), model_kwargs={"in_features": 7}).dataset
+    b = build(csv_config(path, backward__name="accumulate"), model_kwargs={"in_features": 7}).dataset
+    c = build(csv_config(path, seed=1), model_kwargs={"in_features": 7}).dataset
     assert len(a.train_inputs) == 160 and len(a.eval_inputs) == 40
     assert torch.equal(a.batch(3)[0], b.batch(3)[0]) and not torch.equal(a.batch(0)[0], c.batch(0)[0])
     assert a.train_inputs.shape[1] == 7  # six features and z: the text column is not a feature, nor y
@@ -63,7 +62,7 @@ def test_the_split_and_the_order_depend_on_the_seed_alone(tmp_path):
 
 def test_several_target_columns_make_a_multi_label_target(tmp_path):
     path = write_table(tmp_path / "t.csv")
-    training = build_training(csv_config(path, data__target="y,z"), model_kwargs={"in_features": 6, "out_features": 2})
+    training = build(csv_config(path, data__target="y,z"), model_kwargs={"in_features": 6, "out_features": 2})
     assert training.dataset.train_targets.shape[1] == 2 and training.spec.kind == "multilabel"
     assert training.dataset.train_inputs.shape[1] == 6
 
@@ -72,11 +71,11 @@ def test_tensor_files_work_like_tables(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 4, generator=g)
     torch.save({"inputs": x, "targets": (x[:, :1] > 0).float()}, tmp_path / "d.pt")
-    config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+    config = dict(model__name="custom", model___target_=TABULAR, data__name="tensors",
                          data__path=str(tmp_path / "d.pt"), trainer__steps=20)
     from runner.training.train import run
 
-    training = build_training(config, model_kwargs={"in_features": 4})
+    training = build(config, model_kwargs={"in_features": 4})
     assert run(training, tmp_path / "run").status == "ok"
     assert read_summary(tmp_path / "run")["steps_done"] == 20
 
@@ -90,7 +89,7 @@ def test_tensor_files_work_like_tables(tmp_path):
 def test_bad_table_inputs_are_refused_naming_the_key(tmp_path, overrides, needle):
     path = write_table(tmp_path / "t.csv")
     with pytest.raises(ConfigError) as error:
-        build_training(csv_config(path, **overrides), model_kwargs={"in_features": 7})
+        build(csv_config(path, **overrides), model_kwargs={"in_features": 7})
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
@@ -100,7 +99,7 @@ def test_nan_in_a_table_names_the_column_and_row(tmp_path):
     table.loc[7, "f3"] = float("nan")
     table.to_csv(path, index=False)
     with pytest.raises(ConfigError, match=r"NaN or an empty value in column 'f3' \(row 9 of the file"):
-        build_training(csv_config(path), model_kwargs={"in_features": 7})
+        build(csv_config(path), model_kwargs={"in_features": 7})
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -110,10 +109,10 @@ def test_nan_in_a_table_names_the_column_and_row(tmp_path):
 ])
 def test_bad_tensor_files_are_refused_naming_the_key(tmp_path, content, needle):
     torch.save(content, tmp_path / "d.pt")
-    config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+    config = dict(model__name="custom", model___target_=TABULAR, data__name="tensors",
                          data__path=str(tmp_path / "d.pt"))
     with pytest.raises(ConfigError, match="data.path=") as error:
-        build_training(config, model_kwargs={"in_features": 3})
+        build(config, model_kwargs={"in_features": 3})
     assert needle in str(error.value)
 
 
@@ -141,22 +140,22 @@ def test_a_model_that_fails_to_build_or_missing_data_is_one_line(tmp_path, args,
 def test_a_built_in_model_on_a_table_is_told_what_fits(tmp_path):
     path = write_table(tmp_path / "t.csv")
     with pytest.raises(ConfigError, match=r"model=mlp takes inputs of shape \(3, 10, 10\), and data=csv"):
-        build_training(make_config(data__name="csv", data__path=str(path), data__target="y"))
+        build(dict(data__name="csv", data__path=str(path), data__target="y"))
 
 
 def test_a_regression_target_trains_with_your_loss_and_is_scored_by_mse(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 3, generator=g)
     torch.save({"inputs": x, "targets": x.sum(1, keepdim=True)}, tmp_path / "r.pt")
-    config = make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+    config = dict(model__name="custom", model___target_=TABULAR, data__name="tensors",
                          data__path=str(tmp_path / "r.pt"), loss__name="custom",
                          loss___target_="torch.nn.MSELoss", trainer__steps=30, optim__lr=0.05)
     from runner.training.train import run
 
-    training = build_training(config, model_kwargs={"in_features": 3})
+    training = build(config, model_kwargs={"in_features": 3})
     assert training.spec.kind == "regression"
     outcome = run(training, tmp_path / "run")
     assert outcome.status == "ok" and outcome.summary.eval_metric == "mse" and outcome.summary.eval_value < 3.0
     with pytest.raises(ConfigError, match="loss=bce does not fit model=custom \\(regression targets\\)"):
-        build_training(make_config(model__name="custom", model___target_=TABULAR, data__name="tensors",
+        build(dict(model__name="custom", model___target_=TABULAR, data__name="tensors",
                                    data__path=str(tmp_path / "r.pt")), model_kwargs={"in_features": 3})

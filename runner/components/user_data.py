@@ -200,6 +200,3 @@ def read_text(path: Any, max_length: int, min_length: int = 2) -> Tuple[torch.Te
     labels = tokens[:, 1:].masked_fill(position >= lengths[:, None], IGNORE_INDEX)
     return tokens[:, :-1].contiguous(), labels.contiguous()
 
-
-READERS = {"csv": lambda cfg: read_csv(cfg.path, cfg.target, cfg.features),
-           "tensors": lambda cfg: read_tensors(cfg.path)}

@@ -91,11 +91,16 @@ def _typed(dotted: str, value: Any, hint: Any) -> Any:
 
 
 @lru_cache(maxsize=None)
+def option_values(group: str, option: str) -> Dict[str, Any]:
+    """What an option of conf/ sets (conf/<group>/<option>.yaml), or {} where there is no such option."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def option_target(group: str, option: str) -> Optional[str]:
     """The class an option of conf/ names by `_target_` (loss=focal: runner.components.losses.FocalLoss), or
     None: what a config built in Python with the option's name alone trains, as the command line would."""
-    path = CONF_DIR / group / f"{option}.yaml"
-    target = (yaml.safe_load(path.read_text()) or {}).get("_target_") if path.is_file() else None
+    target = option_values(group, option).get("_target_")
     return None if target in (None, "???") else str(target)
 
 

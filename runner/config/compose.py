@@ -19,9 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from runner.config import schema
 from runner.config.location import CONF_DIR
 from runner.config.schema import (
+    ARGUMENT_GROUPS,
     GROUPS,
     Config,
     ConfigError,
+    DataConf,
     LossConf,
     ModelConf,
     OptimConf,
@@ -96,7 +98,7 @@ def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Dict[str, 
     try:
         if "hydra" in cfg:  # callbacks see Hydra's own node; its sweep keys only resolve in a job
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        declared = {"loss": LossConf, "model": ModelConf, "optim": OptimConf}
+        declared = {"loss": LossConf, "model": ModelConf, "optim": OptimConf, "data": DataConf}
         if OmegaConf.get_type(cfg) is Config and not any(
                 set(cfg[group].keys()) - {f.name for f in fields(kind)} for group, kind in declared.items()):
             return OmegaConf.to_object(cfg), {group: {} for group in declared}  # the fast, common path
@@ -129,7 +131,7 @@ def config_for_resume(state: Dict[str, Any], current: Config,
                       overrides: List[str]) -> Tuple[Config, Dict[str, Dict[str, Any]]]:
     """The checkpoint's own config, with the keys a resume may change taken from this command."""
     saved = dict(state["config"])
-    extras = {group: saved.pop(f"{group}_kwargs", {}) or {} for group in ("loss", "model", "optim")}
+    extras = {group: saved.pop(f"{group}_kwargs", {}) or {} for group in ARGUMENT_GROUPS}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
     for dotted in schema.resume_may_change():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, fields
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from runner.config.backward_options import (
     OPTIONS,
@@ -15,7 +15,7 @@ from runner.config.backward_options import (
     PassOptions,
     option_defaults,
 )
-from runner.config.schema import Config, Role, keys_with_roles, plain
+from runner.config.schema import ARGUMENT_GROUPS, Config, Role, keys_with_roles, plain
 
 # Keys that only several processes read, at their defaults: (group, key, default).
 ONE_PROCESS_IGNORES = (("backward", "sync", "last"), ("loss", "rank_normalize", "global"),
@@ -23,11 +23,12 @@ ONE_PROCESS_IGNORES = (("backward", "sync", "last"), ("loss", "rank_normalize", 
 
 
 def config_record(config: Config, loss_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any],
-                  optim_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+                  optim_kwargs: Dict[str, Any], data_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The config as plain JSON-able data, with a custom loss's and model's arguments and the
     optimizer's own (checkpoints keep it)."""
     return {**json.loads(json.dumps(asdict(config), default=plain)),
-            "loss_kwargs": loss_kwargs, "model_kwargs": model_kwargs, "optim_kwargs": optim_kwargs}
+            "loss_kwargs": loss_kwargs, "model_kwargs": model_kwargs, "optim_kwargs": optim_kwargs,
+            "data_kwargs": data_kwargs or {}}
 
 
 def lookup(config: Dict[str, Any], dotted: str) -> Any:
@@ -43,9 +44,8 @@ def identity(config: Dict[str, Any], roles: Tuple[Role, ...] = (Role.training,))
     Role.extent too: the same run (steps, device, processes), which a sweep need not run twice."""
     plain = json.loads(json.dumps(config, default=str))
     ident = {dotted: lookup(plain, dotted) for dotted in keys_with_roles(*roles)}
-    ident["loss_kwargs"] = plain.get("loss_kwargs") or {}
-    ident["model_kwargs"] = plain.get("model_kwargs") or {}
-    ident["optim_kwargs"] = plain.get("optim_kwargs") or {}
+    for group in ARGUMENT_GROUPS:
+        ident[f"{group}_kwargs"] = plain.get(f"{group}_kwargs") or {}
     return ident
 
 

@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from runner.config.backward_options import OPTIONS, PassOptions, readers_of
-from runner.config.components import ComponentError, option_arguments, option_target
+from runner.config.components import ComponentError, option_arguments, option_target, option_values
 from runner.config.keys import (
     Allowed,
     Choice,
@@ -121,36 +121,21 @@ class ModelConf:
 
 @dataclass
 class DataConf:
-    """The examples and their targets: seeded synthetic data, or your table, tensors or text."""
+    """The examples and their targets: seeded synthetic data, or your table, tensors or text. Each option's YAML
+    names its source class by `_target_`; the keys below are the group's own, and each source declares its own
+    beside itself."""
 
     name: str = key("default", "the option data=OPTION chose (set by it)")
     batch_size: int = key(32, "the effective batch of one optimizer step, whatever the accumulation",
                           allowed=POSITIVE_INT)
     train_size: int = key(4096, "synthetic data: examples to train on", values="an integer >= data.batch_size")
     eval_size: int = key(1024, "synthetic data: held-out examples", allowed=at_least(0))
-    positive_rate: float = key(0.5, "default, imbalanced: the share of positive labels the hidden teacher produces",
-                               allowed=strictly_between(0, 1))
-    noise: float = key(0.0, "label noise: the share of flipped binary labels", allowed=half_open(0, 0.5))
-    path: Optional[str] = key(None, "csv, tensors, text: your file", values="a file path")
-    target: Any = key(None, "csv: the target column, or several (A,B or [A, B]) for a multi-label target")
-    features: Any = key(None, "csv: the feature columns (A,B or [A, B]), each numeric; null = every numeric column "
-                              "but the target(s), and the non-numeric ones left out are named in a warning")
-    eval_fraction: float = key(0.2, "csv, tensors, text: the share held out, chosen by seed",
-                               allowed=half_open(0, 1))
-    min_length: int = key(2, "seq: the shortest sequence (min_length - 1 predicted tokens); text: shorter "
-                             "paragraphs are left out", allowed=at_least(2, integer=True, note=" (a token to predict)"))
-    max_length: int = key(32, "seq: the longest sequence; text: where a paragraph's bytes are cut; shorter "
-                              "sequences are right-padded, their labels -100", values="an integer >= data.min_length")
     micro_batch_size: Optional[int] = key(
         None, "loader mode: micro-batches of this size drawn through a DataLoader, backward.accumulation of them "
               "per optimizer step, in epochs over the training rows; null = batches of data.batch_size",
         values="null, or an integer in 1..data.train_size")
-    sort_lengths: bool = key(False, "seq, text: each batch ordered by scored tokens, so that with several processes "
-                                    "rank 0's share holds the short sequences and the last rank's the long ones "
-                                    "(the skew of transformers #34242)")
-    topics: int = key(0, "seq: 0 = one Markov chain; T > 0: T topics, each with its own chain favouring its share of "
-                         "the vocabulary, each batch ordered by topic, so that a micro-batch's statistics (an MoE "
-                         "router's expert load) differ from the window's", allowed=at_least(0, integer=True))
+    _target_: Optional[str] = key(None, "the data source class an option names (runner.components.sources)",
+                                  values="package.module.Class")
 
 
 @dataclass
@@ -285,6 +270,9 @@ class Config:
 
 # Which group a choice (model=cnn) picks for; the option's `name` repeats the choice.
 GROUPS = ("model", "data", "loss", "backward", "optim")
+# The groups whose class takes arguments beyond the group's own keys (focal's loss.gamma, seq's model.hidden,
+# csv's data.path, an optimizer's +optim.alpha): a run records them apart, as GROUP_kwargs.
+ARGUMENT_GROUPS = ("loss", "model", "optim", "data")
 
 
 def keys_with_roles(*roles: Role, node: type = Config, prefix: str = "") -> Iterator[str]:
@@ -335,7 +323,12 @@ def label_of(group: str, conf: Any) -> str:
 
 def arguments_used(group: str, conf: Any, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     """The arguments the option's class takes, and what it ignores (runner.config.components.option_arguments);
-    ConfigError for a key no option declares."""
+    ConfigError for a key no option declares. A config built in Python with the option's name alone takes the
+    arguments its YAML sets, as the command line does (data=imbalanced: data.positive_rate=0.01)."""
+    if not getattr(conf, "_target_", None):
+        own = {f.name for f in fields(type(conf))}
+        kwargs = {**{k: v for k, v in option_values(group, conf.name).items() if k not in own and v != "???"},
+                  **kwargs}
     try:
         return option_arguments(group, label_of(group, conf), target_of(group, conf), kwargs)
     except ComponentError as exc:
@@ -377,11 +370,6 @@ def validate(cfg: Config) -> None:
          cfg.data.train_size, f">= data.batch_size ({cfg.data.batch_size})"),
         (not loader or cfg.data.micro_batch_size >= 1, "data.micro_batch_size", cfg.data.micro_batch_size,
          "an integer >= 1 (or null for batches of data.batch_size)"),
-        (not loader or cfg.data.micro_batch_size <= cfg.data.train_size or cfg.data.name in ("csv", "tensors", "text"),
-         "data.micro_batch_size", cfg.data.micro_batch_size,
-         f"at most the data set's data.train_size ({cfg.data.train_size})"),
-        (cfg.data.max_length >= cfg.data.min_length, "data.max_length", cfg.data.max_length,
-         f">= data.min_length ({cfg.data.min_length})"),
     ]
     for ok, dotted, value, allowed in checks:
         if not ok:
@@ -392,7 +380,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.autocast={plain(cfg.trainer.autocast)} is not allowed with trainer.dtype="
                           f"{plain(cfg.trainer.dtype)}: expected trainer.dtype=float32 (autocast keeps float32 "
                           "parameters; trainer.dtype=bfloat16 is pure bf16)")
-    validate_routing(cfg)
     validate_loggers(cfg)
     validate_processes(cfg)
     validate_step_in_backward(cfg)
@@ -481,13 +468,6 @@ def validate_step_in_backward(cfg: Config) -> None:
                           "backward.grad_accum_dtype=param (or backward.step_in_backward=off)")
 
 
-def validate_routing(cfg: Config) -> None:
-    """data.topics where it means something (a load-balancing loss is checked against the model and the
-    processes when both are built: runner.training.build)."""
-    if cfg.data.topics and cfg.data.name != "seq":
-        raise ConfigError(f"data.topics={cfg.data.topics} is not allowed with data={cfg.data.name}: expected data=seq")
-
-
 # The strategies DDP and FSDP can wrap: one optimizer, a forward per micro-batch, one backward each
 # (or one over all of them).
 DDP_STRATEGIES = ("full", "sum", "accumulate")
@@ -498,8 +478,6 @@ def validate_processes(cfg: Config) -> None:
     if parallel == "fsdp" and cfg.backward.name not in DDP_STRATEGIES:
         raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
                           f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
-    if cfg.data.sort_lengths and cfg.data.name not in ("seq", "text"):
-        raise ConfigError(f"data.sort_lengths=true is not allowed with data={cfg.data.name}: expected data=seq or text")
     if processes == 1:
         return
     name = cfg.backward.name
@@ -573,7 +551,7 @@ def first_line(exc: BaseException) -> str:
 
 
 # The groups whose options may name a class of your own by `_target_`, with its arguments beside it.
-OPEN_GROUPS = ("model", "loss")
+OPEN_GROUPS = ("model", "data", "loss")
 
 
 def register() -> None:

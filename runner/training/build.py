@@ -15,24 +15,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from runner.components import user_data
-from runner.components.data import (
-    Dataset,
-    TaskSpec,
-    pairs,
-    sequences,
-    split,
-    synthetic,
-    train_rows,
-)
+from runner.components.data import Dataset, TaskSpec
 from runner.components.loader import Batches, LoaderWindows
 from runner.components.losses import RoutedLoss, TokenLoss, offers, per_stage
-from runner.components.models import IMAGE_SHAPE, PAIR_SHAPE, Router, init_prior_bias, output_layer
+from runner.components.models import IMAGE_SHAPE, Router, init_prior_bias, output_layer
+from runner.components.sources import Request
 from runner.components.optim import build_optimizers, build_schedulers
 from runner.components.outputs import outputs_from, take_logits
 from runner.config.components import class_of, option_target, options, takes
 from runner.config.identity import config_record, used_config_id
 from runner.config.schema import (
+    ARGUMENT_GROUPS,
     Config,
     ConfigError,
     ModelConf,
@@ -79,8 +72,9 @@ class Training:
     device: torch.device
     dtype: torch.dtype
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # the loss class's arguments (focal's alpha, gamma)
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # a custom model's (+model.KEY) arguments
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # the model class's arguments (seq's hidden, depth)
     optim_kwargs: Dict[str, Any] = field(default_factory=dict)  # the optimizer's own (+optim.KEY) arguments
+    data_kwargs: Dict[str, Any] = field(default_factory=dict)  # the data source's (data.path, data.max_length)
     findings: "Findings" = None  # what the checks before training found (build.probe)
     ignored: List[str] = field(default_factory=list)  # keys another option of the group reads (loss.gamma on bce)
 
@@ -126,13 +120,13 @@ class Training:
         return used_config_id(self.config, self.config_record())
 
     def config_record(self) -> Dict[str, Any]:
-        return config_record(self.config, self.loss_kwargs, self.model_kwargs, self.optim_kwargs)
+        return config_record(self.config, self.loss_kwargs, self.model_kwargs, self.optim_kwargs, self.data_kwargs)
 
     def recorded_config(self) -> Dict[str, Any]:
         """The config as the command line records it in summary.json (what comparisons read): each class's
         arguments under its group (loss.gamma), as Hydra composed them."""
         record = self.config_record()
-        for group in ("loss", "model", "optim"):
+        for group in ARGUMENT_GROUPS:
             record[group] = {**record[group], **record.pop(f"{group}_kwargs")}
         return record
 
@@ -174,13 +168,15 @@ def model_label(cfg: Config) -> str:
     return label_of("model", cfg.model)
 
 
-def classes_arguments(cfg: Config, loss_kwargs: Optional[Dict[str, Any]], model_kwargs: Optional[Dict[str, Any]]):
-    """(the loss class's arguments, the model class's, what they ignore): the keys each class declares,
-    checked and with their defaults (recorded with the run), and the keys another option of the group
-    reads left out with a warning (runner.config.components.option_arguments)."""
-    loss_kwargs, ignored = arguments_used("loss", cfg.loss, dict(loss_kwargs or {}))
-    model_kwargs, more = arguments_used("model", cfg.model, dict(model_kwargs or {}))
-    return loss_kwargs, model_kwargs, ignored + more
+def classes_arguments(cfg: Config, given: Dict[str, Optional[Dict[str, Any]]]):
+    """({group: its class's arguments} for the loss, the model and the data source, what they ignore): the
+    keys each class declares, checked and with their defaults (recorded with the run), and the keys another
+    option of the group reads left out with a warning (runner.config.components.option_arguments)."""
+    used, ignored = {}, []
+    for group in ("loss", "model", "data"):
+        used[group], more = arguments_used(group, getattr(cfg, group), dict(given.get(group) or {}))
+        ignored += more
+    return used, ignored
 
 
 def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
@@ -206,67 +202,43 @@ def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
     return model, TaskSpec(IMAGE_SHAPE, "multilabel", cfg.model.outputs)
 
 
-def build_dataset(cfg: Config, spec: TaskSpec, model: Optional[torch.nn.Module] = None):
-    """The data set, and the TaskSpec it describes (the user's files describe themselves). `model`:
-    data=text checks that the user's own (model=custom) scores bytes."""
+def build_dataset(cfg: Config, spec: TaskSpec, data_kwargs: Dict[str, Any],
+                  model: Optional[torch.nn.Module] = None):
+    """The data set the option's source class (runner.components.sources) builds for the model's spec, and
+    the TaskSpec it describes (your files describe themselves). `model`: data=text checks that it scores bytes."""
     data = cfg.data
+    source_class = class_of(target_of("data", data))
+    if source_class is None:
+        raise ConfigError(f"data={data.name} is unknown: expected one of {', '.join(options('data'))}")
+    source = source_class(**data_kwargs)  # its own ValueError names the key
+    loader = data.micro_batch_size is not None
+    if loader and not getattr(source, "reads_a_file", False) and data.micro_batch_size > data.train_size:
+        raise ConfigError(f"data.micro_batch_size={data.micro_batch_size} is not allowed: expected at most the data "
+                          f"set's data.train_size ({data.train_size})")
+    if getattr(source, "tokens", None):  # its tokens are bytes: the model must score them all
+        check_scores_bytes(cfg, model, source.tokens)
     # In loader mode the data set's own batches are not drawn: micro-batches are (runner.components.loader).
-    batch_size = data.batch_size if data.micro_batch_size is None else data.micro_batch_size
-    if data.name in ("seq", "text") or spec.kind == "sequence":
-        if data.name not in ("seq", "text") or (spec.kind != "sequence" and not own_class(cfg.model)):
-            raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: token sequences need "
-                              "model=seq or moe with data=seq or text and loss=lm (or model=custom on them)")
-        spec = TaskSpec((), "sequence", cfg.model.vocab)
-        if data.name == "text":  # your paragraphs, bytes as tokens (runner.components.user_data.read_text)
-            check_scores_bytes(cfg, model)
-            spec = TaskSpec((), "sequence", user_data.BYTE_VOCAB)
-            inputs, labels = user_data.read_text(data.path, data.max_length, data.min_length)
-            return _split_rows(data, inputs, labels, cfg.seed, batch_size), spec
-        return sequences(spec, cfg.seed, data.train_size, data.eval_size, batch_size,
-                         data.min_length, data.max_length, data.sort_lengths, data.topics), spec
-    if data.name == "pairs" or spec.kind == "retrieval":
-        if data.name != "pairs" or (spec.kind != "retrieval" and not own_class(cfg.model)):
-            raise ConfigError(f"model={cfg.model.name} does not fit data={data.name}: paired views need "
-                              "model=dual_encoder with data=pairs and loss=infonce (or model=custom on data=pairs)")
-        spec = TaskSpec(PAIR_SHAPE, "retrieval", cfg.model.outputs)
-        return pairs(spec, cfg.seed, data.train_size, data.eval_size, batch_size), spec
-    if data.name in user_data.READERS:
-        inputs, targets, found, columns = user_data.READERS[data.name](data)
-        if not own_class(cfg.model) and found.input_shape != spec.input_shape:
-            raise ConfigError(f"model={cfg.model.name} takes inputs of shape {spec.input_shape}, and "
-                              f"data={data.name} ({data.path}) has {found.input_shape}: use model=custom "
-                              "model._target_=... (your model)")
-        dataset = _split_rows(data, inputs, targets, cfg.seed, batch_size)
-        dataset.columns = columns  # a table's features and what was left out of them (user_data.Columns)
-        return dataset, found
-    return synthetic(spec, cfg.seed, data.train_size, data.eval_size, batch_size, data.positive_rate,
-                     data.noise), spec
+    request = Request(spec, cfg.seed, data.train_size, data.eval_size,
+                      data.micro_batch_size if loader else data.batch_size,
+                      "data.micro_batch_size" if loader else "data.batch_size", f"model={cfg.model.name}",
+                      own_class(cfg.model), cfg.model.vocab, cfg.model.outputs)
+    return source.build(request, data.name)
 
 
-def check_scores_bytes(cfg: Config, model: Optional[torch.nn.Module]) -> None:
+def check_scores_bytes(cfg: Config, model: Optional[torch.nn.Module], tokens: int) -> None:
     """data=text's tokens are bytes: the model must score all 256. A built-in model scores model.vocab
     tokens; the user's own scores what its own output says (model.vocab is not its key: a Hugging Face
     config's vocab_size is), so it is asked by a forward of one sequence (runner.training.checks)."""
     if not own_class(cfg.model):
-        if cfg.model.vocab != user_data.BYTE_VOCAB:
-            raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data=text: its tokens are "
-                              f"bytes, expected model.vocab={user_data.BYTE_VOCAB}")
+        if cfg.model.vocab != tokens:
+            raise ConfigError(f"model.vocab={cfg.model.vocab} is not allowed with data={cfg.data.name}: its tokens are "
+                              f"bytes, expected model.vocab={tokens}")
         return
     width = checks.output_width(model) if model is not None else None
-    if width is not None and width != user_data.BYTE_VOCAB:  # None: the probe names a model that fails
-        raise ConfigError(f"model._target_={cfg.model._target_} scores {width} tokens, and data=text's tokens "
-                          f"are bytes: expected a model that scores {user_data.BYTE_VOCAB} (a vocabulary of "
-                          f"{user_data.BYTE_VOCAB}: model.vocab={user_data.BYTE_VOCAB} where it takes vocab)")
-
-
-def _split_rows(data, inputs, targets, seed: int, batch_size: int) -> Dataset:
-    """The user's rows (data.path), split into train and held-out parts by `seed`."""
-    rows = train_rows(len(inputs), data.eval_fraction)
-    if batch_size > rows:
-        key = "data.batch_size" if data.micro_batch_size is None else "data.micro_batch_size"
-        raise ConfigError(f"{key}={batch_size} is not allowed with data.path={data.path}: "
-                          f"expected at most its {rows} training rows")
-    return split(inputs, targets, seed, data.eval_fraction, batch_size, data.sort_lengths)
+    if width is not None and width != tokens:  # None: the probe names a model that fails
+        raise ConfigError(f"model._target_={cfg.model._target_} scores {width} tokens, and data={cfg.data.name}'s "
+                          f"tokens are bytes: expected a model that scores {tokens} (a vocabulary of "
+                          f"{tokens}: model.vocab={tokens} where it takes vocab)")
 
 
 def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
@@ -347,9 +319,11 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> Optional[WeightAverage]:
 
 def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
                    model_kwargs: Optional[Dict[str, Any]] = None,
-                   optim_kwargs: Optional[Dict[str, Any]] = None) -> Training:
+                   optim_kwargs: Optional[Dict[str, Any]] = None,
+                   data_kwargs: Optional[Dict[str, Any]] = None) -> Training:
     """Build and check one training; ConfigError (bad input) before anything runs."""
-    loss_kwargs, model_kwargs, ignored = classes_arguments(cfg, loss_kwargs, model_kwargs)
+    arguments, ignored = classes_arguments(cfg, {"loss": loss_kwargs, "model": model_kwargs, "data": data_kwargs})
+    loss_kwargs, model_kwargs, data_kwargs = arguments["loss"], arguments["model"], arguments["data"]
     device = resolve_device(cfg.trainer.device)
     dtype = getattr(torch, plain(cfg.trainer.dtype))
     set_determinism(cfg.trainer.deterministic, device)
@@ -359,7 +333,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         # A built-in loss wants a tensor: a mapping output's logits (a Hugging Face ModelOutput) stand in for it.
         logits_hook = take_logits(model) if own_class(cfg.model) and not own_class(cfg.loss) else None
         # Data comes from its own generators: the model's initial parameters depend on the seed alone.
-        dataset, spec = build_dataset(cfg, spec, model)
+        dataset, spec = build_dataset(cfg, spec, data_kwargs, model)
         dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
         check_router(cfg, model, loss_fn)
@@ -376,7 +350,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
     model = model.to(device=device, dtype=dtype)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(device=device, dtype=dtype)
-    findings = probe(cfg, planned, model, loss_fn, batches, spec)
+    findings = probe(cfg, planned, model, loss_fn, batches, spec, data_kwargs.get("path"))
     findings.outputs_from = outputs_from(logits_hook)  # the probe's forward showed what the model returns
     if cfg.backward.activation_checkpointing:  # after the probes, which must see the plain model
         recompute_blocks(model)
@@ -395,7 +369,8 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         first_gradient=FirstGradient(cfg.trainer.first_grad))
     strategy = build_strategy(cfg.backward, rule)
     return Training(cfg, model, spec, loss_fn, strategy, optimizers, dataset, batches, device, dtype,
-                    loss_kwargs, model_kwargs, dict(optim_kwargs or {}), findings, ignored)
+                    loss_kwargs=loss_kwargs, model_kwargs=model_kwargs, optim_kwargs=dict(optim_kwargs or {}),
+                    data_kwargs=data_kwargs, findings=findings, ignored=ignored)
 
 
 @dataclass
@@ -411,12 +386,13 @@ class Findings:
     outputs_from: Optional[str] = None  # "logits": the loss read the logits of the model's mapping output
 
 
-def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec) -> Findings:
+def probe(cfg: Config, strategy: Strategy, model: torch.nn.Module, loss_fn, batches, spec: TaskSpec,
+          data_path: Optional[str] = None) -> Findings:
     """The checks before training, on the first batch (runner.training.checks): does the model's output fit
     the targets, can the loss train it, does the model or the loss couple examples, where does the gradient flow?"""
     window = batches.window(0)
     inputs, targets = window.inputs, window.targets
-    data_label = f"data={cfg.data.name}" + (f" ({cfg.data.path})" if cfg.data.path else "")
+    data_label = f"data={cfg.data.name}" + (f" ({data_path})" if data_path else "")
     check_outputs = None if own_class(cfg.loss) else (  # a loss of the user's decides what fits
         lambda outputs: checks.check_outputs_fit(outputs, targets, spec, model_label(cfg), data_label,
                                                  loss_label(cfg)))
