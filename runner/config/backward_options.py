@@ -117,6 +117,11 @@ OPTIONS: Dict[str, type] = {
 }
 
 
+# The strategies DDP and FSDP can wrap: one optimizer, a forward per micro-batch, one backward each
+# (or one over all of them).
+DDP_STRATEGIES = ("full", "sum", "accumulate")
+
+
 # optim.* keys (and trainer.ema_every) that act per micro-batch (runner.training.strategies.Strategy.apply),
 # by the strategies that read them. The others take one micro-batch per optimizer step, so "once per micro-batch" is
 # once per step for them; sum backwards its micro-batches together, so there is nothing to clip

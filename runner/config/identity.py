@@ -82,7 +82,8 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     # loss.aux_stats chooses between the window's and a micro-batch's expert load: one and the same
     # without micro-batches (backward=full) or without a load-balancing term.
     arguments = used.get("loss_kwargs") or {}
-    if "aux_stats" in arguments and (config.backward.name == "full" or not arguments.get("aux_weight")):
+    one_micro_batch = "accumulation" not in {f.name for f in fields(OPTIONS[config.backward.name])}  # full
+    if "aux_stats" in arguments and (one_micro_batch or not arguments.get("aux_weight")):
         arguments["aux_stats"] = "window"
     if not config.trainer.ema or "ema_every" not in per_micro_batch:  # no average, or one micro-batch a step
         used["trainer"]["ema_every"] = "step"

@@ -24,7 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_da
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from runner.config.backward_options import OPTIONS, PassOptions, readers_of
+from runner.config.backward_options import DDP_STRATEGIES, OPTIONS, PassOptions, readers_of
 from runner.config.components import ComponentError, option_arguments, option_target, option_values
 from runner.config.keys import (
     Allowed,
@@ -468,10 +468,6 @@ def validate_step_in_backward(cfg: Config) -> None:
                           "backward.grad_accum_dtype=param (or backward.step_in_backward=off)")
 
 
-# The strategies DDP and FSDP can wrap: one optimizer, a forward per micro-batch, one backward each
-# (or one over all of them).
-DDP_STRATEGIES = ("full", "sum", "accumulate")
-
 
 def validate_processes(cfg: Config) -> None:
     processes, parallel = cfg.trainer.processes, plain(cfg.trainer.parallel)
@@ -499,7 +495,7 @@ def validate_processes(cfg: Config) -> None:
     if parallel == "fsdp" and cfg.trainer.ema:
         raise ConfigError(f"trainer.ema={cfg.trainer.ema} is not allowed with trainer.parallel=fsdp: the average "
                           "would hold sharded parameters, expected trainer.ema=0 (or trainer.parallel=ddp)")
-    accumulation = cfg.backward.accumulation if name != "full" else 1
+    accumulation = cfg.backward.accumulation if name in readers_of("accumulation") else 1
     if cfg.data.batch_size < processes * accumulation:
         raise ConfigError(f"trainer.processes={processes} is not allowed with data.batch_size={cfg.data.batch_size} "
                           f"and backward.accumulation={accumulation}: expected data.batch_size >= processes x "
