@@ -15,12 +15,13 @@
     python -m runner loss=margin loss.margin=3 'hydra.searchpath=[file://my_conf]'
 
 The YAML is a complete option of its group (runner.config.schema.OPEN_GROUPS): its keys other than
-the group's declared ones are the class's arguments. The built-in losses are options of this kind too
-(conf/loss/focal.yaml names runner.components.losses.FocalLoss). `Keys` is optional; where it is there,
-each key is checked for its type and range before anything is written (one line naming `loss.KEY`), its
-default is recorded with the run (comparisons and resumes see it), `python -m runner --help` and the
-reference list it under the option that declares it, and a key that another option of the group
-declares is ignored with a warning (one sweep can cross the options, as backward's strategies do).
+the group's declared ones are the class's arguments. The built-in models, losses and data sources are
+options of this kind too (conf/loss/focal.yaml names runner.components.losses.FocalLoss). `Keys` is
+optional; where it is there, each key is checked for its type and range before anything is written (one
+line naming `loss.KEY`), its default is recorded with the run (comparisons and resumes see it),
+`python -m runner --help` and the reference list it under the option that declares it, and a key that
+another option of the group declares is ignored with a warning (one sweep can cross the options, as
+backward's strategies do).
 Nothing here imports torch until a class is asked for by its import path.
 """
 from __future__ import annotations
