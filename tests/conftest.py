@@ -83,6 +83,7 @@ SLOW_SECONDS = {
     "tests/test_hf_data.py::test_a_hugging_face_causal_lm": 3,
     "tests/test_sweeps.py::test_each_distinct_training_runs_once": 2,
     "tests/test_sweeps.py::test_compare_lines_up_two_sweeps": 2,
+    "tests/test_sweeps.py::test_a_sweep_across_losses": 3,
     "tests/test_house.py::test_": 2,
     "tests/test_gpu_check.py::test_": 2,
     "tests/test_components.py::test_help_lists": 2,

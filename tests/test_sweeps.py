@@ -89,3 +89,14 @@ def test_each_distinct_training_runs_once_unless_rerun(tmp_path):
         assert reused == ([] if rerun else [Path(full["run_dir"].iloc[0]).name])
         assert table.loc[table["backward"] == "accumulate", "reused_from"].isna().all()
         assert (sweep / Path(full["run_dir"].iloc[1]).name / "params.pt").exists()
+
+
+def test_a_sweep_across_losses_trains_each_loss_once_per_value_it_reads(tmp_path):
+    """loss.gamma is focal's (its class declares it): bce ignores it, so bce at gamma 0 and 2 is one training,
+    trained once and reused; focal at gamma 0 and 2 are two."""
+    result, sweep_dir = sweep(tmp_path, "losses", "loss=bce,focal", "loss.gamma=0,2", "trainer.steps=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(sweep_dir / "comparison.csv")
+    bce, focal = table[table["loss"] == "bce"], table[table["loss"] == "focal"]
+    assert bce["reused_from"].notna().sum() == 1 and focal["reused_from"].isna().all()
+    assert "loss.gamma=0 is ignored by loss=bce: it applies to loss=focal" in result.stderr
