@@ -126,3 +126,51 @@ def test_runner_matches_the_accumulation_answers_loop(tmp_path, k):
     for name, p in model.named_parameters():
         torch.testing.assert_close(runner_params[name], p.detach(), rtol=0, atol=0)
     assert loss_value == pytest.approx(summary["final_loss"], rel=1e-6)
+
+
+ONE_STEP = dict(trainer__steps=1, data__train_size=64, data__eval_size=16, optim__lr=0.1)
+
+
+def sgd_update(tmp_path, **overrides):
+    """(the first SGD update of every parameter, the summary): one step from the seed's initial parameters."""
+    start = {n: p.detach().clone() for n, p in build(**ONE_STEP, **overrides).model.named_parameters()}
+    summary, params, _ = train(tmp_path, **ONE_STEP, **overrides)
+    return {n: params[n] - start[n] for n in start}, summary
+
+
+def test_scale_none_leaves_each_micro_batch_undivided_k_times_the_gradient(tmp_path):
+    """backward.scale=none is the transformers Trainer's compute_loss_func path (never divided by
+    gradient_accumulation_steps, PR #34511): on an even split (32 rows in 4) each micro-batch's mean loss is
+    backwarded as it is, so plain SGD's first update is exactly 4x the full batch's; the logged loss is the batch's."""
+    full, full_summary = sgd_update(tmp_path, backward__name="full")
+    undivided, summary = sgd_update(tmp_path, backward__name="accumulate", backward__accumulation=4,
+                                    backward__scale="none")
+    assert_params_close(undivided, {n: 4 * u for n, u in full.items()}, rtol=1e-5, atol=1e-7)
+    assert summary["final_loss"] == pytest.approx(full_summary["final_loss"], rel=1e-6)
+
+
+def test_keep_last_steps_on_the_last_micro_batch_alone(tmp_path):
+    """backward.keep=last (DeepSpeed ZeRO-2 resetting its accumulator at every backward, open-instruct PR #1498):
+    every micro-batch is forwarded and backwarded and the logged loss is the batch's, but the update is the
+    last micro-batch's alone, weighted by its share of the batch, as a hand-written step on it gives."""
+    last, summary = sgd_update(tmp_path, backward__name="accumulate", backward__accumulation=4, backward__keep="last")
+    reference = build(**ONE_STEP)
+    model, loss_fn = reference.model, reference.loss_fn
+    inputs, targets = reference.dataset.batch(0)
+    x, y = torch.tensor_split(inputs, 4)[-1], torch.tensor_split(targets, 4)[-1]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (len(x) / len(inputs) * loss_fn(model(x), y)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    assert_params_close(last, {n: p.detach() - start[n] for n, p in model.named_parameters()}, rtol=1e-5, atol=1e-7)
+    _, full_summary = sgd_update(tmp_path, backward__name="full")
+    assert summary["final_loss"] == pytest.approx(full_summary["final_loss"], rel=1e-6)
+
+
+def test_keep_last_is_refused_where_the_gradient_is_held_elsewhere():
+    from tests.conftest import refusal
+
+    assert refusal("backward=accumulate", "backward.keep=last", "backward.step_in_backward=last") == (
+        "backward.keep=last is not allowed with backward.step_in_backward=last: the hooks step on .grad, expected "
+        "backward.step_in_backward=off (or backward.keep=all)")

@@ -64,7 +64,8 @@ def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "
     scale="size" weights each micro-batch by its share of the batch, which makes the weighted sum
     of mean losses equal the full-batch mean loss exactly (the identity of the accumulation answer,
     f(x,y) = (i/b) f(x[:i],y[:i]) + (1-i/b) f(x[i:],y[i:])). scale="mean" divides by k, which is the
-    same only when k divides the batch; it is kept to show that error on uneven splits.
+    same only when k divides the batch; it is kept to show that error on uneven splits. scale="none"
+    divides by nothing: k times the batch's loss on even splits.
     """
     batch = inputs.shape[0]
     if sizes is None:
@@ -79,8 +80,10 @@ def micro_batches(inputs: torch.Tensor, targets: Targets, k: int, scale: str = "
         weights = shares
     elif scale == "mean":
         weights = [1.0 / k] * k
+    elif scale == "none":  # each micro-batch's mean loss undivided: k times the batch's (a Trainer's compute_loss_func)
+        weights = [1.0] * k
     else:
-        raise ValueError(f"scale must be 'size' or 'mean', got {scale!r}")
+        raise ValueError(f"scale must be 'size', 'mean' or 'none', got {scale!r}")
     return [MicroBatch(x, y, w, share) for x, y, w, share in zip(xs, ys, weights, shares)]
 
 

@@ -16,6 +16,18 @@ from runner.config.keys import Choice, at_least, key
 class Scale(Choice):
     size = "size", "weight each micro-batch by its share of the batch: exact for mean losses"
     mean = "mean", "divide by the number of micro-batches, as common frameworks do (wrong on uneven splits)"
+    none = "none", ("leave each micro-batch's loss undivided, as the transformers Trainer leaves a compute_loss_func's "
+                    "(never divided by gradient_accumulation_steps, PR #34511): k times the batch's gradient")
+
+
+class Keep(Choice):
+    """backward=accumulate: whose gradients the accumulator holds when the optimizer steps."""
+
+    all = "all", "every micro-batch's: .grad adds them up (exact)"
+    last = "last", ("the last micro-batch's alone: each backward overwrites what the earlier ones left, as DeepSpeed "
+                    "ZeRO-2 does when every backward is an accumulation boundary (open-instruct PR #1498, DeepSpeed "
+                    "PR #7981, Megatron-LM PR #7186): the loss curve looks normal, the gradient is about 1/k of the "
+                    "batch's")
 
 
 class PartialWindow(Choice):
@@ -88,6 +100,7 @@ class AccumulateOptions(MicroBatchOptions):
     sync: Sync = key(Sync.last, "several processes: the micro-batch whose backward synchronises the gradients")
     step_in_backward: StepInBackward = key(StepInBackward.off, "the optimizer step inside backward, from each "
                                                                "parameter's post-accumulate-grad hook")
+    keep: Keep = key(Keep.all, "whose gradients the accumulator holds when the optimizer steps")
 
 
 @dataclass

@@ -383,6 +383,7 @@ def validate(cfg: Config) -> None:
     validate_loggers(cfg)
     validate_processes(cfg)
     validate_step_in_backward(cfg)
+    validate_keep(cfg)
 
 
 # trainer.loggers: the built-in names, each the class that hears a run's events (runner.recording.events), named
@@ -443,6 +444,23 @@ def _logger_class(entry: str) -> Tuple[Any, Optional[str]]:
         return None, (f"{entry} is not a sink class: expected a class with {', '.join(LOGGER_EVENTS)} "
                       "(a runner.recording.events.Subscriber has them all)")
     return cls, None
+
+
+def validate_keep(cfg: Config) -> None:
+    """backward.keep=last drops .grad before each later micro-batch's backward: where the gradient is held
+    elsewhere (float32 buffers, FSDP2's unsharded gradients, the optimizer-in-backward hooks) it cannot."""
+    if plain(cfg.backward.keep) == "all" or cfg.backward.name not in readers_of("keep"):
+        return
+    given = f"backward.keep={plain(cfg.backward.keep)} is not allowed with"
+    if plain(cfg.backward.step_in_backward) != "off":
+        raise ConfigError(f"{given} backward.step_in_backward={plain(cfg.backward.step_in_backward)}: the hooks step "
+                          "on .grad, expected backward.step_in_backward=off (or backward.keep=all)")
+    if plain(cfg.backward.grad_accum_dtype) == "float32":
+        raise ConfigError(f"{given} backward.grad_accum_dtype=float32: the gradients add up in float32 buffers, "
+                          "expected backward.grad_accum_dtype=param (or backward.keep=all)")
+    if cfg.trainer.processes > 1 and plain(cfg.trainer.parallel) == "fsdp":
+        raise ConfigError(f"{given} trainer.parallel=fsdp: FSDP2 holds the unsharded gradient itself, expected "
+                          "trainer.parallel=ddp (or backward.keep=all)")
 
 
 def validate_step_in_backward(cfg: Config) -> None:

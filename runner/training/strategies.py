@@ -269,7 +269,7 @@ class Accumulate(MicroBatched):
             with engine.sync(index, len(mbs)):
                 with engine.autocast():
                     scored = weighting.score(model(mb.inputs), mb)  # the exactly weighted loss
-                update.before_backward(last)
+                update.before_backward(last, optimizers)
                 engine.backward(scored.loss, rank_weight)  # this micro-batch's graph is freed here
                 update.after_backward(optimizers, last)  # the per-micro-batch bug modes, if chosen
             logged.append(scored.logged)
@@ -286,7 +286,9 @@ def build_update(backward_conf, engine, **behaviours) -> UpdateRule:
         else StepInBackward.off
     if mode != StepInBackward.off:
         return InBackwardUpdate(engine, **behaviours, every=mode == StepInBackward.every)
-    return UpdateRule(engine, **behaviours)
+    keep = getattr(backward_conf.keep, "value", backward_conf.keep) if backward_conf.name in readers_of("keep") \
+        else "all"
+    return UpdateRule(engine, **behaviours, keep=keep)
 
 
 @runtime_checkable

@@ -1,7 +1,8 @@
 """The update rule: the one object that turns the gradients a strategy accumulated into an update.
 
     rule.begin(optimizers)                  once before a window's backwards: zero_grad
-    rule.before_backward(last)              before each micro-batch's backward (optimizer-in-backward arms here)
+    rule.before_backward(last, optimizers)  before each micro-batch's backward (optimizer-in-backward arms here;
+                                            backward.keep=last drops what the earlier ones left)
     rule.after_backward(optimizers, last)   after each micro-batch's backward: the per-micro-batch bug modes
     rule.apply(optimizers, micro_batches)   once per optimizer step: unscale, clip, first gradient, step,
                                             the learning-rate schedule, GradScaler's update, the EMA
@@ -41,17 +42,26 @@ class UpdateRule:
     ema: Optional[object] = None
     model: Optional[nn.Module] = None
     first_gradient: FirstGradient = field(default_factory=lambda: FirstGradient(enabled=False))
+    # backward.keep: "all" (.grad adds up every micro-batch's), or "last": each backward starts from zero,
+    # so the step sees the last micro-batch's gradient alone (the accumulator-reset bug).
+    keep: str = "all"
 
     def __post_init__(self):
         self._clipped = False  # whether this window's gradient was clipped per micro-batch already
+        self._window: Optional[list] = None  # the optimizers of a window whose first backward ran
 
     def begin(self, optimizers) -> None:
         """Before a window's backwards, once: backward() adds into .grad."""
         self.engine.zero_grad(optimizers)
         self._clipped = False
+        self._window = None
 
-    def before_backward(self, last: bool) -> None:
-        """Before a micro-batch's backward; `last`: the optimizer step follows it."""
+    def before_backward(self, last: bool, optimizers=None) -> None:
+        """Before a micro-batch's backward; `last`: the optimizer step follows it. keep=last drops what the
+        earlier micro-batches left in .grad (their forwards and losses ran as usual)."""
+        if self.keep == "last" and self._window is not None:
+            self.engine.zero_grad(self._window)
+        self._window = optimizers
 
     def after_backward(self, optimizers, last: bool) -> None:
         """After a micro-batch's backward (inside its sync context): the behaviours whose cadence is
@@ -125,7 +135,7 @@ class InBackwardUpdate(UpdateRule):
                         p.register_post_accumulate_grad_hook(self._step_parameter)
         super().begin(optimizers)
 
-    def before_backward(self, last: bool) -> None:
+    def before_backward(self, last: bool, optimizers=None) -> None:
         self._stepping = last or self.every
 
     @torch.no_grad()
