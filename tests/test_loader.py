@@ -16,9 +16,40 @@ LOADER = dict(data__micro_batch_size=4, data__train_size=40, backward__accumulat
               trainer__memory="off")
 
 
-def windows(k=4, drop=False, rows=42):
+def windows(k=4, drop=False, rows=42, carry=False):
     dataset = synthetic(TaskSpec(IMAGE_SHAPE, "multilabel", 5), seed=0, train_size=rows, eval_size=0, batch_size=4)
-    return dataset, LoaderWindows(dataset, micro_batch_size=4, k=k, drop_partial=drop)
+    return dataset, LoaderWindows(dataset, micro_batch_size=4, k=k, drop_partial=drop, carry=carry)
+
+
+@pytest.mark.parametrize("rows,k", [(42, 4), (12, 4)])  # 11 micro-batches an epoch; and an epoch shorter than k
+def test_carried_windows_run_across_epochs_as_deepspeeds_boundary_does(rows, k):
+    """partial_window=carry: window s is the stream's micro-batches s*k .. s*k+k-1, epochs one after another
+    (DeepSpeed steps when micro_steps % k == 0, with no notion of epochs): every window holds k micro-batches,
+    and the one that crosses an epoch's end holds that epoch's last micro-batches, then the next epoch's first."""
+    _, exact = windows(k=k, rows=rows)
+    _, carried = windows(k=k, rows=rows, carry=True)
+    per_epoch = -(-rows // 4)
+    stream = [(epoch, x) for epoch in range(3) for x, _ in exact.loader(epoch)]
+    for step in range(2 * per_epoch // k):
+        window = carried.window(step)
+        drawn = stream[step * k:(step + 1) * k]
+        assert len(window.sizes) == k and window.epoch == drawn[0][0]
+        assert torch.equal(window.inputs, torch.cat([x for _, x in drawn]))
+    crossing = carried.window(per_epoch // k)  # holds the first epoch's last micro-batches and the second's first
+    assert torch.equal(crossing.inputs, torch.cat([x for _, x in stream[per_epoch // k * k:(per_epoch // k + 1) * k]]))
+    assert {e for e, _ in stream[per_epoch // k * k:(per_epoch // k + 1) * k]} == {0, 1}
+
+
+def test_a_carried_run_steps_on_full_windows_only(tmp_path):
+    """40 rows in micro-batches of 4, k=4: exact steps on windows of 16, 16 and 8 each epoch; carry on 16 always,
+    so it trains something else than the full-batch reference on the same loader windows."""
+    summary, carried, carried_dir = train(tmp_path, backward__name="accumulate", backward__partial_window="carry",
+                                          **LOADER)
+    _, exact, exact_dir = train(tmp_path, backward__name="accumulate", **LOADER)
+    assert summary["status"] == "ok"
+    assert set(pd.read_csv(carried_dir / "metrics.csv")["window_size"]) == {16}
+    assert set(pd.read_csv(exact_dir / "metrics.csv")["window_size"]) == {16, 8}
+    assert max_abs_diff(carried, exact) > 1e-4
 
 
 def test_an_epoch_draws_every_row_once_in_windows_of_k_and_jumps_land_where_steps_would():

@@ -8,7 +8,9 @@ a torch.utils.data.DataLoader draws micro-batches of M from the training rows, s
 by a generator seeded with (seed, epoch); `backward.accumulation` = k of them make one window,
 one optimizer step, and steps run on through epochs. When an epoch's micro-batches do not divide
 by k its last window is partial (k' < k micro-batches; the very last micro-batch may be short):
-it is trained (weighted as partial_window says) or, with partial_window=drop, skipped.
+it is trained (weighted as partial_window says) or, with partial_window=drop, skipped. With
+partial_window=carry windows know no epochs: window s holds the stream's micro-batches s*k .. s*k+k-1,
+so an epoch's last ones share a window with the next epoch's first (DeepSpeed's boundary).
 
 Both are pure functions of (seed, step), so a resumed run sees the data it would have seen.
 """
@@ -69,9 +71,9 @@ class _Rows(torch.utils.data.Dataset):
 class LoaderWindows:
     """Loader mode: windows of k micro-batches of M through a DataLoader (see the module doc)."""
 
-    def __init__(self, dataset: Dataset, micro_batch_size: int, k: int, drop_partial: bool):
+    def __init__(self, dataset: Dataset, micro_batch_size: int, k: int, drop_partial: bool, carry: bool = False):
         self.rows, self.seed = _Rows(dataset), dataset.seed
-        self.micro_batch_size, self.k = micro_batch_size, k
+        self.micro_batch_size, self.k, self.carry = micro_batch_size, k, carry
         n = len(self.rows)
         if micro_batch_size > n:
             raise ValueError(f"data.micro_batch_size={micro_batch_size} is not allowed: expected at most the "
@@ -92,15 +94,26 @@ class LoaderWindows:
         return DataLoader(self.rows, sampler=sampler, batch_size=None)
 
     def window(self, step: int) -> Window:
+        if self.carry:  # the stream's micro-batches step*k .. step*k+k-1, whichever epochs they come from
+            stream = range(step * self.k, (step + 1) * self.k)
+            drawn = [self._draw(*divmod(g, self.micro_batches_per_epoch)) for g in stream]
+            return self._window(drawn, stream[0] // self.micro_batches_per_epoch)
         epoch, index = divmod(step, self.windows_per_epoch)
+        first = index * self.k
+        last = min(first + self.k, self.micro_batches_per_epoch)
+        return self._window([self._draw(epoch, i) for i in range(first, last)], epoch)
+
+    def _draw(self, epoch: int, index: int):
+        """Micro-batch `index` of `epoch`, from the open iterator where it is the next one."""
         if self._next != (epoch, index):  # a jump (the first step, a resume, a new epoch): reopen and skip
             self._batches = iter(self.loader(epoch))
-            for _ in range(index * self.k):
+            for _ in range(index):
                 next(self._batches)
-        drawn = []
-        for _ in range(min(self.k, self.micro_batches_per_epoch - index * self.k)):
-            drawn.append(next(self._batches))
         self._next = (epoch, index + 1)
+        return next(self._batches)
+
+    @staticmethod
+    def _window(drawn, epoch: int) -> Window:
         inputs = torch.cat([x for x, _ in drawn])
         first = drawn[0][1]
         targets = {name: torch.cat([y[name] for _, y in drawn]) for name in first} if isinstance(first, dict) \

@@ -36,6 +36,8 @@ class PartialWindow(Choice):
     exact = "exact", "weight by what the window holds (examples, or tokens for loss=lm)"
     k = "k", "divide by k as if the window were full (PyTorch Lightning's behaviour, #19987)"
     drop = "drop", "skip it: the next epoch starts"
+    carry = "carry", ("no epoch boundary: every window is k micro-batches, the next epoch's first ones completing "
+                      "the last window of an epoch, as DeepSpeed's boundary (micro_steps % k) does")
 
 
 class GradAccumDType(Choice):

@@ -247,8 +247,9 @@ def build_batches(cfg: Config, dataset: Dataset, strategy: Strategy):
     as one batch: the reference at every step, partial windows included."""
     if cfg.data.micro_batch_size is None:
         return Batches(dataset)
-    drop = getattr(strategy.options, "partial_window", None) == PartialWindow.drop
-    return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, drop)
+    partial = getattr(strategy.options, "partial_window", None)
+    return LoaderWindows(dataset, cfg.data.micro_batch_size, cfg.backward.accumulation, partial == PartialWindow.drop,
+                         carry=partial == PartialWindow.carry)
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device):
