@@ -50,14 +50,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Bench(Config):
-    """A config built in Python, with its model class's arguments beside it (model.hidden: the keys the
-    classes of runner.components.models declare, which the Config's `model` node does not hold)."""
+    """A config built in Python, with its model's and data source's arguments beside it (model.hidden,
+    data.max_length: the keys their classes declare, which the Config's nodes do not hold)."""
 
     model_args: Dict[str, Any] = field(default_factory=dict)
+    data_args: Dict[str, Any] = field(default_factory=dict)
 
 
 def build(cfg: Bench):
-    return build_training(cfg, model_kwargs=cfg.model_args)
+    return build_training(cfg, model_kwargs=cfg.model_args, data_kwargs=cfg.data_args)
 
 
 def config(model: str, strategy: str, steps: int, device: str) -> Bench:
@@ -161,7 +162,7 @@ def sequence_config(strategy: str, steps: int, device: str, quick: bool = False)
     cfg = config("seq", strategy, steps, device)
     cfg.data.name, cfg.loss.name = "seq", "lm"
     cfg.model_args["hidden"], cfg.model.vocab, cfg.model_args["depth"] = (32, 16, 1) if quick else (128, 64, 1)
-    cfg.data.batch_size, cfg.data.train_size, cfg.data.max_length = (64, 256, 16) if quick else (64, 2048, 64)
+    cfg.data.batch_size, cfg.data.train_size, cfg.data_args["max_length"] = (64, 256, 16) if quick else (64, 2048, 64)
     return cfg
 
 
@@ -198,8 +199,8 @@ def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str
         r, h = statistics.median(times["runner"]), statistics.median(times["hand"])
         spread = max(map(_spread, times.values()))
         rows.append(dict(benchmark="sequence step",
-                         case=f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, lengths 2..{cfg.data.max_length}) "
-                              f"{strategy}, batch 64, loss=lm tokens ({device}) "
+                         case=f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, lengths "
+                              f"2..{cfg.data_args['max_length']}) {strategy}, batch 64, loss=lm tokens ({device}) "
                               "vs hand-written token-count loop",
                          runner=r * 1e3, baseline=h * 1e3, unit="ms/step",
                          result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
@@ -224,8 +225,8 @@ def bench_contrastive_steps(rows: List[Dict], repeats: int, steps: int, device: 
         spread = max(map(_spread, times.values()))
         cfg = configs["gradcache"]
         rows.append(dict(benchmark="contrastive step",
-                         case=f"dual_encoder (hidden {cfg.model_args['hidden']}) infonce, batch {cfg.data.batch_size} in {k} "
-                              f"({device}): gradcache vs accumulate",
+                         case=f"dual_encoder (hidden {cfg.model_args['hidden']}) infonce, batch {cfg.data.batch_size} "
+                              f"in {k} ({device}): gradcache vs accumulate",
                          runner=g * 1e3, baseline=a * 1e3, unit="ms/step",
                          result=f"ratio {g / a:.3f} (spread {spread:.1%})", target="ratio <= 1.5", met=g / a <= 1.5))
 

@@ -120,6 +120,14 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     assert not _Evil.unpickled
 
 
+def test_a_checkpoint_of_the_earlier_format_is_refused_in_one_line(tmp_path):
+    """Format 1 held every model, loss and data key in one node; its config does not fit today's groups."""
+    torch.save({"format": 1, "config_json": "{}", "step": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.pt was written by an earlier backward-lab "
+                                                         r"\(checkpoint format 1, .*train the run again$"):
+        checkpoint.load(tmp_path)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     result = run_cli(f"trainer.resume={tmp_path}")
     assert result.returncode == 2 and "no checkpoint.pt" in result.stderr

@@ -207,7 +207,8 @@ class Text(YourRows):
         min_length: int = min_length_key("the shortest sequence (min_length - 1 predicted tokens); text: shorter "
                                          "paragraphs are left out")
         max_length: int = key(64, "the longest sequence (text: where a paragraph's bytes are cut); shorter "
-                                  "sequences are right-padded, their labels -100", values="an integer >= data.min_length")
+                                  "sequences are right-padded, their labels -100",
+                              values="an integer >= data.min_length")
         sort_lengths: bool = sort_lengths_key()
 
     def __init__(self, path: Optional[str] = None, eval_fraction: float = 0.2, min_length: int = 2,

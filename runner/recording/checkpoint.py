@@ -23,7 +23,9 @@ from runner.recording import record
 from runner.recording.events import Row, Subscriber
 from runner.recording.steplog import diverges
 
-FORMAT = 1
+# 2: a model's, loss's or data source's own arguments (model.hidden, loss.gamma, data.path) are recorded apart
+# from the group's keys, as GROUP_kwargs; format 1 held every key of those groups in one node.
+FORMAT = 2
 CHECKPOINT = record.CHECKPOINT
 
 
@@ -80,6 +82,10 @@ def load(run_dir: Path) -> Dict[str, Any]:
     except Exception as exc:  # truncated, corrupt, or not a checkpoint at all
         raise CheckpointError(f"trainer.resume={run_dir}: {CHECKPOINT} is corrupt or unreadable "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise CheckpointError(f"trainer.resume={run_dir}: {CHECKPOINT} was written by an earlier backward-lab "
+                              "(checkpoint format 1, before the models', losses' and data sources' keys moved to their "
+                              "classes): resume it with that version, or train the run again")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"trainer.resume={run_dir}: {CHECKPOINT} is not a backward-lab checkpoint "
                               f"of format {FORMAT}")
