@@ -55,3 +55,15 @@ def test_a_value_out_of_range_names_its_key():
     assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="could not be converted to Integer"):
         api.compose(["trainer.steps=abc"])
+
+
+def test_a_config_built_in_python_names_where_a_class_argument_goes():
+    """The model's, loss's and data source's own arguments are not keys of the Config's nodes: setting one there
+    is an error that says where it goes, not a silent no-op."""
+    from runner.config.schema import Config
+
+    config = Config()
+    for group, key in (("model", "hidden"), ("loss", "gamma"), ("data", "max_length")):
+        with pytest.raises(AttributeError, match=rf"{group}\.{key} is not one of the {group} group's own keys: a "
+                                                 rf"class's argument goes to build_training\({group}_kwargs="):
+            setattr(getattr(config, group), key, 3)

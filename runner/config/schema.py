@@ -100,8 +100,20 @@ def plain(value: Any) -> Any:
 POSITIVE_INT = at_least(1, integer=True)
 
 
+class GroupKeys:
+    """A group's node holds the group's own keys only: setting another (a class's argument, such as
+    model.hidden, in a config built in Python) is an AttributeError naming where it goes, never a silent no-op."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in {f.name for f in fields(self)}:
+            group = type(self).__name__.removesuffix("Conf").lower()
+            raise AttributeError(f"{group}.{name} is not one of the {group} group's own keys: a class's argument goes "
+                                 f"to build_training({group}_kwargs={{{name!r}: ...}})")
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelConf:
+class ModelConf(GroupKeys):
     """The network: a built-in model, or your nn.Module (model=custom). Each option's YAML names its class by
     `_target_`; the keys below are the group's own, and each class declares its own beside itself."""
 
@@ -120,7 +132,7 @@ class ModelConf:
 
 
 @dataclass
-class DataConf:
+class DataConf(GroupKeys):
     """The examples and their targets: seeded synthetic data, or your table, tensors or text. Each option's YAML
     names its source class by `_target_`; the keys below are the group's own, and each source declares its own
     beside itself."""
@@ -139,7 +151,7 @@ class DataConf:
 
 
 @dataclass
-class LossConf:
+class LossConf(GroupKeys):
     """The objective: a built-in loss, or your own (loss=custom). Each option's YAML names its class by
     `_target_`; the keys below are the group's own, and each class declares its own beside itself."""
 
