@@ -28,6 +28,7 @@ from runner.config.schema import (
     ARGUMENT_GROUPS,
     Config,
     ConfigError,
+    OPEN_GROUPS,
     ModelConf,
     arguments_used,
     instantiate,
@@ -168,12 +169,26 @@ def model_label(cfg: Config) -> str:
     return label_of("model", cfg.model)
 
 
+def option_class(group: str, conf) -> Any:
+    """The class one of the runner's own options names by `_target_` (runner.config.components)."""
+    cls = class_of(target_of(group, conf))
+    if cls is None:
+        raise ConfigError(f"{group}={conf.name} is unknown: expected one of {', '.join(options(group))}")
+    return cls
+
+
+def handed(cls: Any, conf, *keys: str) -> Dict[str, Any]:
+    """The group's own keys (loss.reduction, model.outputs) a class takes where its constructor names them."""
+    named = takes(cls)[1]
+    return {key: plain(getattr(conf, key)) for key in keys if key in named}
+
+
 def classes_arguments(cfg: Config, given: Dict[str, Optional[Dict[str, Any]]]):
     """({group: its class's arguments} for the loss, the model and the data source, what they ignore): the
     keys each class declares, checked and with their defaults (recorded with the run), and the keys another
     option of the group reads left out with a warning (runner.config.components.option_arguments)."""
     used, ignored = {}, []
-    for group in ("loss", "model", "data"):
+    for group in OPEN_GROUPS:
         used[group], more = arguments_used(group, getattr(cfg, group), dict(given.get(group) or {}))
         ignored += more
     return used, ignored
@@ -185,12 +200,8 @@ def build_model_and_spec(cfg: Config, model_kwargs: Dict[str, Any]):
     model.prior_bias sets its output bias); the user's own predicts what the data holds (the synthetic
     default: `model.outputs` labels of 3x10x10 inputs)."""
     if not own_class(cfg.model):
-        cls = class_of(target_of("model", cfg.model))
-        if cls is None:
-            raise ConfigError(f"model={cfg.model.name} is unknown: expected one of {', '.join(options('model'))}")
-        named = takes(cls)[1]
-        group = {k: getattr(cfg.model, k) for k in ("outputs", "vocab") if k in named}
-        model = cls(**model_kwargs, **group)  # its own ValueError names the key
+        cls = option_class("model", cfg.model)
+        model = cls(**model_kwargs, **handed(cls, cfg.model, "outputs", "vocab"))  # its ValueError names the key
         if cfg.model.prior_bias:
             init_prior_bias(output_layer(model), cfg.model.prior)
         return model, model.spec()
@@ -207,10 +218,7 @@ def build_dataset(cfg: Config, spec: TaskSpec, data_kwargs: Dict[str, Any],
     """The data set the option's source class (runner.components.sources) builds for the model's spec, and
     the TaskSpec it describes (your files describe themselves). `model`: data=text checks that it scores bytes."""
     data = cfg.data
-    source_class = class_of(target_of("data", data))
-    if source_class is None:
-        raise ConfigError(f"data={data.name} is unknown: expected one of {', '.join(options('data'))}")
-    source = source_class(**data_kwargs)  # its own ValueError names the key
+    source = option_class("data", data)(**data_kwargs)  # its own ValueError names the key
     loader = data.micro_batch_size is not None
     if loader and not getattr(source, "reads_a_file", False) and data.micro_batch_size > data.train_size:
         raise ConfigError(f"data.micro_batch_size={data.micro_batch_size} is not allowed: expected at most the data "
@@ -279,16 +287,13 @@ def build_loss_fn(cfg: Config, loss_kwargs: Dict[str, Any], spec: TaskSpec):
             raise ConfigError(f"loss._target_={cfg.loss._target_} built a {type(loss).__name__}, "
                               "which cannot be called as loss(outputs, targets): expected an nn.Module class")
         return per_stage(loss, spec)
-    cls = class_of(target_of("loss", cfg.loss))
-    if cls is None:
-        raise ConfigError(f"loss={cfg.loss.name} is unknown: expected one of {', '.join(options('loss'))}")
+    cls = option_class("loss", cfg.loss)
     if spec.kind not in getattr(cls, "fits", {spec.kind}):
         fitting = [option for option in options("loss")
                    if spec.kind in getattr(class_of(option_target("loss", option)), "fits", ())] + ["custom"]
         raise ConfigError(f"loss={cfg.loss.name} does not fit model={cfg.model.name} ({spec.kind} targets): "
                           f"expected loss={' or loss='.join(fitting)}")
-    reduction = {"reduction": plain(cfg.loss.reduction)} if "reduction" in takes(cls)[1] else {}
-    return per_stage(cls(**loss_kwargs, **reduction), spec)  # its own ValueError names the key
+    return per_stage(cls(**loss_kwargs, **handed(cls, cfg.loss, "reduction")), spec)  # its ValueError names the key
 
 
 def check_router(cfg: Config, model: torch.nn.Module, loss_fn) -> None:
