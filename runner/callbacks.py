@@ -26,6 +26,11 @@ class PrepareRun(Callback):
         from runner.config.schema import ConfigError
 
         try:
+            from runner.fingerprint import job as fingerprint_job
+
+            if fingerprint_job.chosen(config):  # a loop under test: checked here, run by the task function
+                fingerprint_job.check(config)
+                return
             resume = config.trainer.resume
             if resume:
                 _resume_in_place(config, resume)
@@ -119,8 +124,8 @@ class SweepComparison(Callback):
     exit code is 1 when a claim fails or a job failed unexpectedly."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return
+        if config.hydra.mode != RunMode.MULTIRUN or (config.get("loop") and config.loop.get("name")):
+            return  # a fingerprint's job has no comparison row: the sweep's end merges its fingerprint.csv
         from runner.compare import append_job_row
         from runner.recording import record
 
@@ -133,8 +138,15 @@ class SweepComparison(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from runner.compare import summarise_sweep
         from runner.jobs import Exit
+        from runner.recording import record
 
         sweep_dir = Path(config.hydra.sweep.dir)
         code = summarise_sweep(sweep_dir)
+        fingerprinted = record.fingerprint_folders(sweep_dir)
+        if fingerprinted:
+            from runner.analysis.fingerprints import summarise
+
+            code = max(code, summarise(fingerprinted, sweep_dir, f"fingerprints in {sweep_dir} ({len(fingerprinted)} "
+                                                                 "jobs)"))
         _trackers(config, lambda: _tracking().finish_sweep(sweep_dir, config, code))
         raise Exit(code)  # the sweep's exit code, to runner.cli.entry

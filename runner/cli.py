@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from runner.config.location import CONF_DIR
 from runner.config.schema import ConfigError
 from runner.execution import processes
+from runner.fingerprint import job as fingerprint_job
 from runner.jobs import (
     Exit,
     Prepared,
@@ -57,6 +58,10 @@ class Command:
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
         prepared, self.prepared = self.prepared, None
+        if fingerprint_job.chosen(cfg):  # loop=NAME: the loop under test trains, the lab observes
+            code = fingerprint_job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), multirun)
+            self.exit_code = self.exit_code if multirun else code
+            return
         if prepared is None:
             run_dir = Path(hc.runtime.output_dir)
             try:

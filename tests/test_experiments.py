@@ -34,7 +34,7 @@ STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors
 
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp",
-                           "default", "factors", "focal", "fsdp", "memory", "moe", "multitask", "partial_window",
+                           "default", "factors", "fingerprint", "focal", "fsdp", "memory", "moe", "multitask", "partial_window",
                            "precision", "ranks_tokens", "schedule", "step_state", "tokens", "uneven"]
     experiment = next(group for group in reference.groups(CONF_DIR) if group.name == "experiment")
     assert [option.name for option in experiment.options] == EXPERIMENTS
@@ -46,7 +46,7 @@ def make_run(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [name for name in EXPERIMENTS if name != "fingerprint"])  # tests/test_fingerprint.py
 def test_claims_hold(tmp_path, name):
     sweep_dir = tmp_path / name
     if name == "default":  # as `make run` runs it, on its own 100 steps
@@ -86,7 +86,8 @@ def test_glob_over_experiments_launches_every_job(tmp_path, recwarn):
     """Hydra 1.3.8 launches 0 jobs for glob over a search-path-only group; ours is in conf/."""
     sweep_dir = tmp_path / "all"
     run_here("-m", "experiment=glob(*)", "trainer.steps=2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
-    jobs = sorted(p.name.split("experiment=")[1].split(",")[0] for p in sweep_dir.iterdir() if (p / "summary.json").exists())
+    jobs = sorted(p.name.split("experiment=")[1].split(",")[0] for p in sweep_dir.iterdir()
+                  if (p / "summary.json").exists() or (p / "fingerprint.csv").exists())
     assert jobs == EXPERIMENTS
     # Dozens of varying keys: the legends and the title still leave the axes room (matplotlib warns when not).
     assert not [w for w in recwarn if "constrained_layout not applied" in str(w.message)]

@@ -37,7 +37,7 @@ def test_the_folders_show_the_sides():
     """Entry points and commands at the top; in folders: what is trained (components), how it is
     trained (training), what is recorded (recording), execution units, analysis and config."""
     sides = {name.split(".")[0] for name in MODULES if "." in name}
-    assert sides == {"config", "components", "training", "recording", "execution", "analysis"}
+    assert sides == {"config", "components", "training", "recording", "execution", "analysis", "fingerprint"}
     top = {name for name in MODULES if "." not in name}
     assert top == {"__main__", "cli", "callbacks", "jobs", "api", "compare", "report", "bench", "gpu_check"}
 
@@ -55,6 +55,8 @@ MAY_IMPORT = {
     "recording": {"config", "execution", "analysis"},  # the record, sinks, trackers: no training code
     "analysis": {"config", "recording"},  # reads the records, never the training code
     "training": {"config", "components", "execution", "recording"},
+    # a loop under test, fed the lab's model and micro-batches and observed: the lab's whole stack is below it
+    "fingerprint": {"config", "components", "training", "execution", "recording", "analysis"},
 }
 
 
@@ -108,7 +110,8 @@ def string_constants(tree: ast.Module):
 def test_every_record_file_name_is_spelled_once_in_the_package():
     names = [record.METRICS, record.SUMMARY, record.PARAMS, record.CHECKPOINT, record.GRADIENT_FLOW,
              record.COMPARISON, record.REPLICATES, record.LOSS_CURVES, record.SWEEP_MARKER,
-             record.EMA_WEIGHTS, record.MLFLOW_STORE, record.MLFLOW_ARTIFACTS]
+             record.EMA_WEIGHTS, record.MLFLOW_STORE, record.MLFLOW_ARTIFACTS, record.FINGERPRINT,
+             record.FINGERPRINT_WEIGHTS, record.FINGERPRINT_PICTURE]
     for name in names:
         spelled = {module: sum(name in text for text in string_constants(tree))
                    for module, tree in MODULES.items()}

@@ -149,15 +149,17 @@ def test_scale_none_leaves_each_micro_batch_undivided_k_times_the_gradient(tmp_p
     assert summary["final_loss"] == pytest.approx(full_summary["final_loss"], rel=1e-6)
 
 
-def test_keep_last_steps_on_the_last_micro_batch_alone(tmp_path):
-    """backward.keep=last (DeepSpeed ZeRO-2 resetting its accumulator at every backward, open-instruct PR #1498):
-    every micro-batch is forwarded and backwarded and the logged loss is the batch's, but the update is the
-    last micro-batch's alone, weighted by its share of the batch, as a hand-written step on it gives."""
-    last, summary = sgd_update(tmp_path, backward__name="accumulate", backward__accumulation=4, backward__keep="last")
+@pytest.mark.parametrize("keep, index", [("last", -1), ("first", 0)])
+def test_keep_one_steps_on_that_micro_batch_alone(tmp_path, keep, index):
+    """backward.keep=last (DeepSpeed ZeRO-2 resetting its accumulator at every backward, open-instruct PR #1498)
+    and keep=first (DeepSpeed ZeRO-1/2 CPU offload copying micro-step 0 only, PR #7967): every micro-batch is
+    forwarded and backwarded and the logged loss is the batch's, but the update is one micro-batch's alone,
+    weighted by its share of the batch, as a hand-written step on it gives."""
+    last, summary = sgd_update(tmp_path, backward__name="accumulate", backward__accumulation=4, backward__keep=keep)
     reference = build(**ONE_STEP)
     model, loss_fn = reference.model, reference.loss_fn
     inputs, targets = reference.dataset.batch(0)
-    x, y = torch.tensor_split(inputs, 4)[-1], torch.tensor_split(targets, 4)[-1]
+    x, y = torch.tensor_split(inputs, 4)[index], torch.tensor_split(targets, 4)[index]
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     (len(x) / len(inputs) * loss_fn(model(x), y)).backward()
     with torch.no_grad():

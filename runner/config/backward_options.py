@@ -28,6 +28,9 @@ class Keep(Choice):
                     "ZeRO-2 does when every backward is an accumulation boundary (open-instruct PR #1498, DeepSpeed "
                     "PR #7981, Megatron-LM PR #7186): the loss curve looks normal, the gradient is about 1/k of the "
                     "batch's")
+    first = "first", ("the first micro-batch's alone: the later ones' gradients are dropped instead of added, as "
+                      "DeepSpeed ZeRO-1/2 with CPU offload did (copied only at micro_step_id 0; PR #7967, "
+                      "introduced by #6550): the gradient norm is about 1/k of the batch's")
 
 
 class PartialWindow(Choice):

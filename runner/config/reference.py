@@ -29,11 +29,14 @@ from runner.config.keys import Choice, Role
 from runner.config.location import CONF_DIR
 from runner.config.schema import GROUPS, Config
 
-# The two groups that are not a node of the config: presets and ready-made sweeps.
+# The groups that are not a training's own node: presets, ready-made sweeps, and a fingerprint's loop.
 PRESET_GROUPS = {
     "precision": "The dtype, autocast and gradient buffer together: presets of trainer.dtype, trainer.autocast "
                  "and backward.grad_accum_dtype, so that a sweep can cross them (-m precision=float32,pure_bf16).",
     "experiment": "A ready-made sweep with claims (experiments/*.yaml): python -m runner -m experiment=NAME.",
+    "loop": "The loop under test of a fingerprint (docs/fingerprint.md): the lab feeds it its micro-batches, observes "
+            "each optimizer step and names the accumulation it implements: python -m runner -m "
+            "experiment=fingerprint loop=NAME. Null (the default) trains as usual.",
 }
 ROLE_NOTES = {Role.extent: "A resume may change it.",
               Role.operational: "Changes no result: comparisons and resumes ignore it."}
@@ -177,7 +180,7 @@ def _set_by(conf: Conf) -> Dict[str, Dict[str, str]]:
     """dotted key -> {option: the value its YAML sets}, for the groups' options and the precision
     presets (experiments set keys for their own sweep only)."""
     found: Dict[str, Dict[str, str]] = {}
-    for group in (*GROUPS, "precision"):
+    for group in (*GROUPS, "precision", "loop"):
         for option in _options(conf, group):
             tree = yaml.safe_load(_file(conf, group, option).read_text()) or {}
             prefix = "" if group == "precision" else f"{group}."

@@ -266,6 +266,18 @@ class TrainerConf:
 
 
 @dataclass
+class LoopConf:
+    """The loop under test of a fingerprint (runner.fingerprint): null trains as usual."""
+
+    name: Optional[str] = key(None, "loop=NAME chooses it", Role.operational, values="null, or the option's name")
+    _target_: Optional[str] = key(None, "loop=custom: your loop, a function called as train(model, optimizer, loader, "
+                                        "loss_fn, *, epochs, accumulation, scheduler=None, clip_norm=0.0)",
+                                  Role.operational, values="null, or package.module.function")
+    zero_stage: int = key(0, "loop=deepspeed: the ZeRO stage", Role.operational,
+                          allowed=Allowed("0, 1 or 2", lambda value: value in (0, 1, 2)))
+
+
+@dataclass
 class Config:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
@@ -273,6 +285,7 @@ class Config:
     backward: BackwardConf = field(default_factory=BackwardConf)
     optim: OptimConf = field(default_factory=OptimConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
+    loop: LoopConf = field(default_factory=LoopConf)
     seed: int = key(0, "model initialisation, data and data order depend on it alone")
     claims: List[Any] = key(help="a sweep's declared expectations (runner.analysis.claims); single runs ignore them",
                             role=Role.operational, default_factory=list)
@@ -459,8 +472,8 @@ def _logger_class(entry: str) -> Tuple[Any, Optional[str]]:
 
 
 def validate_keep(cfg: Config) -> None:
-    """backward.keep=last drops .grad before each later micro-batch's backward: where the gradient is held
-    elsewhere (float32 buffers, FSDP2's unsharded gradients, the optimizer-in-backward hooks) it cannot."""
+    """backward.keep=last drops .grad before each later micro-batch's backward, keep=first puts the first's back
+    after each: where the gradient is held elsewhere (float32 buffers, FSDP2's unsharded gradients, the optimizer-in-backward hooks) it cannot."""
     if plain(cfg.backward.keep) == "all" or cfg.backward.name not in readers_of("keep"):
         return
     given = f"backward.keep={plain(cfg.backward.keep)} is not allowed with"
@@ -473,6 +486,10 @@ def validate_keep(cfg: Config) -> None:
     if cfg.trainer.processes > 1 and plain(cfg.trainer.parallel) == "fsdp":
         raise ConfigError(f"{given} trainer.parallel=fsdp: FSDP2 holds the unsharded gradient itself, expected "
                           "trainer.parallel=ddp (or backward.keep=all)")
+    if cfg.trainer.processes > 1 and plain(cfg.backward.keep) == "first":
+        raise ConfigError(f"{given} trainer.processes={cfg.trainer.processes}: the ranks reduce the gradient in the "
+                          "last micro-batch's backward, which keep=first undoes; expected trainer.processes=1 "
+                          "(or backward.keep=all|last)")
 
 
 def validate_step_in_backward(cfg: Config) -> None:

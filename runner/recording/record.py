@@ -41,6 +41,14 @@ ORACLE_DRIFT = "grad_diff_to_oracle.png"  # first-gradient error against the flo
 # A sweep's pictures, in the order a report shows them.
 SWEEP_PICTURES = (LOSS_CURVES, ORACLE_DRIFT)
 SWEEP_MARKER = "multirun.yaml"  # what Hydra writes in every sweep folder
+# A fingerprint (runner.fingerprint): one row per probe and the dimension it names, in the job's folder
+# and, for a sweep, all jobs' rows in the sweep's; each step's micro-batch weights; their picture.
+FINGERPRINT = "fingerprint.csv"
+FINGERPRINT_COLUMNS = ("loop", "version", "probe", "dimension", "observed", "exact", "evidence")
+FINGERPRINT_WEIGHTS = "fingerprint_weights.csv"
+FINGERPRINT_WEIGHT_COLUMNS = ("loop", "probe", "step", "micro_batch", "epoch", "index", "rows", "count", "weight",
+                              "exact_weight", "residual")
+FINGERPRINT_PICTURE = "fingerprint.png"
 
 # Columns every metrics.csv starts with; loss components and extras follow.
 BASE_COLUMNS = ("step", "loss", "grad_norm", "param_sum", "time_s")
@@ -469,3 +477,25 @@ def save_figure(figure, sweep_dir: Path, dpi: int = 110, name: str = LOSS_CURVES
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=dpi)
     return path
+
+
+def write_fingerprint(folder: Path, rows: List[Mapping[str, Any]], weights: List[Mapping[str, Any]]) -> None:
+    """A fingerprint's rows and its steps' weights; the rows file is written last: it marks a finished one."""
+    atomic_write_bytes(Path(folder) / FINGERPRINT_WEIGHTS,
+                       csv_text(weights, list(FINGERPRINT_WEIGHT_COLUMNS)).encode())
+    atomic_write_bytes(Path(folder) / FINGERPRINT, csv_text(rows, list(FINGERPRINT_COLUMNS)).encode())
+
+
+def fingerprint_folders(base: Path) -> List[Path]:
+    """The folders under `base` (a sweep's jobs) that hold a finished fingerprint, in job order."""
+    found = [path.parent for path in Path(base).glob(f"*/{FINGERPRINT}")]
+    return sorted(found, key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 0, p.name))
+
+
+def read_fingerprint(folder: Path):
+    """(rows, weights) of a fingerprint folder, as pandas DataFrames."""
+    import pandas as pd
+
+    rows = pd.read_csv(Path(folder) / FINGERPRINT, keep_default_na=False)
+    path = Path(folder) / FINGERPRINT_WEIGHTS
+    return rows, pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(FINGERPRINT_WEIGHT_COLUMNS))

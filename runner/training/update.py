@@ -42,19 +42,22 @@ class UpdateRule:
     ema: Optional[object] = None
     model: Optional[nn.Module] = None
     first_gradient: FirstGradient = field(default_factory=lambda: FirstGradient(enabled=False))
-    # backward.keep: "all" (.grad adds up every micro-batch's), or "last": each backward starts from zero,
-    # so the step sees the last micro-batch's gradient alone (the accumulator-reset bug).
+    # backward.keep: "all" (.grad adds up every micro-batch's); "last": each backward starts from zero, so
+    # the step sees the last micro-batch's gradient alone (the accumulator-reset bug); "first": the later
+    # backwards' additions are undone, so the step sees the first micro-batch's alone (a dropped copy).
     keep: str = "all"
 
     def __post_init__(self):
         self._clipped = False  # whether this window's gradient was clipped per micro-batch already
         self._window: Optional[list] = None  # the optimizers of a window whose first backward ran
+        self._first: Optional[List[torch.Tensor]] = None  # keep=first: the first backward's .grad
 
     def begin(self, optimizers) -> None:
         """Before a window's backwards, once: backward() adds into .grad."""
         self.engine.zero_grad(optimizers)
         self._clipped = False
         self._window = None
+        self._first = None
 
     def before_backward(self, last: bool, optimizers=None) -> None:
         """Before a micro-batch's backward; `last`: the optimizer step follows it. keep=last drops what the
@@ -67,12 +70,24 @@ class UpdateRule:
         """After a micro-batch's backward (inside its sync context): the behaviours whose cadence is
         the micro-batch. Clipping inside the accumulation loop clips the running gradient, as a loop
         that calls clip_grad_norm_ there does; the average moves on weights not yet stepped, and on
-        the last micro-batch only after the step (runner.training.ema)."""
+        the last micro-batch only after the step (runner.training.ema). keep=first puts back the first
+        backward's .grad, dropping what this one added."""
+        if self.keep == "first":
+            self._keep_first(optimizers)
         if self.clip_norm and self.clip_every == "micro_batch":
             torch.nn.utils.clip_grad_norm_(parameters_of(optimizers), self.clip_norm)
             self._clipped = True
         if self.ema is not None and not last:
             self.ema.after_micro_batch(self.model)
+
+    @torch.no_grad()
+    def _keep_first(self, optimizers) -> None:
+        grads = [p.grad for p in parameters_of(optimizers) if p.grad is not None]
+        if self._first is None:
+            self._first = [g.clone() for g in grads]
+        else:
+            for grad, first in zip(grads, self._first):
+                grad.copy_(first)
 
     def apply(self, optimizers, micro_batches: int = 1, average: bool = True) -> torch.Tensor:
         """The optimizer step: true gradients (unscaled, float32 buffers back), clipped once unless
