@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_CPU)"
-	$(PY) -m pip install --quiet -e ".[dev,launchers,examples,trackers]"
+	$(PY) -m pip install --quiet -e ".[dev,launchers,examples,trackers,frameworks]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with a CPU torch where none is present, and the package

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from runner import compare
+from runner.analysis import fingerprints
 from runner.analysis.claims import sweep_verdicts
 from runner.analysis.runs import find_runs
 from runner.recording import record
@@ -49,6 +50,10 @@ def build_report(base: Path, report_dir: Optional[Path] = None) -> tuple[str, bo
     for sweep in record.sweeps_under(base):
         runs = find_runs([sweep])
         if not runs:
+            if (sweep / record.FINGERPRINT).is_file():  # experiment=fingerprint: a loop's fingerprint, not runs
+                rows, _ = record.read_fingerprint(sweep)
+                picture = Path(os.path.relpath(sweep.resolve() / record.FINGERPRINT_PICTURE, report_dir)).as_posix()
+                lines += [f"## {sweep.name}", "", fingerprints.markdown(rows), f"![fingerprint]({picture})", ""]
             continue
         verdicts = sweep_verdicts(runs)
         all_hold = all_hold and verdicts.exit_code == 0

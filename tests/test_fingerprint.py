@@ -208,6 +208,11 @@ def test_the_command_line_writes_the_fingerprint_and_its_picture(tmp_path):
     assert mean["observed"] == "scale=mean" and str(mean["exact"]) == "False" and "residual" in mean["evidence"]
     assert (sweep / record.FINGERPRINT_PICTURE).exists() and (sweep / record.FINGERPRINT_WEIGHTS).exists()
     assert "runner backward.scale=mean: not the exact fix: normalization" in result.stdout
+    # make experiments' report tables it, bold where it is not the exact fix
+    from runner.report import build_report
+
+    report, _ = build_report(tmp_path)
+    assert "## sweep" in report and "| runner backward.scale=mean (backward-lab 0.1.0) | **`scale=mean`** |" in report
 
 
 def test_bad_loops_are_one_line_and_leave_no_folder(tmp_path):
@@ -223,3 +228,36 @@ def test_bad_loops_are_one_line_and_leave_no_folder(tmp_path):
                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "error: loop=custom failed on probe uneven: RuntimeError: my loop broke" \
         in result.stderr and not (tmp_path / "run" / record.FINGERPRINT).exists()
+
+
+# What each framework's loop implements, as measured (docs/fingerprint.md): a probe missing here names the
+# exact fix. Lightning and Accelerate divide each micro-batch's mean by k, the short window too (Lightning
+# #19987); the Trainer hands a token loss the window's count and never divides a compute_loss_func by k.
+FRAMEWORKS = {
+    "lightning": {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean",
+                  "short_window": "partial_window=k", "short_epoch": "partial_window=k"},
+    "accelerate": {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean",
+                   "short_window": "partial_window=k", "short_epoch": "partial_window=k"},
+    "hf_trainer": {"uneven": "scale=none"},
+}
+
+
+@pytest.mark.parametrize("name", list(FRAMEWORKS))
+def test_each_framework_is_fingerprinted_as_measured(name):
+    from runner.fingerprint.loops import build, missing_packages
+
+    if missing_packages(name):
+        pytest.skip(f"loop={name} needs {missing_packages(name)} (pip install '.[frameworks]')")
+    result = fingerprint(build(name))
+    named = {r.probe.name: r.named.observed for r in result.results}
+    assert named == {probe: FRAMEWORKS[name].get(probe, EXACT[probe]) for probe in PROBES}
+    assert all(r.residual < 1e-5 for r in result.results) and result.version
+
+
+def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
+    from runner.fingerprint import loops
+
+    monkeypatch.setattr(loops, "_version", lambda package: "")
+    with pytest.raises(LoopError, match=r'^loop=lightning needs lightning, which is not installed: pip install '
+                                        r'"\.\[frameworks\]"'):
+        loops.build("lightning")

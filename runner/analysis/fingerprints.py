@@ -99,3 +99,37 @@ def summarise(folders, into: Path, title: str) -> int:
     if picture is not None:
         print(f"picture: {picture}")
     return 1 if rows["observed"].astype(str).str.startswith("error:").any() else 0
+
+
+def markdown(rows) -> str:
+    """The loops' fingerprints as one markdown table: a row per loop (with its version), a column per probe
+    (its dimension above it); a cell is what was observed, in bold where it is not the exact fix."""
+    probes = list(dict.fromkeys(rows["probe"]))
+    dimension = {r["probe"]: r["dimension"] for _, r in rows.iterrows()}
+    lines = ["| loop | " + " | ".join(f"{dimension[p]}: {p}" for p in probes) + " |",
+             "| --- |" + " --- |" * len(probes)]
+    for (loop, version), mine in rows.groupby(["loop", "version"], sort=False):
+        cells = {r["probe"]: (f"`{r['observed']}`" if str(r["exact"]).lower() == "true" else f"**`{r['observed']}`**")
+                 for _, r in mine.iterrows()}
+        shown = f"{loop} ({version})" if version and version != loop else str(loop)
+        lines.append(f"| {shown} | " + " | ".join(cells.get(p, "") for p in probes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """python -m runner.analysis.fingerprints FOLDER: a fingerprint's (or a sweep's) table as markdown."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m runner.analysis.fingerprints", description=main.__doc__)
+    parser.add_argument("folder", type=Path, help=f"a folder holding {record.FINGERPRINT}")
+    args = parser.parse_args(argv)
+    if not (args.folder / record.FINGERPRINT).exists():
+        print(f"error: {args.folder} holds no {record.FINGERPRINT}", file=sys.stderr)
+        return 2
+    rows, _ = record.read_fingerprint(args.folder)
+    print(markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,20 @@ class ProbeLoader:
         return iter([(mb.inputs, mb.targets) for mb in self.stream.epoch(epoch)])
 
 
+class EpochsDataset(torch.utils.data.IterableDataset):
+    """A probe loader as the dataset a framework's DataLoader takes: each pass is the next epoch's micro-batches
+    (`item` shapes each one: a tuple, or the dict a Trainer hands the model)."""
+
+    def __init__(self, loader: ProbeLoader, item=lambda inputs, targets: (inputs, targets)):
+        self.loader, self.item = loader, item
+
+    def __iter__(self):
+        return (self.item(inputs, targets) for inputs, targets in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 @dataclass
 class Session:
     """What a loop under test is handed for one probe."""
@@ -92,7 +106,7 @@ class Runner(Loop):
     name, modes = "runner", True
 
     def version(self) -> str:
-        return _version("backward-lab")
+        return f"backward-lab {_version('backward-lab')}"
 
     def train(self, session: Session) -> None:
         t = session.training
