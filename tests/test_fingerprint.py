@@ -42,20 +42,16 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def observed():
-    """mode -> probe -> what its fingerprint named (one fingerprint of the lab's own loop per mode)."""
-    found = {}
+def test_the_self_test_names_every_mode_back_and_tells_each_pair_apart():
+    """Each mode of the lab's own loop, fingerprinted: the confusion table is diagonal (each probe names what
+    the mode does there), and every pair of modes differs on some probe, named here. backward=sum and
+    backward=full are the exact fix itself, as they should be. (One test: its fingerprints are computed once.)"""
+    observed = {}
     for mode, (overrides, _) in MODES.items():
         result = fingerprint(Runner(), overrides)
-        found[mode] = {r.probe.name: r.named.observed for r in result.results}
+        observed[mode] = {r.probe.name: r.named.observed for r in result.results}
         for r in result.results:  # the identity g = sum w_i grad L_i holds to float32's precision
             assert r.residual is None or r.residual < 1e-5, (mode, r.probe.name, r.residual)
-    return found
-
-
-def test_the_self_test_names_every_mode_back(observed):
-    """The confusion table of the lab's own modes is diagonal: each probe names what the mode does there."""
     wrong = {}
     for mode, (_, expected) in MODES.items():
         for probe, name in observed[mode].items():
@@ -63,11 +59,6 @@ def test_the_self_test_names_every_mode_back(observed):
             if not name.startswith(want):
                 wrong[(mode, probe)] = (want, name)
     assert wrong == {}
-
-
-def test_every_pair_of_named_modes_is_told_apart_by_a_probe(observed):
-    """backward=sum and backward=full are the exact fix itself, as they should be; every other pair of modes
-    differs on some probe, named here."""
     distinct = [m for m in MODES if m not in ("backward=sum", "backward=full")]
     telling = {}
     for a, b in itertools.combinations(distinct, 2):
@@ -75,6 +66,7 @@ def test_every_pair_of_named_modes_is_told_apart_by_a_probe(observed):
         assert probes, (a, b)
         telling[(a, b)] = probes[0]
     assert telling[("scale=mean", "scale=none")] == "uneven"
+    assert telling[("normalize=micro_batch", "normalize=micro_batch scale=mean")] == "uneven"
     assert telling[("partial_window=k", "partial_window=carry")] == "short_window"
     assert telling[("keep=last", "keep=first")] == "uneven"
     assert all(observed[m] == observed["exact"] for m in ("backward=sum", "backward=full"))
@@ -252,6 +244,15 @@ def test_each_framework_is_fingerprinted_as_measured(name):
     named = {r.probe.name: r.named.observed for r in result.results}
     assert named == {probe: FRAMEWORKS[name].get(probe, EXACT[probe]) for probe in PROBES}
     assert all(r.residual < 1e-5 for r in result.results) and result.version
+    # Each probe's epochs are the lab's own (a framework that opens an iterator it never reads skips none) ...
+    assert all(min(mb.epoch for s in r.steps for mb in s.micro_batches) == 0 for r in result.results)
+    # ... and where the framework is the exact fix on equal micro-batches it ends bit for bit where the lab's does.
+    for r in result.results:
+        if r.probe.name in BIT_FOR_BIT[name]:
+            assert r.distance == 0, (name, r.probe.name, r.distance)
+
+
+BIT_FOR_BIT = {"lightning": ("warmup", "clip"), "accelerate": ("warmup", "clip"), "hf_trainer": ("tokens",)}
 
 
 def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
@@ -261,3 +262,26 @@ def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
     with pytest.raises(LoopError, match=r'^loop=lightning needs lightning, which is not installed: pip install '
                                         r'"\.\[frameworks\]"'):
         loops.build("lightning")
+
+
+@pytest.mark.parametrize("stage, expected", [
+    (0, {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean", "short_window": "partial_window=carry",
+         "short_epoch": "partial_window=carry"}),
+    (2, {probe: "not observed" for probe in PROBES if probe != "warmup"}),
+])
+def test_deepspeed_is_fingerprinted_as_measured(tmp_path, stage, expected):
+    """DeepSpeed (a source package, not in the frameworks extra): its own process, since it initialises
+    torch.distributed. ZeRO-0 scales each loss by 1/k and steps at micro_steps % k, across epochs; ZeRO-2 steps
+    flat partitions, so .grad is empty when its optimizer steps and nothing is named from it."""
+    from runner.fingerprint.loops import missing_packages
+    from tests.conftest import run_cli
+
+    if missing_packages("deepspeed"):
+        pytest.skip("loop=deepspeed needs deepspeed (pip install --no-build-isolation deepspeed)")
+    result = run_cli("experiment=fingerprint", "loop=deepspeed", f"loop.zero_stage={stage}",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "run" / record.FINGERPRINT, keep_default_na=False)
+    named = dict(zip(rows["probe"], rows["observed"]))
+    assert {p: n for p, n in named.items() if not n.startswith("not observed")} == \
+        {p: expected.get(p, EXACT[p]) for p in PROBES if not expected.get(p, "").startswith("not observed")}

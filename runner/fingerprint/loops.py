@@ -39,8 +39,12 @@ class ProbeLoader:
         return self.stream.micro_batches_per_epoch
 
     def __iter__(self):
-        epoch, self.passes = self.passes, self.passes + 1
-        return iter([(mb.inputs, mb.targets) for mb in self.stream.epoch(epoch)])
+        """A pass takes its epoch when its first micro-batch is drawn: a framework that opens an iterator
+        it never reads (Lightning does) does not skip an epoch."""
+        def epoch_pass():
+            epoch, self.passes = self.passes, self.passes + 1
+            yield from ((mb.inputs, mb.targets) for mb in self.stream.epoch(epoch))
+        return epoch_pass()
 
 
 class EpochsDataset(torch.utils.data.IterableDataset):

@@ -120,10 +120,16 @@ def _run_exact(probe: Probe, extra: Tuple[str, ...], seed: int, dtype: Optional[
     return _final(training)
 
 
+@functools.lru_cache(maxsize=32)  # never trained: the basis copies its model, the loops compare with it
+def _reference(probe: Probe, extra: Tuple[str, ...], seed: int):
+    """The exact fix in float64 on the probe: its model is the basis's, its loss sums each micro-batch's."""
+    return _compose(probe, [*EXACT_MODES, f"seed={seed}", "precision=float64"], extra)
+
+
 @functools.lru_cache(maxsize=16)
 def _clip_norm(probe: Probe, seed: int) -> float:
     """CLIP_FRACTION of the exact first window's gradient norm at the initial parameters (float64)."""
-    training = _compose(probe, [*EXACT_MODES, f"seed={seed}", "precision=float64"])
+    training = _reference(probe, (), seed)
     stream = _stream(training)
     first = stream.epoch(0)[:probe.accumulation]
     basis = Basis(training.model, training.loss_fn, None).gradients(
@@ -145,7 +151,7 @@ def fingerprint_probe(loop: Loop, probe: Probe, modes: Sequence[str] = (), seed:
         training = _compose(probe, chosen, extra)
     except ConfigError as exc:  # the lab refuses this mode on this probe (drop with an epoch shorter than k)
         return ProbeResult(probe, naming.Named(probe.dimension, f"not run: {exc}", False))
-    reference = _compose(probe, [*EXACT_MODES, f"seed={seed}", "precision=float64"], extra)
+    reference = _reference(probe, extra, seed)
     stream = _stream(training)
     stream.epoch(probe.epochs)  # the runner's carried windows draw one epoch ahead
     session = Session(training, ProbeLoader(stream), probe.epochs, probe.accumulation,
@@ -174,6 +180,10 @@ def _name(probe: Probe, steps: List[Solved], stream: Stream, training, normaliza
     k = probe.accumulation
     if not steps:
         return naming.Named(probe.dimension, "not named: the loop made no optimizer step", False)
+    if probe.dimension != "schedule" and all(float(s.grad.norm()) == 0 for s in steps):
+        # DeepSpeed ZeRO-1/2: the optimizer steps flat partitions that hold the gradient, not the model's .grad
+        return naming.Named(probe.dimension, "not observed: .grad was empty at every optimizer step (the loop keeps "
+                                             "the gradient elsewhere)", False)
     if probe.dimension == "normalization":
         return naming.normalization(steps, k, probe.tokens)
     rule = naming.rules(probe.tokens).get(normalization.observed) if normalization is not None else None

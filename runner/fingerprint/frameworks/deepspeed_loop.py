@@ -36,13 +36,15 @@ class Adapter(Loop):
             os.environ.setdefault(key, value)
         import deepspeed
 
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        for name in ("DeepSpeed", "compilers"):  # its set-up lines, and the C compiler's when it builds its comm op
+            logging.getLogger(name).setLevel(logging.ERROR)
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="gloo")
-        size = max(len(x) for x, _ in session.loader.stream.epoch(0))
+        size = max(mb.rows for mb in session.loader.stream.epoch(0))
         config = {"train_micro_batch_size_per_gpu": size, "gradient_accumulation_steps": session.accumulation,
                   "gradient_clipping": session.clip_norm, "zero_optimization": {"stage": self.zero_stage},
-                  "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+                  "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+                  "zero_allow_untested_optimizer": True}  # the lab's torch.optim.SGD under ZeRO-1/2
         engine, _, _, _ = deepspeed.initialize(model=session.model, optimizer=session.optimizer,
                                                lr_scheduler=session.scheduler, config=config)
         for _ in range(session.epochs):
