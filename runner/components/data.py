@@ -185,6 +185,41 @@ def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_
     return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths, topic[:train_size] if topics else None)
 
 
+def rollouts(vocab: int, n: int, seed: int, group_size: int, prompt_length: int, min_length: int, max_length: int,
+             policy: Optional[torch.nn.Module]):
+    """n fixed rollouts for a policy-gradient update (data=rollouts), as (inputs, targets): n // group_size
+    seeded prompts of prompt_length tokens, group_size completions each of min_length..max_length tokens
+    (uniform random tokens), right-padded. targets: `labels`, the next-token labels with the prompt and the
+    padding ignored (-100); `advantages`, the reward (the hidden rule: the share of a completion's tokens in
+    the lower half of the vocabulary) normalised within each prompt's group, (r - mean) / (std + 1e-4); and
+    `old_logprobs`, each label's log-probability under `policy`, the model's initial weights (0 where
+    ignored). No generation: verl, TRL and OpenRLHF's update phase trains on fixed rollouts too."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-n // group_size)
+    prompts = torch.randint(0, vocab, (groups, prompt_length), generator=g).repeat_interleave(group_size, dim=0)
+    lengths = torch.randint(min_length, max_length + 1, (groups * group_size,), generator=g)
+    completions = torch.randint(0, vocab, (groups * group_size, max_length), generator=g)
+    valid = torch.arange(max_length)[None, :] < lengths[:, None]
+    completions = completions.masked_fill(~valid, 0)
+    reward = ((completions < vocab // 2) & valid).sum(dim=1) / lengths
+    by_group = reward.view(groups, group_size)
+    advantages = ((by_group - by_group.mean(dim=1, keepdim=True)) / (by_group.std(dim=1, correction=0, keepdim=True)
+                                                                       + 1e-4)).flatten()
+    tokens = torch.cat([prompts, completions], dim=1)
+    inputs = tokens[:, :-1]
+    position = torch.arange(1, prompt_length + max_length)[None, :]  # the position each label predicts
+    scored = (position >= prompt_length) & (position < prompt_length + lengths[:, None])
+    labels = tokens[:, 1:].masked_fill(~scored, IGNORE_INDEX)
+    old = torch.zeros(labels.shape)
+    if policy is not None:
+        with torch.no_grad():
+            outputs = policy(inputs)
+            logits = (outputs["logits"] if isinstance(outputs, dict) else outputs).float()
+            old = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored
+    targets = {"labels": labels, "advantages": advantages.float(), "old_logprobs": old}
+    return inputs[:n], map_targets(targets, lambda t: t[:n])
+
+
 # data=pairs: each latent's views, and how much of a view is noise rather than its latent.
 PAIR_LATENTS = 8
 PAIR_NOISE = 0.1

@@ -328,6 +328,110 @@ language_model_loss.Keys = _LanguageModelKeys
 language_model_loss.fits = frozenset({"sequence"})
 
 
+class Aggregation(Choice):
+    """loss=grpo: how the per-token surrogate becomes the loss."""
+
+    token_mean = "token_mean", ("the sum over scored tokens / their count (DAPO; verl loss_agg_mode=token-mean, "
+                                "globally normalised by PR #3994; TRL loss_type=dapo): exact with loss.normalize=tokens")
+    sequence_mean = "sequence_mean", "each sequence's token mean, then the mean over sequences (GRPO; TRL loss_type=grpo)"
+    sequence_sum = "sequence_sum", "each sequence's token sum, then the mean over sequences (verl seq-mean-token-sum)"
+    constant = "constant", ("the token sum / (sequences x the padded length): Dr. GRPO (arXiv 2503.20783; TRL "
+                            "loss_type=dr_grpo)")
+
+
+class PolicyGradient(nn.Module):
+    """GRPO's clipped surrogate per scored token (Shao et al. 2024, DeepSeekMath; PPO's clip): with r = exp(logp -
+    old_logp), -min(r A, clip(r, 1 - clip_ratio, 1 + clip_ratio) A), plus kl_weight x the k3 estimator of
+    KL(policy || initial policy), exp(d) - d - 1 with d = old_logp - logp (the rollouts' old policy is the
+    initial one). Targets: data=rollouts' `labels`, `advantages` and `old_logprobs`."""
+
+    fits = frozenset({"rollout"})
+    ignore_index = -100
+
+    def __init__(self, clip_ratio: float = 0.2, kl_weight: float = 0.0):
+        super().__init__()
+        self.clip_ratio, self.kl_weight = clip_ratio, kl_weight
+        self.reduction = "mean"
+
+    def per_token(self, outputs, targets) -> torch.Tensor:
+        """The surrogate at every position, 0 where the label is ignored."""
+        labels = targets["labels"]
+        scored = labels != self.ignore_index
+        logp = torch.log_softmax(logits_of(outputs), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        old, advantages = targets["old_logprobs"], targets["advantages"][:, None]
+        ratio = torch.exp(logp - old)
+        loss = -torch.minimum(ratio * advantages,
+                              ratio.clamp(1 - self.clip_ratio, 1 + self.clip_ratio) * advantages)
+        if self.kl_weight:
+            delta = old - logp
+            loss = loss + self.kl_weight * (torch.exp(delta) - delta - 1)
+        return loss * scored
+
+    def count_rows_tokens(self, targets) -> torch.Tensor:
+        return (targets["labels"] != self.ignore_index).sum(dim=1)
+
+
+class TokenMeanPolicyGradient(PolicyGradient):
+    """aggregation=token_mean: a token loss, handed the window's scored tokens (num_items_in_batch) like lm."""
+
+    def __init__(self, clip_ratio: float = 0.2, kl_weight: float = 0.0, normalize: str = "tokens"):
+        super().__init__(clip_ratio, kl_weight)
+        if normalize not in ("tokens", "micro_batch", "double"):
+            raise ValueError(f"loss.normalize={normalize} is not allowed with loss.aggregation=token_mean: expected "
+                             "tokens, micro_batch or double")
+        self.normalize = normalize
+
+    def count_tokens(self, targets) -> torch.Tensor:
+        return (targets["labels"] != self.ignore_index).sum()
+
+    def normalization(self) -> str:
+        return self.normalize
+
+    def forward(self, outputs, targets, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
+            else self.count_tokens(targets)
+        return self.per_token(outputs, targets).sum() / count
+
+
+class SequencePolicyGradient(PolicyGradient):
+    """aggregation=sequence_mean, sequence_sum or constant: a value per sequence, then the mean over sequences:
+    a mean over examples, which the usual per-example weighting makes exact under any split."""
+
+    def __init__(self, clip_ratio: float = 0.2, kl_weight: float = 0.0, aggregation: str = "sequence_mean"):
+        super().__init__(clip_ratio, kl_weight)
+        self.aggregation = aggregation
+
+    def forward(self, outputs, targets) -> torch.Tensor:
+        summed = self.per_token(outputs, targets).sum(dim=1)
+        if self.aggregation == "sequence_mean":
+            return (summed / self.count_rows_tokens(targets).clamp(min=1)).mean()
+        if self.aggregation == "sequence_sum":
+            return summed.mean()
+        return (summed / targets["labels"].shape[1]).mean()  # constant: the padded length, the same in every batch
+
+
+def policy_gradient_loss(aggregation: str = "token_mean", clip_ratio: float = 0.2, kl_weight: float = 0.0,
+                         normalize: str = "tokens"):
+    """loss=grpo: GRPO's clipped surrogate (PolicyGradient) aggregated as loss.aggregation says."""
+    aggregation, normalize = getattr(aggregation, "value", aggregation), getattr(normalize, "value", normalize)
+    if aggregation == "token_mean":
+        return TokenMeanPolicyGradient(clip_ratio, kl_weight, normalize)
+    return SequencePolicyGradient(clip_ratio, kl_weight, aggregation)
+
+
+@dataclass
+class _PolicyGradientKeys:
+    aggregation: Aggregation = key(Aggregation.token_mean, "grpo: how the per-token surrogate becomes the loss")
+    clip_ratio: float = key(0.2, "grpo: the surrogate's clip, r in [1 - clip_ratio, 1 + clip_ratio]", allowed=above(0))
+    kl_weight: float = key(0.0, "grpo: the weight of the k3 KL estimate to the initial policy; 0 = none",
+                           allowed=at_least(0, note=" (0 = no KL term)"))
+    normalize: Normalize = key(Normalize.tokens, "lm: what the token loss is divided by")
+
+
+policy_gradient_loss.Keys = _PolicyGradientKeys
+policy_gradient_loss.fits = PolicyGradient.fits
+
+
 def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(Q, dim), (K, dim) -> (Q, K) cosine similarities."""
     return F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T

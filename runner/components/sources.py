@@ -5,7 +5,8 @@ runner.config.components) and builds the data set a model's TaskSpec asks for (`
 keys (data.batch_size, data.train_size, data.eval_size, data.micro_batch_size) stay in
 runner.config.schema: the loader and the strategies read them too.
 
-Data comes from its own generators, seeded by `seed` alone: whatever the model, loss or strategy.
+Data comes from its own generators, seeded by `seed` alone: whatever the model, loss or strategy (data=rollouts'
+old log-probabilities are the model's own at its initial weights, which the seed decides).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from runner.components import user_data
-from runner.components.data import Dataset, TaskSpec, pairs, sequences, split, synthetic, train_rows
+from runner.components.data import Dataset, TaskSpec, pairs, rollouts, sequences, split, synthetic, train_rows
 from runner.components.models import PAIR_SHAPE
 from runner.config.keys import at_least, half_open, key, strictly_between
 
@@ -33,6 +34,7 @@ class Request:
     own_model: bool  # a model of your own fits any data
     vocab: int  # model.vocab: the tokens data=seq draws
     outputs: int  # model.outputs: the embedding's dimensions data=pairs describes
+    model: Optional[Any] = None  # the model at its initial weights: data=rollouts' old policy
 
 
 def misfit(request: Request, source: str, needs: str) -> ValueError:
@@ -116,6 +118,33 @@ class Sequences:
         spec = TaskSpec((), "sequence", request.vocab)
         return sequences(spec, request.seed, request.train_size, request.eval_size, request.batch_size,
                          self.min_length, self.max_length, self.sort_lengths, self.topics), spec
+
+
+class Rollouts:
+    """data=rollouts: fixed rollouts of a policy-gradient update: prompts, data.group_size completions each, their
+    group-normalised advantages and the initial policy's log-probabilities (runner.components.data.rollouts)."""
+
+    @dataclass
+    class Keys:
+        group_size: int = key(4, "completions per prompt; their advantages are normalised within the group",
+                              allowed=at_least(2, integer=True, note=" (group-normalised advantages need two "
+                                                                     "completions)"))
+        prompt_length: int = key(3, "each prompt's tokens (not scored)", allowed=at_least(1, integer=True))
+        min_length: int = key(2, "the shortest completion", allowed=at_least(1, integer=True))
+        max_length: int = key(32, "the longest completion; shorter ones are right-padded, their labels -100",
+                              values="an integer >= data.min_length")
+
+    def __init__(self, group_size: int = 4, prompt_length: int = 3, min_length: int = 2, max_length: int = 32):
+        check_lengths(min_length, max_length)
+        self.group_size, self.prompt_length = group_size, prompt_length
+        self.min_length, self.max_length = min_length, max_length
+
+    def build(self, request: Request, name: str) -> Tuple[Dataset, TaskSpec]:
+        check_kind(request, name, "sequence")
+        inputs, targets = rollouts(request.vocab, request.train_size + request.eval_size, request.seed,
+                                   self.group_size, self.prompt_length, self.min_length, self.max_length, request.model)
+        return Dataset(inputs, targets, request.seed, request.train_size, request.batch_size), \
+            TaskSpec((), "rollout", request.vocab)
 
 
 class Pairs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from runner.config.schema import ConfigError, first_line
 from runner.fingerprint import naming
 from runner.fingerprint.loops import Loop, LoopError, ProbeLoader, Runner, Session
 from runner.fingerprint.observe import NotTheLabsData, Observer, Stream
-from runner.fingerprint.probes import CLIP_FRACTION, DIMENSIONS, PROBES, Probe
+from runner.fingerprint.probes import CLIP_FRACTION, PROBES, Probe
 from runner.fingerprint.weights import Basis, Solved
 
 # What makes the lab's own loop exact whatever the command line chose (the reference runs).
@@ -79,16 +79,11 @@ class Fingerprint:
         return [Row(self.loop, self.version, r.probe.name, r.named.dimension, r.named.observed, r.named.exact,
                     r.evidence()) for r in self.results]
 
-    def verdicts(self) -> Dict[str, List[naming.Named]]:
-        """Each dimension's names over its probes."""
-        return {d: [r.named for r in self.results if r.named.dimension == d] for d in DIMENSIONS}
-
 
 def mode_overrides(overrides: Sequence[str]) -> List[str]:
     """The command line's overrides that choose the lab's own loop's modes (MODE_KEYS)."""
-    return [o for o in overrides
-            if o.lstrip("+~").partition("=")[0].split(".")[0] in ("backward",)
-            or o.lstrip("+~").partition("=")[0] in MODE_KEYS]
+    keys = [(o, o.lstrip("+~").partition("=")[0]) for o in overrides]
+    return [o for o, key in keys if key.split(".")[0] == "backward" or key in MODE_KEYS]
 
 
 def _compose(probe: Probe, modes: Sequence[str], extra: Sequence[str] = ()):
@@ -210,6 +205,3 @@ def fingerprint(loop: Loop, modes: Sequence[str] = (), seed: int = 0,
     results.sort(key=lambda r: order.index(r.probe.name))
     return Fingerprint(loop.name, loop.version(), results)
 
-
-__all__ = ["Fingerprint", "ProbeResult", "Row", "fingerprint", "fingerprint_probe", "mode_overrides",
-           "LoopError", "CLIP_FRACTION"]

@@ -229,7 +229,7 @@ def build_dataset(cfg: Config, spec: TaskSpec, data_kwargs: Dict[str, Any],
     request = Request(spec, cfg.seed, data.train_size, data.eval_size,
                       data.micro_batch_size if loader else data.batch_size,
                       "data.micro_batch_size" if loader else "data.batch_size", f"model={cfg.model.name}",
-                      own_class(cfg.model), cfg.model.vocab, cfg.model.outputs)
+                      own_class(cfg.model), cfg.model.vocab, cfg.model.outputs, model)
     return source.build(request, data.name)
 
 

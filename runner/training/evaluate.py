@@ -49,6 +49,12 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
         logits = logits_of(outputs)[scored]  # model=moe outputs a dict with its router's statistics
         return {"token_accuracy": float((logits.argmax(-1) == targets[scored]).double().mean()),
                 "token_loss": float(torch.nn.functional.cross_entropy(logits.double(), targets[scored]))}
+    if kind == "rollout":  # data=rollouts: does the policy favour the completions with a positive advantage?
+        labels = targets["labels"]
+        scored = labels != IGNORE_INDEX
+        logp = torch.log_softmax(logits_of(outputs).double(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        gain = (targets["advantages"].double()[:, None] * (logp - targets["old_logprobs"].double()))[scored]
+        return {"advantage_weighted_logprob_gain": float(gain.mean())}
     if kind == "retrieval":  # embeddings (N, 2, dim): is query i's nearest key (cosine, as infonce) key i?
         nearest = cosine_similarity(outputs[:, 0].double(), outputs[:, 1].double()).argmax(1)
         return {"retrieval_accuracy": float((nearest == torch.arange(len(nearest), device=nearest.device))
