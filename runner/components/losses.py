@@ -374,12 +374,16 @@ class PolicyGradient(nn.Module):
 class TokenMeanPolicyGradient(PolicyGradient):
     """aggregation=token_mean: a token loss, handed the window's scored tokens (num_items_in_batch) like lm."""
 
-    def __init__(self, clip_ratio: float = 0.2, kl_weight: float = 0.0, normalize: str = "tokens"):
+    def __init__(self, clip_ratio: float = 0.2, kl_weight: float = 0.0, normalize: str = "tokens",
+                 count_window: int = 0):
         super().__init__(clip_ratio, kl_weight)
         if normalize not in ("tokens", "micro_batch", "double"):
             raise ValueError(f"loss.normalize={normalize} is not allowed with loss.aggregation=token_mean: expected "
                              "tokens, micro_batch or double")
         self.normalize = normalize
+        # loss.count_window=M: the normaliser counts M micro-batches' tokens while the optimizer steps every k
+        # (runner.training.weighting weights the backwarded loss by k/M; 0: the window's own count, exact).
+        self.count_window = count_window
 
     def count_tokens(self, targets) -> torch.Tensor:
         return (targets["labels"] != self.ignore_index).sum()
@@ -411,11 +415,14 @@ class SequencePolicyGradient(PolicyGradient):
 
 
 def policy_gradient_loss(aggregation: str = "token_mean", clip_ratio: float = 0.2, kl_weight: float = 0.0,
-                         normalize: str = "tokens"):
+                         normalize: str = "tokens", count_window: int = 0):
     """loss=grpo: GRPO's clipped surrogate (PolicyGradient) aggregated as loss.aggregation says."""
     aggregation, normalize = getattr(aggregation, "value", aggregation), getattr(normalize, "value", normalize)
     if aggregation == "token_mean":
-        return TokenMeanPolicyGradient(clip_ratio, kl_weight, normalize)
+        return TokenMeanPolicyGradient(clip_ratio, kl_weight, normalize, count_window)
+    if count_window:
+        raise ValueError(f"loss.count_window={count_window} is not allowed with loss.aggregation={aggregation}: it "
+                         "counts the tokens a token mean divides by, expected loss.aggregation=token_mean (or 0)")
     return SequencePolicyGradient(clip_ratio, kl_weight, aggregation)
 
 
@@ -426,6 +433,11 @@ class _PolicyGradientKeys:
     kl_weight: float = key(0.0, "grpo: the weight of the k3 KL estimate to the initial policy; 0 = none",
                            allowed=at_least(0, note=" (0 = no KL term)"))
     normalize: Normalize = key(Normalize.tokens, "lm: what the token loss is divided by")
+    count_window: int = key(0, "grpo with aggregation=token_mean: the normaliser counts the tokens of M micro-batches "
+                               "(M micro-batches of the window's mean count) while the optimizer steps every k, as "
+                               "TRL's num_items_in_batch counted steps_per_generation micro-batches (PR #6024): the "
+                               "gradient is k/M of the exact one; 0 = the window's own count (exact)",
+                            allowed=at_least(0, integer=True, note=" (0 = the window's own count)"))
 
 
 policy_gradient_loss.Keys = _PolicyGradientKeys

@@ -166,6 +166,12 @@ class Full(Strategy):
 
     name = "full"
 
+    def check(self, model, loss_fn, batch_size: int) -> None:
+        counted = getattr(loss_fn, "count_window", 0)
+        if counted:
+            raise StrategyMismatch(f"loss.count_window={counted} is not allowed with backward=full: it counts tokens "
+                                   "over M micro-batches of an accumulating window, expected backward=accumulate or sum")
+
     def step(self, model, loss_fn, optimizers, inputs, targets, sizes=None, rank_weight=None) -> StepResult:
         engine, update = self.engine, self.update
         update.begin(optimizers)

@@ -80,8 +80,11 @@ class Weighting:
         if self.normalization in ("tokens", "double"):
             loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, num_items_in_batch=self.batch_tokens,
                                           **self.handed)
-            # double: divided by the window's tokens and again by k (TRL #2617)
+            # double: divided by the window's tokens and again by k (TRL #2617). count_window=M: by M micro-batches'
+            # tokens, the window's count x M / k (TRL PR #6024).
             weight, share = (1.0 / self.accumulation if self.normalization == "double" else 1.0), 1.0
+            counted = getattr(loss_fn, "count_window", 0)
+            weight = weight * self.accumulation / counted if counted else weight
         else:
             loss, parts = loss_with_parts(loss_fn, outputs, mb.targets, **self.handed)
             weight = 1.0 if is_sum_reduced(loss_fn) else mb.weight

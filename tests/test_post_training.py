@@ -1,0 +1,100 @@
+"""Post-training objectives under accumulation: data=rollouts and loss=grpo's four aggregations, loss.count_window
+(TRL PR #6024), checked against hand-computed values, the full batch and float32 tolerance."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runner import api
+from runner.recording import record
+from tests.conftest import refusal, run_cli
+
+ROLLOUTS = ["model=seq", "data=rollouts", "loss=grpo", "data.train_size=64", "data.eval_size=16", "data.max_length=8",
+            "data.batch_size=16"]
+AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum", "constant")
+
+
+def first_gradient(tmp_path, *overrides):
+    """The first optimizer step's gradient (first_grad.pt) of one step of ROLLOUTS with `overrides`."""
+    run_dir = tmp_path / "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
+    outcome = api.run(api.compose([*ROLLOUTS, "trainer.steps=1", *overrides]), run_dir)
+    assert outcome.status == "ok", outcome.summary.error
+    return record.load_first_grad(run_dir)
+
+
+def test_the_surrogate_at_the_initial_policy_is_the_hand_computed_one():
+    """At the initial weights every ratio is 1, so each scored token's surrogate is -A: the four aggregations are
+    -sum_i A_i T_i / T, -mean_i A_i, -mean_i A_i T_i and -mean_i A_i T_i / L (L the padded length)."""
+    training = api.compose([*ROLLOUTS, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    with torch.no_grad():
+        outputs = training.model(inputs)
+    advantages = targets["advantages"].double()
+    tokens = (targets["labels"] != -100).sum(dim=1).double()
+    expected = {"token_mean": -(advantages * tokens).sum() / tokens.sum(), "sequence_mean": -advantages.mean(),
+                "sequence_sum": -(advantages * tokens).mean(),
+                "constant": -(advantages * tokens / targets["labels"].shape[1]).mean()}
+    from runner.components.losses import policy_gradient_loss
+
+    for aggregation in AGGREGATIONS:
+        value = policy_gradient_loss(aggregation)(outputs, targets)
+        assert float(value) == pytest.approx(float(expected[aggregation]), rel=1e-5, abs=1e-7), aggregation
+    # the KL term to the initial policy is 0 there, and the clip does not bind
+    assert float(policy_gradient_loss("token_mean", kl_weight=1.0)(outputs, targets)) == \
+        pytest.approx(float(expected["token_mean"]), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_each_aggregation_is_the_full_batch_under_accumulation(tmp_path, k):
+    """token_mean with the window's count, sequence_mean, sequence_sum and constant: the first gradient of k
+    micro-batches is the full batch's within float32 tolerance; token_mean with each micro-batch's count is not."""
+    for aggregation in AGGREGATIONS:
+        full = first_gradient(tmp_path, f"loss.aggregation={aggregation}", "backward=full")
+        split = first_gradient(tmp_path, f"loss.aggregation={aggregation}", "backward=accumulate",
+                               f"backward.accumulation={k}")
+        for name in full:
+            torch.testing.assert_close(split[name], full[name], rtol=1e-5, atol=1e-7)
+    full = first_gradient(tmp_path, "backward=full")
+    own = first_gradient(tmp_path, "backward=accumulate", f"backward.accumulation={k}", "loss.normalize=micro_batch")
+    assert max(float((own[n] - full[n]).abs().max() / full[n].abs().max()) for n in full) > 1e-3
+
+
+@pytest.mark.parametrize("window", [2, 8])
+def test_count_window_scales_the_first_gradient_by_k_over_m(tmp_path, window):
+    """loss.count_window=M (TRL PR #6024: num_items_in_batch counted over steps_per_generation micro-batches while
+    the optimizer steps every gradient_accumulation_steps = k): the gradient is exactly k/M of the exact one
+    (0.5x and 2x at k=4 here, as the PR's 0.5x and 4x examples), the logged loss unchanged."""
+    exact = first_gradient(tmp_path, "backward=accumulate", "backward.accumulation=4")
+    counted = first_gradient(tmp_path, "backward=accumulate", "backward.accumulation=4", f"loss.count_window={window}")
+    for name in exact:
+        torch.testing.assert_close(counted[name], exact[name] * 4 / window, rtol=1e-5, atol=1e-8)
+
+
+def test_bad_post_training_input_is_one_line():
+    assert refusal(*ROLLOUTS, "data.group_size=1") == (
+        "data.group_size=1 is not allowed: expected an integer >= 2 (group-normalised advantages need two completions)")
+    assert refusal(*ROLLOUTS, "loss.clip_ratio=0") == "loss.clip_ratio=0.0 is not allowed: expected > 0"
+    assert refusal("model=seq", "data=seq", "loss=grpo").startswith("loss=grpo does not fit model=seq")
+    assert refusal(*ROLLOUTS, "loss.count_window=2").startswith(
+        "loss.count_window=2 is not allowed with backward=full")
+    assert refusal(*ROLLOUTS, "loss.aggregation=sequence_mean", "loss.count_window=2", "backward=accumulate") == (
+        "loss.count_window=2 is not allowed with loss.aggregation=sequence_mean: it counts the tokens a token mean "
+        "divides by, expected loss.aggregation=token_mean (or 0)")
+
+
+def test_each_aggregation_on_two_ranks_is_the_full_batch(tmp_path):
+    """Two gloo ranks, each with half of every batch in 2 micro-batches: every aggregation ends where one process's
+    full batch ends, within float32 tolerance (token_mean counts the tokens over both ranks)."""
+    sweep = tmp_path / "ranks"
+    result = run_cli("-m", *ROLLOUTS, "trainer.steps=3", "trainer.processes=2", "backward=accumulate",
+                     "backward.accumulation=2", f"loss.aggregation={','.join(AGGREGATIONS)}",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in sorted(p for p in sweep.iterdir() if (p / record.SUMMARY).exists()):
+        aggregation = job.name.split("loss.aggregation=")[1].split(",")[0]
+        reference = tmp_path / f"full_{aggregation}"
+        assert api.run(api.compose([*ROLLOUTS, "trainer.steps=3", f"loss.aggregation={aggregation}"]),
+                       reference).status == "ok"
+        ranks, one = record.load_params(job), record.load_params(reference)
+        for name in one:
+            torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
