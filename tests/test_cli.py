@@ -129,10 +129,11 @@ def test_help_lists_groups_and_options():
     result = run_cli("--help")
     assert result.returncode == 0
     for text in ("backward-lab", "backward: accumulate, detach, full, gradcache, naive, retain_graph, separate, sum",
-                 "loss: bce, ce, custom, focal, infonce, lm, multitask",
+                 "loss: bce, ce, custom, dpo, focal, grpo, infonce, lm, multitask",
                  "model: cnn, custom, dual_encoder, mlp, moe, multitask, seq, two_stage",
                  "optim: adam, adam_gan, adam_l2, adamw, rmsprop, sgd",
-                 "data: csv, default, imbalanced, pairs, seq, tensors"):
+                 "data: csv, default, imbalanced, pairs, preference_pairs, rollouts, seq, tensors, text",
+                 "loop: accelerate, custom, deepspeed, hf_trainer, lightning, runner"):
         assert text in result.stdout, text
     assert "base_config" not in result.stdout
     # the key reference, generated from the schema (tests/test_reference.py checks its content)

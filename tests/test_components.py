@@ -65,5 +65,5 @@ def test_the_reference_lists_your_options_and_their_declared_keys():
 def test_help_lists_the_options_of_your_config_directory(tmp_path):
     result = run_cli(SEARCH, "--help", cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "loss: bce, ce, custom, focal, infonce, lm, margin, multitask" in result.stdout
+    assert "loss: bce, ce, custom, dpo, focal, grpo, infonce, lm, margin, multitask" in result.stdout
     assert "loss.margin = 1.0" in result.stdout and "model.width = 16" in result.stdout

@@ -82,12 +82,14 @@ def test_bad_post_training_input_is_one_line():
         "divides by, expected loss.aggregation=token_mean (or 0)")
 
 
-def test_each_aggregation_on_two_ranks_is_the_full_batch(tmp_path):
-    """Two gloo ranks, each with half of every batch in 2 micro-batches: every aggregation ends where one process's
-    full batch ends, within float32 tolerance (token_mean counts the tokens over both ranks)."""
+def test_token_mean_and_a_mean_over_sequences_on_two_ranks_are_the_full_batch(tmp_path):
+    """Two gloo ranks, each with half of every batch in 2 micro-batches, end where one process's full batch ends,
+    within float32 tolerance: token_mean counts the tokens over both ranks; constant is a mean over sequences, as
+    sequence_mean and sequence_sum are (each rank's share of the rows weights it; two of the four keep the
+    suite's time)."""
     sweep = tmp_path / "ranks"
     result = run_cli("-m", *ROLLOUTS, "trainer.steps=3", "trainer.processes=2", "backward=accumulate",
-                     "backward.accumulation=2", f"loss.aggregation={','.join(AGGREGATIONS)}",
+                     "backward.accumulation=2", "loss.aggregation=token_mean,constant",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in sorted(p for p in sweep.iterdir() if (p / record.SUMMARY).exists()):
@@ -98,3 +100,51 @@ def test_each_aggregation_on_two_ranks_is_the_full_batch(tmp_path):
         ranks, one = record.load_params(job), record.load_params(reference)
         for name in one:
             torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+PAIRS = ["model=seq", "data=preference_pairs", "loss=dpo", "data.max_length=8"]
+
+
+def test_dpo_at_the_initial_policy_is_log_2_and_its_gradient_the_hand_computed_one():
+    """At the initial weights every margin is 0: the loss is log 2 and its gradient -beta/2 x the mean over pairs of
+    the gradient of (logp_chosen - logp_rejected) (the derivative of -log sigmoid at 0 is -1/2)."""
+    training = api.compose([*PAIRS, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    model, loss_fn = training.model, training.loss_fn
+    loss = loss_fn(model(inputs), targets)
+    assert float(loss.detach()) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-6)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    labels = targets["labels"]
+    logp = torch.log_softmax(model(inputs), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    sequence = (logp * (labels != -100)).sum(dim=-1)
+    by_hand = torch.autograd.grad(-loss_fn.beta / 2 * (sequence[:, 0] - sequence[:, 1]).mean(), list(model.parameters()))
+    for g, h in zip(grads, by_hand):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
+
+
+def test_dpo_weights_each_pair_by_the_windows_pair_count_and_scale_mean_does_not(tmp_path):
+    """Four pairs packed 3 + 1 into a window of two micro-batches (data.micro_batch_size=3, ms-swift PR #10144's
+    split): the window's pair count (scale=size) is the full batch's gradient; each micro-batch's mean / k
+    (scale=mean) weights the pairs 1/6, 1/6, 1/6, 1/2, as a hand-weighted sum of the pairs' own gradients gives."""
+    window = [*PAIRS, "data.train_size=4", "data.micro_batch_size=3", "backward=accumulate", "backward.accumulation=2",
+              "trainer.steps=1"]
+    training = api.compose(window)
+    step = training.batches.window(0)
+    assert step.sizes == [3, 1]
+    model, loss_fn = training.model, training.loss_fn
+    per_pair = [torch.autograd.grad(loss_fn(model(step.inputs[i:i + 1]),
+                                            {k: v[i:i + 1] for k, v in step.targets.items()}), list(model.parameters()))
+                for i in range(4)]
+    names = [n for n, _ in model.named_parameters()]
+    for scale, weights in (("size", [1 / 4] * 4), ("mean", [1 / 6, 1 / 6, 1 / 6, 1 / 2])):
+        run_dir = tmp_path / scale
+        assert api.run(api.compose([*window, f"backward.scale={scale}"]), run_dir).status == "ok"
+        first = record.load_first_grad(run_dir)
+        for j, name in enumerate(names):
+            expected = sum(w * g[j] for w, g in zip(weights, per_pair))
+            torch.testing.assert_close(first[name], expected, rtol=1e-5, atol=1e-8)
+
+
+def test_dpo_needs_pairs():
+    assert refusal("model=seq", "data=seq", "loss=dpo").startswith("loss=dpo does not fit model=seq")
+    assert refusal(*PAIRS, "loss.beta=0") == "loss.beta=0.0 is not allowed: expected > 0"

@@ -197,27 +197,60 @@ def rollouts(vocab: int, n: int, seed: int, group_size: int, prompt_length: int,
     g = torch.Generator().manual_seed(seed)
     groups = -(-n // group_size)
     prompts = torch.randint(0, vocab, (groups, prompt_length), generator=g).repeat_interleave(group_size, dim=0)
-    lengths = torch.randint(min_length, max_length + 1, (groups * group_size,), generator=g)
-    completions = torch.randint(0, vocab, (groups * group_size, max_length), generator=g)
-    valid = torch.arange(max_length)[None, :] < lengths[:, None]
-    completions = completions.masked_fill(~valid, 0)
-    reward = ((completions < vocab // 2) & valid).sum(dim=1) / lengths
+    completions, lengths, reward = _completions(vocab, (groups * group_size,), min_length, max_length, g)
     by_group = reward.view(groups, group_size)
     advantages = ((by_group - by_group.mean(dim=1, keepdim=True)) / (by_group.std(dim=1, correction=0, keepdim=True)
                                                                        + 1e-4)).flatten()
-    tokens = torch.cat([prompts, completions], dim=1)
-    inputs = tokens[:, :-1]
-    position = torch.arange(1, prompt_length + max_length)[None, :]  # the position each label predicts
-    scored = (position >= prompt_length) & (position < prompt_length + lengths[:, None])
-    labels = tokens[:, 1:].masked_fill(~scored, IGNORE_INDEX)
-    old = torch.zeros(labels.shape)
-    if policy is not None:
-        with torch.no_grad():
-            outputs = policy(inputs)
-            logits = (outputs["logits"] if isinstance(outputs, dict) else outputs).float()
-            old = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored
+    inputs, labels = _scored(prompts, completions, lengths)
+    old = _label_logprobs(policy, inputs, labels)
     targets = {"labels": labels, "advantages": advantages.float(), "old_logprobs": old}
     return inputs[:n], map_targets(targets, lambda t: t[:n])
+
+
+def _completions(vocab: int, shape, min_length: int, max_length: int, g: torch.Generator):
+    """Uniform random completions of min_length..max_length tokens, right-padded with 0: (tokens, lengths, the
+    hidden reward: the share of a completion's tokens in the lower half of the vocabulary)."""
+    lengths = torch.randint(min_length, max_length + 1, shape, generator=g)
+    tokens = torch.randint(0, vocab, (*shape, max_length), generator=g)
+    valid = torch.arange(max_length) < lengths[..., None]
+    tokens = tokens.masked_fill(~valid, 0)
+    return tokens, lengths, ((tokens < vocab // 2) & valid).sum(dim=-1) / lengths
+
+
+def _scored(prompts: torch.Tensor, completions: torch.Tensor, lengths: torch.Tensor):
+    """(inputs, next-token labels) of prompt + completion, only the completion's tokens scored."""
+    prompt_length = prompts.shape[-1]
+    tokens = torch.cat([prompts, completions], dim=-1)
+    position = torch.arange(1, tokens.shape[-1])  # the position each label predicts
+    scored = (position >= prompt_length) & (position < prompt_length + lengths[..., None])
+    return tokens[..., :-1], tokens[..., 1:].masked_fill(~scored, IGNORE_INDEX)
+
+
+def _label_logprobs(policy: Optional[torch.nn.Module], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each label's log-probability under `policy` (0 where ignored, or without a policy)."""
+    if policy is None:
+        return torch.zeros(labels.shape)
+    with torch.no_grad():
+        outputs = policy(inputs)
+        logits = (outputs["logits"] if isinstance(outputs, dict) else outputs).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * (labels != IGNORE_INDEX)
+
+
+def preference_pairs(vocab: int, n: int, seed: int, prompt_length: int, min_length: int, max_length: int,
+                     policy: Optional[torch.nn.Module]):
+    """n preference pairs (data=preference_pairs), as (inputs (n, 2, L), targets): a seeded prompt, two completions
+    of min_length..max_length tokens, the one with the higher hidden reward first (chosen), then the other
+    (rejected). targets: `labels` (n, 2, L), the completion's next tokens (prompt and padding -100), and
+    `ref_logps` (n, 2), each sequence's summed log-probability under `policy`, the model's initial weights."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, vocab, (n, 1, prompt_length), generator=g).expand(n, 2, prompt_length)
+    completions, lengths, reward = _completions(vocab, (n, 2), min_length, max_length, g)
+    order = torch.stack([reward[:, 1] > reward[:, 0], reward[:, 1] <= reward[:, 0]], dim=1).long()
+    completions = completions.gather(1, order[..., None].expand_as(completions))
+    lengths = lengths.gather(1, order)
+    inputs, labels = _scored(prompts, completions, lengths)
+    return inputs, {"labels": labels, "ref_logps": _label_logprobs(policy, inputs, labels).sum(dim=-1)}
 
 
 # data=pairs: each latent's views, and how much of a view is noise rather than its latent.

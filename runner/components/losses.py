@@ -444,6 +444,36 @@ policy_gradient_loss.Keys = _PolicyGradientKeys
 policy_gradient_loss.fits = PolicyGradient.fits
 
 
+class DPOLoss(nn.Module):
+    """Direct Preference Optimisation (Rafailov et al. 2023): -log sigmoid(beta x ((logp_c - ref_c) - (logp_r - ref_r)))
+    per pair, each sequence's log-probability summed over its scored tokens, the reference the initial policy's
+    (data=preference_pairs' `ref_logps`); the mean over pairs. A mean over examples: weighting each micro-batch
+    by its share of the window's pairs is exact, dividing each micro-batch's mean by k (backward.scale=mean) is
+    not when the pairs are packed unevenly (ms-swift PR #10144: a 1+3 split weighted its pairs 1/2, 1/6, 1/6, 1/6)."""
+
+    fits = frozenset({"preference"})
+    ignore_index = -100
+
+    @dataclass
+    class Keys:
+        beta: float = key(0.1, "dpo: the implicit reward's scale (the KL penalty's inverse)", allowed=above(0))
+
+    def __init__(self, beta: float = 0.1):
+        super().__init__()
+        self.beta = beta
+        self.reduction = "mean"
+
+    def margins(self, outputs, targets) -> torch.Tensor:
+        """beta x ((logp_c - ref_c) - (logp_r - ref_r)) per pair."""
+        labels = targets["labels"]
+        logp = torch.log_softmax(logits_of(outputs), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        sequence = (logp * (labels != self.ignore_index)).sum(dim=-1) - targets["ref_logps"]
+        return self.beta * (sequence[:, 0] - sequence[:, 1])
+
+    def forward(self, outputs, targets) -> torch.Tensor:
+        return -F.logsigmoid(self.margins(outputs, targets)).mean()
+
+
 def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(Q, dim), (K, dim) -> (Q, K) cosine similarities."""
     return F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T

@@ -195,6 +195,8 @@ class CausalLM(nn.Module):
         return x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() == 3:  # a pair of sequences per row (data=preference_pairs): each scored on its own
+            return self.forward(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
         return self.out(self.features(tokens))
 
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from runner.components import user_data
-from runner.components.data import Dataset, TaskSpec, pairs, rollouts, sequences, split, synthetic, train_rows
+from runner.components.data import (
+    Dataset,
+    TaskSpec,
+    pairs,
+    preference_pairs,
+    rollouts,
+    sequences,
+    split,
+    synthetic,
+    train_rows,
+)
 from runner.components.models import PAIR_SHAPE
 from runner.config.keys import at_least, half_open, key, strictly_between
 
@@ -131,10 +141,10 @@ class Rollouts:
                                                                      "completions)"))
         prompt_length: int = key(3, "each prompt's tokens (not scored)", allowed=at_least(1, integer=True))
         min_length: int = key(2, "the shortest completion", allowed=at_least(1, integer=True))
-        max_length: int = key(32, "the longest completion; shorter ones are right-padded, their labels -100",
+        max_length: int = key(12, "the longest completion; shorter ones are right-padded, their labels -100",
                               values="an integer >= data.min_length")
 
-    def __init__(self, group_size: int = 4, prompt_length: int = 3, min_length: int = 2, max_length: int = 32):
+    def __init__(self, group_size: int = 4, prompt_length: int = 3, min_length: int = 2, max_length: int = 12):
         check_lengths(min_length, max_length)
         self.group_size, self.prompt_length = group_size, prompt_length
         self.min_length, self.max_length = min_length, max_length
@@ -145,6 +155,29 @@ class Rollouts:
                                    self.group_size, self.prompt_length, self.min_length, self.max_length, request.model)
         return Dataset(inputs, targets, request.seed, request.train_size, request.batch_size), \
             TaskSpec((), "rollout", request.vocab)
+
+
+class PreferencePairs:
+    """data=preference_pairs: a prompt, a chosen and a rejected completion per row, and each sequence's log-probability
+    under the initial policy (loss=dpo's reference; runner.components.data.preference_pairs)."""
+
+    @dataclass
+    class Keys:
+        prompt_length: int = key(3, "each prompt's tokens (not scored)", allowed=at_least(1, integer=True))
+        min_length: int = key(2, "the shortest completion", allowed=at_least(1, integer=True))
+        max_length: int = key(12, "the longest completion; shorter ones are right-padded, their labels -100",
+                              values="an integer >= data.min_length")
+
+    def __init__(self, prompt_length: int = 3, min_length: int = 2, max_length: int = 12):
+        check_lengths(min_length, max_length)
+        self.prompt_length, self.min_length, self.max_length = prompt_length, min_length, max_length
+
+    def build(self, request: Request, name: str) -> Tuple[Dataset, TaskSpec]:
+        check_kind(request, name, "sequence")
+        inputs, targets = preference_pairs(request.vocab, request.train_size + request.eval_size, request.seed,
+                                           self.prompt_length, self.min_length, self.max_length, request.model)
+        return Dataset(inputs, targets, request.seed, request.train_size, request.batch_size), \
+            TaskSpec((), "preference", request.vocab)
 
 
 class Pairs:

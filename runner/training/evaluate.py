@@ -55,6 +55,12 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
         logp = torch.log_softmax(logits_of(outputs).double(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         gain = (targets["advantages"].double()[:, None] * (logp - targets["old_logprobs"].double()))[scored]
         return {"advantage_weighted_logprob_gain": float(gain.mean())}
+    if kind == "preference":  # data=preference_pairs: the implicit reward's margin of chosen over rejected
+        labels = targets["labels"]
+        logp = torch.log_softmax(logits_of(outputs).double(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        gain = (logp * (labels != IGNORE_INDEX)).sum(dim=-1) - targets["ref_logps"].double()
+        margin = gain[:, 0] - gain[:, 1]
+        return {"logprob_margin_gain": float(margin.mean()), "preference_accuracy": float((margin > 0).double().mean())}
     if kind == "retrieval":  # embeddings (N, 2, dim): is query i's nearest key (cosine, as infonce) key i?
         nearest = cosine_similarity(outputs[:, 0].double(), outputs[:, 1].double()).argmax(1)
         return {"retrieval_accuracy": float((nearest == torch.arange(len(nearest), device=nearest.device))
