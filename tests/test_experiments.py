@@ -19,6 +19,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "partial_window": ["backward=full,accumulate"],
          "grpo": ["data.train_size=128", "data.eval_size=32", "data.max_length=8", "backward.accumulation=4"],
          "dpo": ["data.train_size=100", "data.eval_size=20", "data.max_length=8"],
+         "terms": ["data.train_size=256", "data.eval_size=32"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
@@ -37,7 +38,7 @@ STEPS = {"precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp",
                            "default", "dpo", "factors", "fingerprint", "focal", "fsdp", "grpo", "memory", "moe", "multitask", "partial_window",
-                           "precision", "ranks_tokens", "schedule", "step_state", "tokens", "uneven"]
+                           "precision", "ranks_tokens", "schedule", "step_state", "terms", "tokens", "uneven"]
     experiment = next(group for group in reference.groups(CONF_DIR) if group.name == "experiment")
     assert [option.name for option in experiment.options] == EXPERIMENTS
 

@@ -14,10 +14,10 @@ ROLLOUTS = ["model=seq", "data=rollouts", "loss=grpo", "data.train_size=64", "da
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum", "constant")
 
 
-def first_gradient(tmp_path, *overrides):
-    """The first optimizer step's gradient (first_grad.pt) of one step of ROLLOUTS with `overrides`."""
+def first_gradient(tmp_path, *overrides, base=ROLLOUTS):
+    """The first optimizer step's gradient (first_grad.pt) of one step of `base` (ROLLOUTS) with `overrides`."""
     run_dir = tmp_path / "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
-    outcome = api.run(api.compose([*ROLLOUTS, "trainer.steps=1", *overrides]), run_dir)
+    outcome = api.run(api.compose([*base, "trainer.steps=1", *overrides]), run_dir)
     assert outcome.status == "ok", outcome.summary.error
     return record.load_first_grad(run_dir)
 
@@ -148,3 +148,45 @@ def test_dpo_weights_each_pair_by_the_windows_pair_count_and_scale_mean_does_not
 def test_dpo_needs_pairs():
     assert refusal("model=seq", "data=seq", "loss=dpo").startswith("loss=dpo does not fit model=seq")
     assert refusal(*PAIRS, "loss.beta=0") == "loss.beta=0.0 is not allowed: expected > 0"
+
+
+SMOOTHED = ["model=seq", "data=seq", "loss=lm", "loss.label_smoothing=0.1", "data.min_length=9", "data.max_length=9",
+            "data.batch_size=16", "data.train_size=64", "data.eval_size=16"]
+
+
+def test_label_smoothing_is_torchs_and_each_term_follows_the_windows_count():
+    """loss.label_smoothing=eps: the parts `lm` and `smoothing` add up to F.cross_entropy(label_smoothing=eps), summed
+    and divided by the window's tokens, with term_normalize=window; with micro_batch the smoothing term divides by
+    the micro-batch's own tokens, whatever it is handed."""
+    training = api.compose(SMOOTHED)
+    inputs, targets = training.dataset.batch(0)
+    with torch.no_grad():
+        logits = training.model(inputs)
+    count = (targets != -100).sum()
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                  label_smoothing=0.1, reduction="sum") / (2 * count)
+    parts = training.loss_fn.parts(logits, targets, num_items_in_batch=2 * count)
+    assert set(parts) == {"lm", "smoothing"}
+    assert float(sum(parts.values())) == pytest.approx(float(reference), rel=1e-5)
+    from runner.components.losses import language_model_loss
+
+    own = language_model_loss(label_smoothing=0.1, term_normalize="micro_batch").parts(logits, targets, 2 * count)
+    assert float(own["lm"]) == pytest.approx(float(parts["lm"]), rel=1e-6)
+    assert float(own["smoothing"]) == pytest.approx(2 * float(parts["smoothing"]), rel=1e-5)
+
+
+def test_a_smoothing_term_per_micro_batch_gets_k_times_its_share_of_the_first_gradient(tmp_path):
+    """transformers #46731 (fixed by PR #47261): the main term divided by num_items_in_batch, the smoothing term kept
+    as each micro-batch's mean. On micro-batches of equal token counts, the first gradient's smoothing share is
+    exactly k times the exact one's, the main term's unchanged: g_bug - g_exact = (k - 1) x g_smoothing."""
+    k = 4
+    exact = first_gradient(tmp_path, "backward=accumulate", f"backward.accumulation={k}", base=SMOOTHED)
+    bug = first_gradient(tmp_path, "backward=accumulate", f"backward.accumulation={k}",
+                         "loss.term_normalize=micro_batch", base=SMOOTHED)
+    training = api.compose(SMOOTHED)
+    inputs, targets = training.dataset.batch(0)
+    smoothing = training.loss_fn.parts(training.model(inputs), targets)["smoothing"]
+    names = [n for n, _ in training.model.named_parameters()]
+    by_hand = dict(zip(names, torch.autograd.grad(smoothing, list(training.model.parameters()))))
+    for name in exact:
+        torch.testing.assert_close(bug[name] - exact[name], (k - 1) * by_hand[name], rtol=1e-4, atol=1e-7)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.config.keys import Choice, above, at_least, at_most, key
+from runner.config.keys import Choice, above, at_least, at_most, half_open, key
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -197,6 +197,15 @@ class Normalize(Choice):
                         "axolotl #2262): the gradient is 1/k of the batch's, which only some optimizers notice")
 
 
+class TermNormalize(Choice):
+    """lm with a second term (loss.label_smoothing, or the load-balancing term): what that term divides by."""
+
+    window = "window", ("the window's count, as the main term (num_items_in_batch): exact (transformers PR #47261)")
+    micro_batch = "micro_batch", ("each micro-batch's own, the term kept as a per-micro-batch mean after the main term "
+                                  "moved to num_items_in_batch: k times its weight (transformers #46731, verl #7200, "
+                                  "NeMo-RL PR #3791)")
+
+
 class AuxStats(Choice):
     window = "window", "f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)"
     micro_batch = "micro_batch", "each micro-batch's own f_i: accumulation's default (refused by torchtitan PR #3000)"
@@ -250,6 +259,38 @@ class TokenCrossEntropy(nn.Module):
         return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}"
 
 
+class SmoothedTokenLoss(TokenCrossEntropy):
+    """lm with loss.label_smoothing=eps: (1 - eps) x the next-token cross-entropy (part `lm`) plus eps x the
+    cross-entropy against the uniform distribution (part `smoothing`), together F.cross_entropy(label_smoothing=eps).
+    Each term declares its denominator: `lm` the one loss.normalize says; `smoothing` the same with
+    term_normalize=window (exact), or each micro-batch's own tokens with term_normalize=micro_batch (the bug)."""
+
+    def __init__(self, normalize: str = "tokens", label_smoothing: float = 0.1, term_normalize: str = "window",
+                 ignore_index: int = -100):
+        super().__init__(normalize, ignore_index)
+        if normalize == "sequence":
+            raise ValueError("loss.label_smoothing is not allowed with loss.normalize=sequence: expected tokens, "
+                             "micro_batch or double (or loss.label_smoothing=0)")
+        self.label_smoothing, self.term_normalize = label_smoothing, term_normalize
+
+    def parts(self, logits, targets, num_items_in_batch=None) -> Dict[str, torch.Tensor]:
+        logp = torch.log_softmax(logits_of(logits), dim=-1)
+        scored = targets != self.ignore_index
+        nll = -(logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored).sum()
+        uniform = -(logp.mean(dim=-1) * scored).sum()
+        own = scored.sum()
+        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
+            else own
+        return {"lm": (1 - self.label_smoothing) * nll / count,
+                "smoothing": self.label_smoothing * uniform / (count if self.term_normalize == "window" else own)}
+
+    def forward(self, logits, targets, num_items_in_batch=None) -> torch.Tensor:
+        return sum(self.parts(logits, targets, num_items_in_batch).values())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, label_smoothing={self.label_smoothing}, term_normalize={self.term_normalize!r}"
+
+
 class LoadBalancedTokenLoss(TokenCrossEntropy):
     """Next-token cross-entropy (part `lm`) plus Switch Transformer's load-balancing loss (part
     `aux`): aux_weight * E * sum_i f_i * P_i, with f_i the share of the routed assignments sent to
@@ -270,11 +311,11 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
     AUX_STATS = tuple(member.value for member in AuxStats)
 
     def __init__(self, normalize: str = "tokens", aux_weight: float = 0.01, aux_stats: str = "window",
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, term_normalize: str = "window"):
         super().__init__(normalize, ignore_index)
         if aux_stats not in self.AUX_STATS:
             raise ValueError(f"loss.aux_stats={aux_stats} is not allowed: expected one of {list(self.AUX_STATS)}")
-        self.aux_weight, self.aux_stats = aux_weight, aux_stats
+        self.aux_weight, self.aux_stats, self.term_normalize = aux_weight, aux_stats, term_normalize
 
     def count_load(self, expert_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return expert_mask[targets != self.ignore_index].sum(dim=0)
@@ -290,7 +331,7 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
         load = expert_load if expert_load is not None else self.count_load(outputs["expert_mask"], targets)
         share = load / load.sum().clamp(min=1)  # f_i: no gradient (counts of a top-k)
         tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            else scored.sum()
+            and self.term_normalize == "window" else scored.sum()
         mean_probs = outputs["router_probs"][scored].sum(dim=0) / tokens  # P_i, over `tokens`
         return load.shape[0] * (share * mean_probs).sum()
 
@@ -305,12 +346,20 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
         return f"{super().extra_repr()}, aux_weight={self.aux_weight}, aux_stats={self.aux_stats!r}"
 
 
-def language_model_loss(normalize: str = "tokens", aux_weight: float = 0.0, aux_stats: str = "window"):
+def language_model_loss(normalize: str = "tokens", aux_weight: float = 0.0, aux_stats: str = "window",
+                        label_smoothing: float = 0.0, term_normalize: str = "window"):
     """loss=lm: next-token cross-entropy (TokenCrossEntropy), with Switch Transformer's load-balancing
-    term where aux_weight > 0 (LoadBalancedTokenLoss: a model with a router, model=moe)."""
+    term where aux_weight > 0 (LoadBalancedTokenLoss: a model with a router, model=moe), or label smoothing's
+    term where label_smoothing > 0 (SmoothedTokenLoss); the second term divided as term_normalize says."""
     normalize, aux_stats = getattr(normalize, "value", normalize), getattr(aux_stats, "value", aux_stats)
+    term_normalize = getattr(term_normalize, "value", term_normalize)
+    if aux_weight > 0 and label_smoothing > 0:
+        raise ValueError(f"loss.label_smoothing={label_smoothing} is not allowed with loss.aux_weight={aux_weight}: "
+                         "expected one second term, label smoothing or load balancing")
     if aux_weight > 0:
-        return LoadBalancedTokenLoss(normalize, aux_weight, aux_stats)
+        return LoadBalancedTokenLoss(normalize, aux_weight, aux_stats, term_normalize=term_normalize)
+    if label_smoothing > 0:
+        return SmoothedTokenLoss(normalize, label_smoothing, term_normalize)
     return TokenCrossEntropy(normalize=normalize)
 
 
@@ -322,6 +371,11 @@ class _LanguageModelKeys:
                             allowed=at_least(0, note=" (0 = no load-balancing loss)"))
     aux_stats: AuxStats = key(AuxStats.window, "lm with aux_weight > 0: whose expert load f_i a micro-batch's "
                                                "term uses")
+    label_smoothing: float = key(0.0, "lm: the weight eps of the cross-entropy against the uniform distribution (part "
+                                      "`smoothing`), as F.cross_entropy(label_smoothing=eps); 0 = none",
+                                 allowed=half_open(0, 1, note=" (0 = no label smoothing)"))
+    term_normalize: TermNormalize = key(TermNormalize.window, "lm with a second term (label_smoothing, aux_weight): "
+                                                              "what that term divides by")
 
 
 language_model_loss.Keys = _LanguageModelKeys
