@@ -9,6 +9,7 @@ dataclasses, and what --help's reference reads (your config directories too).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -90,6 +91,33 @@ def compose(overrides: List[str], config_dir: Optional[Path] = None) -> DictConf
             return hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except HydraException as exc:
         raise ConfigError(one_line(exc)) from None
+
+
+@lru_cache(maxsize=32)
+def _composed(overrides: Tuple[str, ...]) -> DictConfig:
+    return compose(list(overrides))
+
+
+def compose_merged(choices: List[str], keys: List[str]) -> DictConfig:
+    """compose(choices + keys) where `keys` set plain keys (KEY=VALUE, no group choice): Hydra composes the
+    group choices once (cached: a fingerprint composes the same probe under many modes), and the keys merge
+    into a copy as Hydra's own override would, typed by the schema. Hydra's record of the task's overrides
+    lists the choices only."""
+    cfg = _composed(tuple(choices)).copy()
+    try:
+        for override in keys:
+            key, _, value = override.partition("=")
+            OmegaConf.update(cfg, key, yaml_value(value), merge=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{override}: {str(exc).splitlines()[0]}") from None
+    return cfg
+
+
+def yaml_value(text: str) -> Any:
+    """A command-line value as Hydra reads it (YAML: 2 -> int, 0.5 -> float, true -> bool, else text)."""
+    import yaml
+
+    return yaml.safe_load(text) if text else text
 
 
 def config_from_omegaconf(cfg: DictConfig) -> Tuple[Config, Dict[str, Dict[str, Any]]]:

@@ -86,12 +86,22 @@ def mode_overrides(overrides: Sequence[str]) -> List[str]:
     return [o for o, key in keys if key.split(".")[0] == "backward" or key in MODE_KEYS]
 
 
+# The config groups: an override KEY=VALUE with one of these keys chooses an option; any other sets a key.
+CHOICES = ("model", "data", "loss", "backward", "optim", "precision")
+
+
 def _compose(probe: Probe, modes: Sequence[str], extra: Sequence[str] = ()):
-    from runner import api
+    """What `python -m runner` would train for the probe under `modes` (the probe's own keys win), composed as
+    runner.api.compose does; Hydra composes each probe's group choices once (runner.config.compose)."""
+    from runner import jobs
+    from runner.config.compose import compose_merged
 
     own = probe.overrides() + tuple(extra)
     keys = {o.partition("=")[0] for o in own}
-    return api.compose([*(m for m in modes if m.lstrip("+~").partition("=")[0] not in keys), *own])
+    overrides = [*(m for m in modes if m.lstrip("+~").partition("=")[0] not in keys), *own]
+    chosen = [o for o in overrides if o.partition("=")[0] in CHOICES]
+    cfg = compose_merged(chosen, [o for o in overrides if o not in chosen])
+    return jobs.prepare(cfg, cfg.hydra).training
 
 
 def _count(training):
