@@ -206,6 +206,27 @@ def bench_sequence_steps(rows: List[Dict], repeats: int, steps: int, device: str
                          result=f"ratio {r / h:.3f} (spread {spread:.1%})", target="ratio <= 1.05", met=r / h <= 1.05))
 
 
+def bench_policy_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path,
+                       quick: bool = False) -> None:
+    """loss=grpo on data=rollouts (the clipped surrogate per token, token_mean over the window's tokens) against
+    loss=lm on data=seq of the same model, batch and lengths, both accumulate at k=4 (target: ratio <= 1.2)."""
+    configs = {}
+    for name, (data, loss) in {"grpo": ("rollouts", "grpo"), "lm": ("seq", "lm")}.items():
+        cfg = sequence_config("accumulate", steps, device, quick)
+        cfg.data.name, cfg.loss.name = data, loss
+        configs[name] = cfg
+    times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
+    g, m = statistics.median(times["grpo"]), statistics.median(times["lm"])
+    spread = max(map(_spread, times.values()))
+    cfg = configs["grpo"]
+    rows.append(dict(benchmark="policy step",
+                     case=f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, completions up to "
+                          f"{cfg.data_args['max_length']}) accumulate, batch {cfg.data.batch_size} in 4 ({device}): "
+                          "loss=grpo on data=rollouts vs loss=lm on data=seq",
+                     runner=g * 1e3, baseline=m * 1e3, unit="ms/step",
+                     result=f"ratio {g / m:.3f} (spread {spread:.1%})", target="ratio <= 1.2", met=g / m <= 1.2))
+
+
 def contrastive_config(strategy: str, k: int, steps: int, device: str, quick: bool = False) -> Bench:
     cfg = config("dual_encoder", strategy, steps, device)
     cfg.data.name, cfg.loss.name, cfg.model.outputs, cfg.backward.accumulation = "pairs", "infonce", 16, k
@@ -451,7 +472,7 @@ def print_table(rows: List[Dict]) -> None:
     Console(width=200).print(table)
 
 
-SECTIONS = ("step", "sequence", "contrastive", "trackers", "sweep", "cold", "probe", "memory", "launchers")
+SECTIONS = ("step", "sequence", "policy", "contrastive", "trackers", "sweep", "cold", "probe", "memory", "launchers")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -460,7 +481,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.csv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", choices=SECTIONS,
-                        default=["step", "sequence", "contrastive", "trackers", "sweep", "cold", "probe", "memory"],
+                        default=["step", "sequence", "policy", "contrastive", "trackers", "sweep", "cold", "probe",
+                                 "memory"],
                         help="sections to run (default: all but launchers, which takes minutes)")
     args = parser.parse_args(argv)
     repeats, steps = (1, 5) if args.quick else (7, 150)
@@ -472,6 +494,7 @@ def main(argv: List[str] | None = None) -> int:
         sections = {
             "step": lambda: bench_steps(rows, repeats, steps, args.device, workdir),
             "sequence": lambda: bench_sequence_steps(rows, repeats, steps, args.device, workdir, args.quick),
+            "policy": lambda: bench_policy_steps(rows, repeats, steps, args.device, workdir, args.quick),
             "contrastive": lambda: bench_contrastive_steps(rows, repeats, steps, args.device, workdir, args.quick),
             "trackers": lambda: bench_tracker_steps(rows, repeats, steps, args.device, workdir),
             "sweep": lambda: bench_sweep(rows, process_repeats, workdir),
