@@ -50,7 +50,7 @@ class UpdateRule:
     def __post_init__(self):
         self._clipped = False  # whether this window's gradient was clipped per micro-batch already
         self._window: Optional[list] = None  # the optimizers of a window whose first backward ran
-        self._first: Optional[List[torch.Tensor]] = None  # keep=first: the first backward's .grad
+        self._first: Optional[Dict[nn.Parameter, torch.Tensor]] = None  # keep=first: the first backward's .grad
 
     def begin(self, optimizers) -> None:
         """Before a window's backwards, once: backward() adds into .grad."""
@@ -82,12 +82,13 @@ class UpdateRule:
 
     @torch.no_grad()
     def _keep_first(self, optimizers) -> None:
-        grads = [p.grad for p in parameters_of(optimizers) if p.grad is not None]
+        params = [p for p in parameters_of(optimizers) if p.grad is not None]
         if self._first is None:
-            self._first = [g.clone() for g in grads]
-        else:
-            for grad, first in zip(grads, self._first):
-                grad.copy_(first)
+            self._first = {p: p.grad.clone() for p in params}
+            return
+        for p in params:  # a parameter the first backward did not reach keeps no gradient either
+            first = self._first.get(p)
+            p.grad.copy_(first) if first is not None else p.grad.zero_()
 
     def apply(self, optimizers, micro_batches: int = 1, average: bool = True) -> torch.Tensor:
         """The optimizer step: true gradients (unscaled, float32 buffers back), clipped once unless

@@ -13,6 +13,8 @@ loss.normalize, and named where they are chosen.
   counted from the targets before any forward: weight 1 (nanoGPT's `loss / k` is this weighting for
   equal-size batches). normalize=double also divides by k (TRL #2617).
 - Loader mode, partial_window=k: a window of k' < k micro-batches is scaled by k'/k (Lightning #19987).
+- A token loss with count_window=M (loss=grpo) divides by M micro-batches' tokens, the window's count x M/k:
+  its backwarded loss is weighted k/M (TRL PR #6024), its logged value stays the batch's.
 - Ranks: data-parallel engines average gradients over ranks, so a rank's loss is weighted by world x its
   share of the batch (rows, or scored tokens counted over every rank). loss.rank_normalize keeps the
   two cross-rank bugs of token losses: `local` divides by the rank's own count (transformers #34242),
