@@ -19,7 +19,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "partial_window": ["backward=full,accumulate"],
          "grpo": ["data.train_size=64", "data.eval_size=16", "data.max_length=6", "backward.accumulation=4"],
          "dpo": ["data.train_size=100", "data.eval_size=20", "data.max_length=8"],
-         "terms": ["data.train_size=256", "data.eval_size=32"],
+         "terms": ["data.train_size=128", "data.eval_size=16", "data.max_length=8"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
@@ -31,7 +31,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
 # two-process sweeps show theirs in a few steps. The schedule's cost in loss (its impact claim)
 # builds up over the experiment's own 100 steps; so does the gap between the two gradient norms
 # that lets clipping show a constant factor (factors).
-STEPS = {"grpo": 10, "precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors": 100, "moe": 10, "step_state": 10,
+STEPS = {"grpo": 10, "terms": 10, "precision": 2, "fsdp": 5, "ranks_tokens": 5, "schedule": 100, "factors": 100, "moe": 10, "step_state": 10,
          "contrastive": 10}
 
 
