@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run test bench experiments reference gpu-check clean
+.PHONY: help install run test bench experiments fingerprints reference gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,15 @@ experiments: $(STAMP)  ## run every experiment in experiments/ and write a markd
 	done; \
 	$(PY) -m runner.report $(EXPERIMENTS_DIR) --out $(EXPERIMENTS_DIR)/report.md || status=1; \
 	exit $$status
+
+FINGERPRINTS_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+FINGERPRINTS_DIR ?= outputs/fingerprints/$(FINGERPRINTS_STAMP)
+
+fingerprints: $(STAMP)  ## fingerprint Lightning, Accelerate, the Trainer (and DeepSpeed where installed); rewrite docs/fingerprint.md's table
+	$(PY) -m runner -m experiment=fingerprint loop=lightning,accelerate,hf_trainer hydra.sweep.dir=$(FINGERPRINTS_DIR)/frameworks
+	@if $(PY) -c "import deepspeed" 2>/dev/null; then \
+	  $(PY) -m runner -m experiment=fingerprint loop=deepspeed loop.zero_stage=0,1,2 hydra.sweep.dir=$(FINGERPRINTS_DIR)/deepspeed; fi
+	$(PY) -m runner.analysis.fingerprints $$(ls -d $(FINGERPRINTS_DIR)/*) --docs docs/fingerprint.md
 
 reference: $(STAMP)  ## regenerate docs/reference.md and the README's groups table from the keys' declarations
 	$(PY) -m runner.config.reference --write

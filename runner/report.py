@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,16 +19,9 @@ from typing import List, Optional
 from runner import compare
 from runner.analysis import fingerprints
 from runner.analysis.claims import sweep_verdicts
+from runner.analysis.machine import machine
 from runner.analysis.runs import find_runs
 from runner.recording import record
-
-
-def machine() -> str:
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, {device}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def pictures(sweep: Path, report_dir: Path) -> List[str]:

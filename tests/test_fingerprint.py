@@ -3,6 +3,7 @@ every pair of modes told apart by a probe, users' loops named, and the command l
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -205,6 +206,17 @@ def test_the_command_line_writes_the_fingerprint_and_its_picture(tmp_path):
 
     report, _ = build_report(tmp_path)
     assert "## sweep" in report and "| runner backward.scale=mean (backward-lab 0.1.0) | **`scale=mean`** |" in report
+    # ... and `make fingerprints` writes it into docs/fingerprint.md's generated block, the rest of the page kept
+    from runner.analysis import fingerprints
+
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{fingerprints.DOCS_BEGIN}\nold\n{fingerprints.DOCS_END}\noutro\n")
+    assert fingerprints.main([str(sweep), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| runner backward.scale=mean (backward-lab 0.1.0) | **`scale=mean`** |" in text and "Measured 20" in text
+    docs = (Path(__file__).parent.parent / "docs" / "fingerprint.md").read_text()
+    assert fingerprints.DOCS_BEGIN in docs and fingerprints.DOCS_END in docs
 
 
 def test_bad_loops_are_one_line_and_leave_no_folder(tmp_path):
