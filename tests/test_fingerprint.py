@@ -210,10 +210,10 @@ def test_the_command_line_writes_the_fingerprint_and_its_picture(tmp_path):
     from runner.analysis import fingerprints
 
     page = tmp_path / "page.md"
-    page.write_text(f"intro\n{fingerprints.DOCS_BEGIN}\nold\n{fingerprints.DOCS_END}\noutro\n")
+    page.write_text(f"intro\n{fingerprints.DOCS_BEGIN}\nthe previous table\n{fingerprints.DOCS_END}\noutro\n")
     assert fingerprints.main([str(sweep), "--docs", str(page)]) == 0
     text = page.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "previous" not in text
     assert "| runner backward.scale=mean (backward-lab 0.1.0) | **`scale=mean`** |" in text and "Measured 20" in text
     docs = (Path(__file__).parent.parent / "docs" / "fingerprint.md").read_text()
     assert fingerprints.DOCS_BEGIN in docs and fingerprints.DOCS_END in docs
