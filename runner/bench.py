@@ -215,16 +215,22 @@ def bench_policy_steps(rows: List[Dict], repeats: int, steps: int, device: str, 
         cfg = sequence_config("accumulate", steps, device, quick)
         cfg.data.name, cfg.loss.name = data, loss
         configs[name] = cfg
-    times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
-    g, m = statistics.median(times["grpo"]), statistics.median(times["lm"])
-    spread = max(map(_spread, times.values()))
     cfg = configs["grpo"]
-    rows.append(dict(benchmark="policy step",
-                     case=f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, completions up to "
-                          f"{cfg.data_args['max_length']}) accumulate, batch {cfg.data.batch_size} in 4 ({device}): "
-                          "loss=grpo on data=rollouts vs loss=lm on data=seq",
-                     runner=g * 1e3, baseline=m * 1e3, unit="ms/step",
-                     result=f"ratio {g / m:.3f} (spread {spread:.1%})", target="ratio <= 1.2", met=g / m <= 1.2))
+    rows.append(runner_ratio_row(
+        "policy step", configs, "grpo", "lm", 1.2, repeats, workdir,
+        f"seq (GRU {cfg.model_args['hidden']}, vocab {cfg.model.vocab}, completions up to "
+        f"{cfg.data_args['max_length']}) accumulate, batch {cfg.data.batch_size} in 4 ({device}): "
+        "loss=grpo on data=rollouts vs loss=lm on data=seq"))
+
+
+def runner_ratio_row(benchmark: str, configs: Dict[str, Bench], measured: str, baseline: str, target: float,
+                     repeats: int, workdir: Path, case: str) -> Dict:
+    """Two runner loops timed interleaved (the median of each): a row with the ratio of `measured` to `baseline`."""
+    times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
+    m, b = statistics.median(times[measured]), statistics.median(times[baseline])
+    spread = max(map(_spread, times.values()))
+    return dict(benchmark=benchmark, case=case, runner=m * 1e3, baseline=b * 1e3, unit="ms/step",
+                result=f"ratio {m / b:.3f} (spread {spread:.1%})", target=f"ratio <= {target}", met=m / b <= target)
 
 
 def contrastive_config(strategy: str, k: int, steps: int, device: str, quick: bool = False) -> Bench:
@@ -241,15 +247,11 @@ def bench_contrastive_steps(rows: List[Dict], repeats: int, steps: int, device: 
     forwards it once: its step against accumulate's at the same k (target: ratio <= 1.5)."""
     for k in (2, 8):
         configs = {name: contrastive_config(name, k, steps, device, quick) for name in ("gradcache", "accumulate")}
-        times = interleaved({name: (lambda c=c: runner_loop(c, workdir)) for name, c in configs.items()}, repeats)
-        g, a = statistics.median(times["gradcache"]), statistics.median(times["accumulate"])
-        spread = max(map(_spread, times.values()))
         cfg = configs["gradcache"]
-        rows.append(dict(benchmark="contrastive step",
-                         case=f"dual_encoder (hidden {cfg.model_args['hidden']}) infonce, batch {cfg.data.batch_size} "
-                              f"in {k} ({device}): gradcache vs accumulate",
-                         runner=g * 1e3, baseline=a * 1e3, unit="ms/step",
-                         result=f"ratio {g / a:.3f} (spread {spread:.1%})", target="ratio <= 1.5", met=g / a <= 1.5))
+        rows.append(runner_ratio_row(
+            "contrastive step", configs, "gradcache", "accumulate", 1.5, repeats, workdir,
+            f"dual_encoder (hidden {cfg.model_args['hidden']}) infonce, batch {cfg.data.batch_size} in {k} ({device}): "
+            "gradcache vs accumulate"))
 
 
 def bench_tracker_steps(rows: List[Dict], repeats: int, steps: int, device: str, workdir: Path) -> None:

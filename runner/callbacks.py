@@ -124,7 +124,9 @@ class SweepComparison(Callback):
     exit code is 1 when a claim fails or a job failed unexpectedly."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN or (config.get("loop") and config.loop.get("name")):
+        from runner.fingerprint import job as fingerprint_job
+
+        if config.hydra.mode != RunMode.MULTIRUN or fingerprint_job.chosen(config):
             return  # a fingerprint's job has no comparison row: the sweep's end merges its fingerprint.csv
         from runner.compare import append_job_row
         from runner.recording import record

@@ -270,7 +270,7 @@ BIT_FOR_BIT = {"lightning": ("warmup", "clip"), "accelerate": ("warmup", "clip")
 def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
     from runner.fingerprint import loops
 
-    monkeypatch.setattr(loops, "_version", lambda package: "")
+    monkeypatch.setattr(loops, "installed_version", lambda package: "")
     with pytest.raises(LoopError, match=r'^loop=lightning needs lightning, which is not installed: pip install '
                                         r'"\.\[frameworks\]"'):
         loops.build("lightning")

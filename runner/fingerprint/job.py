@@ -8,6 +8,7 @@ line and exit 2; so is a loop that raises. In a sweep, a loop that raises is tha
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,8 +43,8 @@ def label(loop: Loop, modes: Sequence[str]) -> str:
     return " ".join([loop.name, *shown])
 
 
-def _notes(loop: Loop, overrides: Sequence[str]) -> List[str]:
-    modes = [m for m in mode_overrides(overrides) if not m.startswith("seed=")]
+def _notes(loop: Loop, modes: Sequence[str]) -> List[str]:
+    modes = [m for m in modes if not m.startswith("seed=")]
     if not loop.modes and modes:
         return [f"{' '.join(modes)} is ignored by loop={loop.name}: the lab's modes choose only loop=runner's"]
     if any(m.startswith("backward.accumulation=") for m in modes):
@@ -76,16 +77,17 @@ def run(cfg, run_dir: Path, overrides: Sequence[str], multirun: bool, checked: O
     name = str(cfg.loop.name)
     try:
         config, loop = checked or check(cfg)
-        name = label(loop, mode_overrides(overrides))
-        for note in _notes(loop, overrides):
+        modes = mode_overrides(overrides)
+        name = label(loop, modes)
+        for note in _notes(loop, modes):
             print(f"note: {note}", file=sys.stderr)
-        result = fingerprint(loop, mode_overrides(overrides), seed=config.seed)
+        result = fingerprint(loop, modes, seed=config.seed)
     except (ConfigError, LoopError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if multirun:  # the job's result: the sweep goes on and its exit code says so
             record.write_fingerprint(run_dir, error_rows(name, str(exc)), [])
         return 2
-    rows = [dict(row.__dict__, loop=name) for row in result.rows()]
+    rows = [dict(asdict(row), loop=name) for row in result.rows()]
     record.write_fingerprint(run_dir, rows, weight_rows(name, result))
     if multirun:
         wrong = sorted({r["dimension"] for r in rows if not r["exact"]}, key=DIMENSIONS.index)

@@ -110,7 +110,7 @@ class Runner(Loop):
     name, modes = "runner", True
 
     def version(self) -> str:
-        return f"backward-lab {_version('backward-lab')}"
+        return f"backward-lab {installed_version('backward-lab')}"
 
     def train(self, session: Session) -> None:
         t = session.training
@@ -165,7 +165,7 @@ FRAMEWORKS: Dict[str, tuple] = {
 NAMES = ("runner", "custom", *FRAMEWORKS)
 
 
-def _version(package: str) -> str:
+def installed_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -174,7 +174,7 @@ def _version(package: str) -> str:
 
 def missing_packages(name: str) -> List[str]:
     """The packages loop=NAME needs that are not installed (checked without importing them)."""
-    return [p for p in FRAMEWORKS.get(name, ((), ()))[1] if not _version(p)]
+    return [p for p in FRAMEWORKS.get(name, ((), ()))[1] if not installed_version(p)]
 
 
 def build(name: Optional[str], target: Optional[str] = None, zero_stage: int = 0) -> Loop:

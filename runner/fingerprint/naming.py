@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from runner.fingerprint.observe import MicroBatch
+from runner.fingerprint.observe import ProbeBatch
 from runner.fingerprint.weights import Solved
 
 TOLERANCE = 1e-3
@@ -23,10 +23,10 @@ EXACT = {"normalization": ("scale=size", "normalize=tokens"), "window": ("partia
 # A normalisation rule: (the window's micro-batches, the divisor a window of them uses, k) -> the weight
 # of each one's sum-reduced loss. `d` is the window's micro-batch count for a mean of means (the lab's
 # partial_window=exact on a short window), k for a full one.
-Rule = Callable[[List[MicroBatch], int, int], torch.Tensor]
+Rule = Callable[[List[ProbeBatch], int, int], torch.Tensor]
 
 
-def _counts(mbs: List[MicroBatch]):
+def _counts(mbs: List[ProbeBatch]):
     return (torch.tensor([float(mb.count) for mb in mbs], dtype=torch.float64),
             torch.tensor([float(mb.rows) for mb in mbs], dtype=torch.float64))
 

@@ -26,7 +26,9 @@ def row_keys(inputs: torch.Tensor) -> List[bytes]:
 
 
 @dataclass
-class MicroBatch:
+class ProbeBatch:
+    """One micro-batch of the probe's stream, as the lab's loader drew it."""
+
     epoch: int
     index: int  # its place in the epoch
     inputs: torch.Tensor
@@ -41,18 +43,18 @@ class Stream:
 
     def __init__(self, loader_of_epoch, count):
         self._loader_of_epoch, self._count = loader_of_epoch, count
-        self.positions: List[MicroBatch] = []  # the stream, epoch after epoch
-        self._epochs: List[List[MicroBatch]] = []
+        self.positions: List[ProbeBatch] = []  # the stream, epoch after epoch
+        self._epochs: List[List[ProbeBatch]] = []
         self._by_first_row: Dict[bytes, List[int]] = {}
         self._keys: List[Tuple[bytes, ...]] = []
         self._cursor = 0
 
-    def epoch(self, e: int) -> List[MicroBatch]:
+    def epoch(self, e: int) -> List[ProbeBatch]:
         while len(self._epochs) <= e:
             drawn = len(self._epochs)
             batches = []
             for index, (x, y) in enumerate(self._loader_of_epoch(drawn)):
-                mb = MicroBatch(drawn, index, x, y, x.shape[0], int(self._count(y)))
+                mb = ProbeBatch(drawn, index, x, y, x.shape[0], int(self._count(y)))
                 keys = tuple(row_keys(x))
                 self._by_first_row.setdefault(keys[0], []).append(len(self.positions))
                 self._keys.append(keys)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from runner.components.losses import TokenLoss, offers
-from runner.config.schema import ConfigError, first_line
+from runner.config.schema import GROUPS, ConfigError, first_line
 from runner.fingerprint import naming
 from runner.fingerprint.loops import Loop, LoopError, ProbeLoader, Runner, Session
 from runner.fingerprint.observe import NotTheLabsData, Observer, Stream
@@ -87,7 +87,7 @@ def mode_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 # The config groups: an override KEY=VALUE with one of these keys chooses an option; any other sets a key.
-CHOICES = ("model", "data", "loss", "backward", "optim", "precision")
+CHOICES = (*GROUPS, "precision")
 
 
 def _compose(probe: Probe, modes: Sequence[str], extra: Sequence[str] = ()):
@@ -137,7 +137,7 @@ def _clip_norm(probe: Probe, seed: int) -> float:
     training = _reference(probe, (), seed)
     stream = _stream(training)
     first = stream.epoch(0)[:probe.accumulation]
-    basis = Basis(training.model, training.loss_fn, None).gradients(
+    basis = Basis(training.model, training.loss_fn).gradients(
         [p.detach().to(torch.float64) for p in training.model.parameters()], first)
     total = sum(mb.count for mb in first)
     return CLIP_FRACTION * float((basis.sum(dim=1) / total).norm())
@@ -161,7 +161,7 @@ def fingerprint_probe(loop: Loop, probe: Probe, modes: Sequence[str] = (), seed:
     stream.epoch(probe.epochs)  # the runner's carried windows draw one epoch ahead
     session = Session(training, ProbeLoader(stream), probe.epochs, probe.accumulation,
                       training.config.optim.clip_norm, probe.tokens)
-    basis = Basis(reference.model, reference.loss_fn, None)
+    basis = Basis(reference.model, reference.loss_fn)
     with Observer(training.model, session.optimizer, stream) as observer:
         try:
             loop.train(session)

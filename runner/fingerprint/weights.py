@@ -12,12 +12,12 @@ from typing import List
 import torch
 from torch import nn
 
-from runner.fingerprint.observe import MicroBatch, Seen
+from runner.fingerprint.observe import ProbeBatch, Seen
 
 
 @dataclass
 class Solved:
-    micro_batches: List[MicroBatch]
+    micro_batches: List[ProbeBatch]
     weights: torch.Tensor  # float64, one per micro-batch
     residual: float
     basis: torch.Tensor  # (parameters, micro-batches): each micro-batch's sum-reduced loss gradient
@@ -27,13 +27,13 @@ class Solved:
 
 class Basis:
     """Each micro-batch's sum-reduced loss gradient at given parameters, in float64. `loss_fn` with no
-    count handed divides by the micro-batch's own (rows or tokens); `count` undoes it."""
+    count handed divides by the micro-batch's own (rows or tokens); multiplying by that count undoes it."""
 
-    def __init__(self, model: nn.Module, loss_fn, count):
+    def __init__(self, model: nn.Module, loss_fn):
         self.model = copy.deepcopy(model).to(torch.float64)
-        self.loss_fn, self.count = loss_fn, count
+        self.loss_fn = loss_fn
 
-    def gradients(self, params: List[torch.Tensor], micro_batches: List[MicroBatch]) -> torch.Tensor:
+    def gradients(self, params: List[torch.Tensor], micro_batches: List[ProbeBatch]) -> torch.Tensor:
         own = list(self.model.parameters())
         with torch.no_grad():
             for p, value in zip(own, params):
@@ -49,7 +49,7 @@ class Basis:
         return torch.stack(columns, dim=1) if columns else torch.zeros(sum(p.numel() for p in own), 0,
                                                                         dtype=torch.float64)
 
-    def solve(self, seen: Seen, stream_positions: List[MicroBatch]) -> Solved:
+    def solve(self, seen: Seen, stream_positions: List[ProbeBatch]) -> Solved:
         unique = list(dict.fromkeys(seen.positions))  # a micro-batch forwarded twice has one weight
         mbs = [stream_positions[p] for p in unique]
         basis = self.gradients(seen.params, mbs)

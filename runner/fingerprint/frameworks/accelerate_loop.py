@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from runner.fingerprint.loops import EpochsDataset, Loop, Session, _version
+from runner.fingerprint.loops import EpochsDataset, Loop, Session, installed_version
 
 
 class Adapter(Loop):
     name = "accelerate"
 
     def version(self) -> str:
-        return f"accelerate {_version('accelerate')}"
+        return f"accelerate {installed_version('accelerate')}"
 
     def train(self, session: Session) -> None:
         from accelerate import Accelerator

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 
-from runner.fingerprint.loops import Loop, Session, _version
+from runner.fingerprint.loops import Loop, Session, installed_version
 
 
 def _free_port() -> int:
@@ -28,7 +28,7 @@ class Adapter(Loop):
         self.zero_stage = zero_stage
 
     def version(self) -> str:
-        return f"deepspeed {_version('deepspeed')} ZeRO-{self.zero_stage}"
+        return f"deepspeed {installed_version('deepspeed')} ZeRO-{self.zero_stage}"
 
     def train(self, session: Session) -> None:
         for key, value in (("DS_ACCELERATOR", "cpu"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),

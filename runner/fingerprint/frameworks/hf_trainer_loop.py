@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from runner.components.losses import TokenLoss, offers
-from runner.fingerprint.loops import EpochsDataset, Loop, Session, _version
+from runner.fingerprint.loops import EpochsDataset, Loop, Session, installed_version
 
 
 class _LogitsModel(nn.Module):
@@ -29,7 +29,7 @@ class Adapter(Loop):
     name = "hf_trainer"
 
     def version(self) -> str:
-        return f"transformers {_version('transformers')}"
+        return f"transformers {installed_version('transformers')}"
 
     def train(self, session: Session) -> None:
         from transformers import PrinterCallback, Trainer, TrainingArguments

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from runner.fingerprint.loops import Loop, Session, _version
+from runner.fingerprint.loops import Loop, Session, installed_version
 
 
 def _module(session: Session):
@@ -34,7 +34,7 @@ class Adapter(Loop):
     name = "lightning"
 
     def version(self) -> str:
-        return f"lightning {_version('lightning')}"
+        return f"lightning {installed_version('lightning')}"
 
     def train(self, session: Session) -> None:
         import lightning.pytorch as pl
