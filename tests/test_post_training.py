@@ -190,3 +190,136 @@ def test_a_smoothing_term_per_micro_batch_gets_k_times_its_share_of_the_first_gr
     by_hand = dict(zip(names, torch.autograd.grad(smoothing, list(training.model.parameters()))))
     for name in exact:
         torch.testing.assert_close(bug[name] - exact[name], (k - 1) * by_hand[name], rtol=1e-4, atol=1e-7)
+
+
+PACKED = ["model=seq", "model.cell=transformer", "data=seq", "loss=lm", "data.packing=true", "data.min_length=2",
+          "data.max_length=6", "data.pack_length=24", "data.batch_size=4", "data.train_size=32", "data.eval_size=8"]
+
+
+def test_a_packed_row_gives_each_document_the_logits_it_has_alone():
+    """data.packing=true: positions restart at each document and attention stays within it, so each document's logits
+    in a packed row are those of the document run alone (float32 rounding apart); no position predicts the next
+    document's first token, and a row of T tokens and N documents scores T - N."""
+    from runner.components.data import documents_of
+
+    training = api.compose([*PACKED, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    tokens, positions, documents = documents_of(inputs)
+    assert int(targets["documents"].min()) >= 3  # several documents in every row
+    scored = (targets["labels"] != -100).sum(dim=1)
+    assert scored.tolist() == (24 - targets["documents"]).tolist()
+    with torch.no_grad():
+        packed = training.model(inputs)
+        for row in range(len(inputs)):
+            for document in documents[row].unique():
+                mine = documents[row] == document
+                assert positions[row][mine].tolist() == list(range(int(mine.sum())))
+                alone = training.model(tokens[row][mine][None])[0]
+                torch.testing.assert_close(packed[row][mine], alone, rtol=1e-5, atol=1e-5)
+    labels = targets["labels"]
+    starts = torch.cat([inputs[:, 1:] < 0, torch.zeros(len(inputs), 1, dtype=torch.bool)], dim=1)
+    assert bool((labels[starts] == -100).all())  # the label before each document's first input is not scored
+
+
+def test_boundaries_removed_twice_scale_the_loss_and_its_gradient_by_t_minus_n_over_t_minus_2n_plus_1(tmp_path):
+    """unsloth-zoo PR #348 (fixed by PR #1066): the boundaries, already masked, subtracted from the count once more. A
+    row of T tokens and N documents divides by T - 2N + 1 instead of T - N: its loss and gradient are exactly
+    (T - N) / (T - 2N + 1) times the exact ones. Over a batch, the first gradient is the counts' ratio, and the exact
+    count accumulates to the full batch's gradient."""
+    training = api.compose([*PACKED, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    from runner.components.losses import language_model_loss
+
+    row = {name: value[:1] for name, value in targets.items()}
+    t, n = 24, int(row["documents"])
+    params = list(training.model.parameters())
+    once = language_model_loss()(training.model(inputs[:1]), row)
+    twice = language_model_loss(boundaries="twice")(training.model(inputs[:1]), row)
+    factor = (t - n) / (t - 2 * n + 1)
+    assert float(twice.detach()) == pytest.approx(float(once.detach()) * factor, rel=1e-6)
+    for g_twice, g_once in zip(torch.autograd.grad(twice, params), torch.autograd.grad(once, params)):
+        torch.testing.assert_close(g_twice, g_once * factor, rtol=1e-5, atol=1e-8)
+
+    full = first_gradient(tmp_path, "backward=full", base=PACKED)
+    exact = first_gradient(tmp_path, "backward=accumulate", "backward.accumulation=2", base=PACKED)
+    bug = first_gradient(tmp_path, "backward=accumulate", "backward.accumulation=2", "loss.boundaries=twice",
+                         base=PACKED)
+    documents = targets["documents"]
+    ratio = float((t - documents).sum() / (t - 2 * documents + 1).sum())
+    for name in full:
+        torch.testing.assert_close(exact[name], full[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(bug[name], full[name] * ratio, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_packing_input_is_one_line():
+    assert refusal(*PACKED, "model.cell=gru") == (
+        "data.packing=true is not allowed with model=seq: it cannot restart positions at each document, expected "
+        "model.cell=transformer (model=seq or moe), or a model of your own with restarts_positions() (or "
+        "data.packing=false)")
+    assert refusal("model=seq", "data=seq", "loss=lm", "loss.boundaries=twice") == (
+        "loss.boundaries=twice is not allowed without packed rows: it removes their documents' boundaries from the "
+        "count, expected data=seq data.packing=true (or loss.boundaries=once)")
+    assert refusal(*PACKED, "data.topics=2") == (
+        "data.topics=2 is not allowed with data.packing=true: a packed row holds documents of several topics, "
+        "expected data.topics=0 (or data.packing=false)")
+
+
+SEQUENCES = ["model=seq", "data=seq", "loss=lm", "data.train_size=64", "data.eval_size=16", "data.max_length=12",
+             "data.batch_size=8"]
+
+
+@pytest.mark.parametrize("world,pieces", [(2, 2), (4, 2), (4, 4)])
+def test_sequence_parallel_ranks_add_up_to_the_full_batch_and_the_world_count_is_1_over_sp(world, pieces):
+    """trainer.sequence_parallel: the ranks of a group share their rows, each scoring a contiguous slice of the
+    positions. Simulated here rank by rank (runner.training.weighting.rank_shard, then the engine's mean over ranks):
+    with count_group=data the ranks' weighted gradients average to the full batch's; with world, an N-group's rows
+    are counted N times and the loss and gradient are exactly 1/N (VeOmni PR #338, prime-rl PR #2562)."""
+    from runner.training.weighting import rank_shard
+
+    training = api.compose([*SEQUENCES, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    model, loss_fn = training.model, training.loss_fn
+    params = list(model.parameters())
+    full_loss = loss_fn(model(inputs), targets)
+    full = torch.autograd.grad(full_loss, params)
+    for group, factor in (("data", 1.0), ("world", 1 / pieces)):
+        summed, logged = [torch.zeros_like(p) for p in params], 0.0
+        for rank in range(world):
+            shard = rank_shard(inputs, targets, loss_fn, rank, world, "global", pieces, group)
+            loss = loss_fn(model(shard.inputs), shard.targets)
+            logged += float(loss) * shard.share
+            for total, g in zip(summed, torch.autograd.grad(loss * shard.weight, params)):
+                total += g / world  # the engine's mean over ranks
+        assert logged == pytest.approx(float(full_loss) * factor, rel=1e-5)
+        for total, g in zip(summed, full):
+            torch.testing.assert_close(total, g * factor, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_parallel_on_two_and_four_gloo_ranks(tmp_path):
+    """Real ranks: two ranks in one sequence-parallel group end where one process's full batch ends (count_group=data)
+    within float32 tolerance; four ranks in two groups of two with count_group=world take a first gradient of
+    exactly 1/2 of the full batch's."""
+    reference = tmp_path / "full"
+    assert api.run(api.compose([*SEQUENCES, "trainer.steps=2"]), reference).status == "ok"
+    one, first = record.load_params(reference), record.load_first_grad(reference)
+    for world, group in ((2, "data"), (4, "world")):
+        run_dir = tmp_path / f"ranks{world}"
+        result = run_cli(*SEQUENCES, "trainer.steps=2", f"trainer.processes={world}", "trainer.sequence_parallel=2",
+                         "backward=accumulate", "backward.accumulation=2", f"loss.count_group={group}",
+                         f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if group == "data":
+            ranks = record.load_params(run_dir)
+            for name in one:
+                torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
+        else:
+            halved = record.load_first_grad(run_dir)
+            for name in first:
+                torch.testing.assert_close(halved[name], first[name] / 2, rtol=1e-5, atol=1e-8)
+
+
+def test_bad_sequence_parallel_input_is_one_line():
+    assert refusal(*SEQUENCES, "trainer.processes=4", "trainer.sequence_parallel=3") == (
+        "trainer.sequence_parallel=3 is not allowed with trainer.processes=4: expected a divisor of trainer.processes")
+    assert refusal(*PAIRS, "trainer.processes=2", "trainer.sequence_parallel=2").startswith(
+        "trainer.sequence_parallel=2 is not allowed with loss=dpo: its ranks score parts of each sequence")

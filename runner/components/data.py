@@ -185,6 +185,57 @@ def sequences(spec: TaskSpec, seed: int, train_size: int, eval_size: int, batch_
     return Dataset(inputs, labels, seed, train_size, batch_size, sort_lengths, topic[:train_size] if topics else None)
 
 
+def labels_of(targets: Targets) -> torch.Tensor:
+    """The next-token labels of a sequence batch's targets: the tensor itself, or its `labels` entry (data=rollouts,
+    preference_pairs, and packed rows, whose targets carry more)."""
+    return targets["labels"] if isinstance(targets, dict) else targets
+
+
+def mark_starts(tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Packed rows' inputs: a document's first token stored as -1 - token, so that one token tensor carries what a
+    Hugging Face batch carries as position_ids restarting at 0 (DataCollatorWithFlattening), and slices, moves and
+    splits like any batch. A model that restarts positions reads it back with `documents_of`."""
+    return torch.where(starts, -1 - tokens, tokens)
+
+
+def documents_of(inputs: torch.Tensor):
+    """(tokens, position ids, document ids) of inputs marked by `mark_starts`: positions restart at 0 at each
+    document's first token, document ids count the starts so far (each (B, T)). Unmarked inputs are one document
+    per row, positions 0..T-1."""
+    starts = inputs < 0
+    tokens = torch.where(starts, -1 - inputs, inputs)
+    index = torch.arange(inputs.shape[-1], device=inputs.device).expand_as(inputs)
+    start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return tokens, index - start, starts.long().cumsum(dim=-1)
+
+
+def packed_sequences(vocab: int, rows: int, seed: int, min_length: int, max_length: int, pack_length: int):
+    """data.packing=true: the Markov documents of data=seq, in order, packed into rows of exactly pack_length tokens;
+    the document that overflows a row is cut at its end, its rest beginning the next row as a document of its own
+    (TRL's `wrapped` packing), so every row is full and no label is padding. As (inputs, targets): inputs the rows' first pack_length - 1 tokens with each document's first token
+    marked (`mark_starts`), targets {"labels": the next tokens, -100 where the next token starts a document (no
+    position predicts across a boundary: TRL >= 0.23.1's labels[position_ids == 0] = -100, transformers'
+    DataCollatorWithFlattening), "documents": the documents each row holds}. A row of T tokens and N documents
+    scores T - N tokens."""
+    mean_length = (min_length + max_length) / 2
+    drawn = int(rows * pack_length / mean_length * 1.3) + 8
+    while True:
+        inputs, labels = markov_sequences(vocab, drawn, seed, min_length, max_length)
+        lengths = (labels != IGNORE_INDEX).sum(dim=1) + 1
+        if int(lengths.sum()) >= rows * pack_length:
+            break
+        drawn *= 2
+    tokens = torch.cat([inputs, labels[:, -1:].clamp(min=0)], dim=1)  # each document's tokens, right-padded
+    valid = torch.arange(max_length)[None, :] < lengths[:, None]
+    flat, first = tokens[valid][:rows * pack_length], torch.zeros_like(tokens, dtype=torch.bool)
+    first[:, 0] = True
+    starts = first[valid][:rows * pack_length].view(rows, pack_length)
+    starts[:, 0] = True  # a row begins a document: the rest of one cut at the row before is one of its own
+    flat = flat.view(rows, pack_length)
+    targets = {"labels": flat[:, 1:].masked_fill(starts[:, 1:], IGNORE_INDEX), "documents": starts.sum(dim=1)}
+    return mark_starts(flat[:, :-1], starts[:, :-1]).contiguous(), targets
+
+
 def rollouts(vocab: int, n: int, seed: int, group_size: int, prompt_length: int, min_length: int, max_length: int,
              policy: Optional[torch.nn.Module]):
     """n fixed rollouts for a policy-gradient update (data=rollouts), as (inputs, targets): n // group_size
@@ -352,7 +403,7 @@ class Dataset:
         order = self._order_for(epoch)
         rows = order[index * self.batch_size:(index + 1) * self.batch_size]
         if self.sort_lengths:
-            scored = (self.train_targets[rows] != IGNORE_INDEX).sum(dim=1)
+            scored = (labels_of(self.train_targets)[rows] != IGNORE_INDEX).sum(dim=1)
             rows = rows[torch.argsort(scored, stable=True)]
         if self.train_topics is not None:
             rows = rows[torch.argsort(self.train_topics[rows], stable=True)]

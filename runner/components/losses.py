@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.components.data import labels_of
 from runner.config.keys import Choice, above, at_least, at_most, half_open, key
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -106,6 +107,12 @@ def offers(obj, protocol) -> bool:
 @lru_cache(maxsize=None)
 def _class_offers(cls: type, protocol) -> bool:
     return issubclass(cls, protocol)
+
+
+def per_count(total: torch.Tensor, count) -> torch.Tensor:
+    """total / count, 0 where nothing is scored: a micro-batch, or a sequence-parallel rank's slice of the positions,
+    may hold no scored token (count 0, total 0), and adds nothing rather than NaN (prime-rl's max(loss_scale, 1))."""
+    return total / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1))
 
 
 def check_reduction(reduction: str) -> str:
@@ -206,6 +213,14 @@ class TermNormalize(Choice):
                                   "NeMo-RL PR #3791)")
 
 
+class Boundaries(Choice):
+    """lm on packed rows (data.packing=true): how the token count treats each document boundary."""
+
+    once = "once", ("a boundary's label is masked, and not counted: the row's scored tokens (unsloth-zoo PR #1066)")
+    twice = "twice", ("the masked boundaries subtracted from the count once more, so a row of T tokens and N documents "
+                      "divides by T - 2N + 1 instead of T - N (unsloth-zoo PR #348, fixed by PR #1066)")
+
+
 class AuxStats(Choice):
     window = "window", "f_i over the whole window, counted first by a router-only pass: exact (torchtitan PR #4772)"
     micro_batch = "micro_batch", "each micro-batch's own f_i: accumulation's default (refused by torchtitan PR #3000)"
@@ -230,33 +245,38 @@ class TokenCrossEntropy(nn.Module):
 
     NORMALIZE = tuple(member.value for member in Normalize)
 
-    def __init__(self, normalize: str = "tokens", ignore_index: int = -100):
+    def __init__(self, normalize: str = "tokens", ignore_index: int = -100, boundaries: str = "once"):
         super().__init__()
         if normalize not in self.NORMALIZE:
             raise ValueError(f"loss.normalize={normalize} is not allowed: expected one of {list(self.NORMALIZE)}")
-        self.normalize, self.ignore_index = normalize, ignore_index
+        self.normalize, self.ignore_index, self.boundaries = normalize, ignore_index, boundaries
         self.reduction = "mean"
 
-    def count_tokens(self, targets: torch.Tensor) -> torch.Tensor:
-        return (targets != self.ignore_index).sum()
+    def count_tokens(self, targets) -> torch.Tensor:
+        """The tokens the loss divides by: the scored ones; with boundaries=twice on packed rows, less each row's
+        documents after its first, whose masked boundaries were not counted already (unsloth-zoo PR #348)."""
+        count = (labels_of(targets) != self.ignore_index).sum()
+        if self.boundaries == "twice" and isinstance(targets, Mapping) and "documents" in targets:
+            count = count - (targets["documents"] - 1).sum()
+        return count
 
     def normalization(self) -> str:
         return self.normalize
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        logits = logits_of(logits)
+        logits, count_from, targets = logits_of(logits), targets, labels_of(targets)
         per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=self.ignore_index,
                                     reduction="none").view(targets.shape)
         if self.normalize == "sequence":
             scored = (targets != self.ignore_index).sum(dim=1).clamp(min=1)
             return (per_token.sum(dim=1) / scored).mean()
         count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            else self.count_tokens(targets)
-        return per_token.sum() / count
+            else self.count_tokens(count_from)
+        return per_count(per_token.sum(), count)
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}"
+        return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}, boundaries={self.boundaries!r}"
 
 
 class SmoothedTokenLoss(TokenCrossEntropy):
@@ -266,23 +286,23 @@ class SmoothedTokenLoss(TokenCrossEntropy):
     term_normalize=window (exact), or each micro-batch's own tokens with term_normalize=micro_batch (the bug)."""
 
     def __init__(self, normalize: str = "tokens", label_smoothing: float = 0.1, term_normalize: str = "window",
-                 ignore_index: int = -100):
-        super().__init__(normalize, ignore_index)
+                 ignore_index: int = -100, boundaries: str = "once"):
+        super().__init__(normalize, ignore_index, boundaries)
         if normalize == "sequence":
             raise ValueError("loss.label_smoothing is not allowed with loss.normalize=sequence: expected tokens, "
                              "micro_batch or double (or loss.label_smoothing=0)")
         self.label_smoothing, self.term_normalize = label_smoothing, term_normalize
 
     def parts(self, logits, targets, num_items_in_batch=None) -> Dict[str, torch.Tensor]:
-        logp = torch.log_softmax(logits_of(logits), dim=-1)
-        scored = targets != self.ignore_index
-        nll = -(logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored).sum()
+        logp, labels = torch.log_softmax(logits_of(logits), dim=-1), labels_of(targets)
+        scored = labels != self.ignore_index
+        nll = -(logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored).sum()
         uniform = -(logp.mean(dim=-1) * scored).sum()
-        own = scored.sum()
+        own = self.count_tokens(targets)
         count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
             else own
-        return {"lm": (1 - self.label_smoothing) * nll / count,
-                "smoothing": self.label_smoothing * uniform / (count if self.term_normalize == "window" else own)}
+        return {"lm": per_count((1 - self.label_smoothing) * nll, count),
+                "smoothing": per_count(self.label_smoothing * uniform, count if self.term_normalize == "window" else own)}
 
     def forward(self, logits, targets, num_items_in_batch=None) -> torch.Tensor:
         return sum(self.parts(logits, targets, num_items_in_batch).values())
@@ -311,14 +331,14 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
     AUX_STATS = tuple(member.value for member in AuxStats)
 
     def __init__(self, normalize: str = "tokens", aux_weight: float = 0.01, aux_stats: str = "window",
-                 ignore_index: int = -100, term_normalize: str = "window"):
-        super().__init__(normalize, ignore_index)
+                 ignore_index: int = -100, term_normalize: str = "window", boundaries: str = "once"):
+        super().__init__(normalize, ignore_index, boundaries)
         if aux_stats not in self.AUX_STATS:
             raise ValueError(f"loss.aux_stats={aux_stats} is not allowed: expected one of {list(self.AUX_STATS)}")
         self.aux_weight, self.aux_stats, self.term_normalize = aux_weight, aux_stats, term_normalize
 
-    def count_load(self, expert_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return expert_mask[targets != self.ignore_index].sum(dim=0)
+    def count_load(self, expert_mask: torch.Tensor, targets) -> torch.Tensor:
+        return expert_mask[labels_of(targets) != self.ignore_index].sum(dim=0)
 
     def load_statistics(self) -> str:
         return self.aux_stats
@@ -327,12 +347,12 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
                 num_items_in_batch: Optional[torch.Tensor] = None,
                 expert_load: Optional[torch.Tensor] = None) -> torch.Tensor:
         """E * sum_i f_i * P_i, unweighted; f from `expert_load` (the window's) when handed."""
-        scored = targets != self.ignore_index
+        scored = labels_of(targets) != self.ignore_index
         load = expert_load if expert_load is not None else self.count_load(outputs["expert_mask"], targets)
         share = load / load.sum().clamp(min=1)  # f_i: no gradient (counts of a top-k)
         tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            and self.term_normalize == "window" else scored.sum()
-        mean_probs = outputs["router_probs"][scored].sum(dim=0) / tokens  # P_i, over `tokens`
+            and self.term_normalize == "window" else self.count_tokens(targets)
+        mean_probs = per_count(outputs["router_probs"][scored].sum(dim=0), tokens)  # P_i, over `tokens`
         return load.shape[0] * (share * mean_probs).sum()
 
     def parts(self, outputs, targets, num_items_in_batch=None, expert_load=None) -> Dict[str, torch.Tensor]:
@@ -347,20 +367,23 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
 
 
 def language_model_loss(normalize: str = "tokens", aux_weight: float = 0.0, aux_stats: str = "window",
-                        label_smoothing: float = 0.0, term_normalize: str = "window"):
+                        label_smoothing: float = 0.0, term_normalize: str = "window", boundaries: str = "once"):
     """loss=lm: next-token cross-entropy (TokenCrossEntropy), with Switch Transformer's load-balancing
     term where aux_weight > 0 (LoadBalancedTokenLoss: a model with a router, model=moe), or label smoothing's
-    term where label_smoothing > 0 (SmoothedTokenLoss); the second term divided as term_normalize says."""
+    term where label_smoothing > 0 (SmoothedTokenLoss); the second term divided as term_normalize says, every
+    count on packed rows as boundaries says."""
     normalize, aux_stats = getattr(normalize, "value", normalize), getattr(aux_stats, "value", aux_stats)
     term_normalize = getattr(term_normalize, "value", term_normalize)
+    boundaries = getattr(boundaries, "value", boundaries)
     if aux_weight > 0 and label_smoothing > 0:
         raise ValueError(f"loss.label_smoothing={label_smoothing} is not allowed with loss.aux_weight={aux_weight}: "
                          "expected one second term, label smoothing or load balancing")
     if aux_weight > 0:
-        return LoadBalancedTokenLoss(normalize, aux_weight, aux_stats, term_normalize=term_normalize)
+        return LoadBalancedTokenLoss(normalize, aux_weight, aux_stats, term_normalize=term_normalize,
+                                     boundaries=boundaries)
     if label_smoothing > 0:
-        return SmoothedTokenLoss(normalize, label_smoothing, term_normalize)
-    return TokenCrossEntropy(normalize=normalize)
+        return SmoothedTokenLoss(normalize, label_smoothing, term_normalize, boundaries=boundaries)
+    return TokenCrossEntropy(normalize=normalize, boundaries=boundaries)
 
 
 @dataclass
@@ -376,6 +399,8 @@ class _LanguageModelKeys:
                                  allowed=half_open(0, 1, note=" (0 = no label smoothing)"))
     term_normalize: TermNormalize = key(TermNormalize.window, "lm with a second term (label_smoothing, aux_weight): "
                                                               "what that term divides by")
+    boundaries: Boundaries = key(Boundaries.once, "lm on packed rows (data.packing=true): how the token count treats "
+                                                  "each document boundary")
 
 
 language_model_loss.Keys = _LanguageModelKeys
@@ -448,7 +473,7 @@ class TokenMeanPolicyGradient(PolicyGradient):
     def forward(self, outputs, targets, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
         count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
             else self.count_tokens(targets)
-        return self.per_token(outputs, targets).sum() / count
+        return per_count(self.per_token(outputs, targets).sum(), count)
 
 
 class SequencePolicyGradient(PolicyGradient):

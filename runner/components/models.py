@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.components.data import TaskSpec
+from runner.components.data import TaskSpec, documents_of
 from runner.config.keys import at_least, half_open, key
 
 IMAGE_SHAPE = (3, 10, 10)
@@ -183,8 +183,15 @@ class CausalLM(nn.Module):
         times its input); the GRU as one block (its layers are one module)."""
         return list(self.body.layers) if self.cell == "transformer" else [self.body]
 
+    def restarts_positions(self) -> bool:
+        """Can it read packed rows (data.packing=true), positions restarting and attention kept within each
+        document? The Transformer can (a mask per row); the GRU's state runs on across the row."""
+        return self.cell == "transformer"
+
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The hidden state at every position, (B, T, hidden), before the output layer."""
+        if self.cell == "transformer" and bool((tokens < 0).any()):  # packed rows (runner.components.data.mark_starts)
+            return self.packed_features(tokens)
         x = self.embed(tokens)
         if self.cell == "gru":
             x, _ = self.body(x)
@@ -193,6 +200,19 @@ class CausalLM(nn.Module):
             mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
             x = self.body(x + sinusoid_positions(length, x.shape[-1], x), mask=mask, is_causal=True)
         return x
+
+    def packed_features(self, marked: torch.Tensor) -> torch.Tensor:
+        """Packed rows: each document's positions restart at 0 and attend to its own earlier tokens only (what
+        flash-attention's varlen kernels do from position_ids), so a document's features are those it has alone."""
+        tokens, positions, documents = documents_of(marked)
+        x = self.embed(tokens)
+        length = tokens.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        allowed = causal & (documents[:, :, None] == documents[:, None, :])  # (B, T, T): query, key
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        heads = self.body.layers[0].self_attn.num_heads
+        table = sinusoid_positions(length, x.shape[-1], x)
+        return self.body(x + table[positions], mask=mask.repeat_interleave(heads, dim=0))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() == 3:  # a pair of sequences per row (data=preference_pairs): each scored on its own

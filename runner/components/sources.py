@@ -17,6 +17,7 @@ from runner.components import user_data
 from runner.components.data import (
     Dataset,
     TaskSpec,
+    packed_sequences,
     pairs,
     preference_pairs,
     rollouts,
@@ -118,16 +119,41 @@ class Sequences:
                              "the vocabulary, each batch ordered by topic, so that a micro-batch's statistics (an MoE "
                              "router's expert load) differ from the window's", allowed=at_least(0, integer=True))
         sort_lengths: bool = sort_lengths_key()
+        packing: bool = key(False, "several documents per row, data.pack_length tokens each: positions restart at each "
+                                   "document, no attention crosses a boundary, and no position predicts the next "
+                                   "document's first token (needs model.cell=transformer)")
+        pack_length: int = key(64, "data.packing=true: the tokens of a packed row", allowed=at_least(2, integer=True))
 
-    def __init__(self, min_length: int = 2, max_length: int = 32, topics: int = 0, sort_lengths: bool = False):
+    def __init__(self, min_length: int = 2, max_length: int = 32, topics: int = 0, sort_lengths: bool = False,
+                 packing: bool = False, pack_length: int = 64):
         check_lengths(min_length, max_length)
+        if packing and topics:
+            raise ValueError(f"data.topics={topics} is not allowed with data.packing=true: a packed row holds "
+                             "documents of several topics, expected data.topics=0 (or data.packing=false)")
         self.min_length, self.max_length, self.topics, self.sort_lengths = min_length, max_length, topics, sort_lengths
+        self.packing, self.pack_length = packing, pack_length
 
     def build(self, request: Request, name: str) -> Tuple[Dataset, TaskSpec]:
         check_kind(request, name, "sequence")
         spec = TaskSpec((), "sequence", request.vocab)
-        return sequences(spec, request.seed, request.train_size, request.eval_size, request.batch_size,
-                         self.min_length, self.max_length, self.sort_lengths, self.topics), spec
+        if not self.packing:
+            return sequences(spec, request.seed, request.train_size, request.eval_size, request.batch_size,
+                             self.min_length, self.max_length, self.sort_lengths, self.topics), spec
+        check_restarts_positions(request)
+        inputs, targets = packed_sequences(request.vocab, request.train_size + request.eval_size, request.seed,
+                                           self.min_length, self.max_length, self.pack_length)
+        return Dataset(inputs, targets, request.seed, request.train_size, request.batch_size, self.sort_lengths), spec
+
+
+def check_restarts_positions(request: Request) -> None:
+    """Packed rows need a model that restarts positions at each document and keeps attention within it: one that
+    says so (`restarts_positions()`, runner.components.models.CausalLM's), reading the marks of
+    runner.components.data.mark_starts."""
+    says = getattr(request.model, "restarts_positions", None)
+    if request.model is not None and not (callable(says) and says()):
+        raise ValueError(f"data.packing=true is not allowed with {request.model_label}: it cannot restart positions at "
+                         "each document, expected model.cell=transformer (model=seq or moe), or a model of your own "
+                         "with restarts_positions() (or data.packing=false)")
 
 
 class Rollouts:

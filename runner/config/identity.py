@@ -60,8 +60,9 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
     """training_id of what a training uses, extents included: the backward.* options its strategy
     does not read back at their defaults (full at any accumulation is one training, except in
     loader mode, where k is the window's size), and in one process what only several processes
-    read (backward.sync, loss.rank_normalize, trainer.parallel), and optim.scheduler_every,
-    optim.clip_every and trainer.ema_every where they change nothing: no schedule, no clipping or no
+    read (backward.sync, loss.rank_normalize, trainer.parallel), loss.count_group without sequence
+    parallelism, and optim.scheduler_every, optim.clip_every and trainer.ema_every where they change
+    nothing: no schedule, no clipping or no
     moving average, or a strategy that takes one micro-batch per step (full), and loss.aux_stats
     without micro-batches or an aux term. `record`: config_record's."""
     used = json.loads(json.dumps(record))
@@ -91,6 +92,8 @@ def used_config_id(config: Config, record: Dict[str, Any]) -> str:
         for group, key, default in ONE_PROCESS_IGNORES:
             if not (key == "parallel" and "." in used[group][key]):  # your own engine runs in one process too
                 used[group][key] = default
+    if config.trainer.sequence_parallel == 1:  # every rank's sequences are its own: counted once either way
+        used["loss"]["count_group"] = "data"
     # What the records hold depends on these too (a memory figure, first_grad.pt).
     recorded = f"{plain(config.trainer.memory)}-{int(config.trainer.first_grad)}"
     return f"{training_id(used, roles=(Role.training, Role.extent))}-{recorded}"

@@ -70,6 +70,14 @@ RankNormalize = Choice("RankNormalize", {
 }, module=__name__)
 
 
+class CountGroup(Choice):
+    data = "data", ("each sequence's tokens counted once, over the data-parallel groups: exact (prime-rl PR #2562, "
+                    "verl PR #6049)")
+    world = "world", ("each rank's sequences counted over every rank: a sequence-parallel group's ranks hold the same "
+                      "sequences, so each is counted sequence_parallel times, and the loss and its gradient are "
+                      "1/sequence_parallel of the exact ones (VeOmni PR #338: 8x too small at 8)")
+
+
 class ParallelEngine(Choice):
     ddp = "ddp", "DistributedDataParallel: the whole model and gradient on every rank"
     fsdp = "fsdp", "FSDP2 fully_shard: 1/world of every parameter, gradient and optimizer state per rank"
@@ -160,6 +168,8 @@ class LossConf(GroupKeys):
                                                "whose constructor takes it)")
     rank_normalize: RankNormalize = key(RankNormalize["global"], "a token loss (loss=lm) with several processes: "
                                                                  "what each rank's loss is divided by")
+    count_group: CountGroup = key(CountGroup.data, "a token loss with trainer.sequence_parallel > 1: the ranks the token "
+                                                   "count is summed over")
     _target_: Optional[str] = key(None, "the loss class an option names (loss=custom: the import path of yours, called "
                                         "as loss(outputs, targets); its constructor's arguments as +loss.KEY=VALUE)",
                                   values="package.module.Class")
@@ -223,6 +233,9 @@ class TrainerConf:
     processes: int = key(1, "processes, each training on its share of every batch (gloo on CPU, nccl on CUDA), "
                             "launched through torch.distributed.run; under torchrun, its world size",
                          Role.extent, allowed=POSITIVE_INT)
+    sequence_parallel: int = key(1, "ranks that share each sequence, each scoring a contiguous 1/N of its positions "
+                                    "(a token loss): trainer.processes / N data-parallel groups; gradients add up "
+                                    "within a group and average across groups", allowed=POSITIVE_INT)
     parallel: str = key("ddp", "the engine: how backward and the optimizer step run, and how several processes "
                                "share the model (full, sum and accumulate only)",
                         values=" | ".join(f"{c.value} ({c.meaning})" for c in ParallelEngine)
@@ -518,6 +531,9 @@ def validate_step_in_backward(cfg: Config) -> None:
 
 def validate_processes(cfg: Config) -> None:
     processes, parallel = cfg.trainer.processes, plain(cfg.trainer.parallel)
+    if processes % cfg.trainer.sequence_parallel:
+        raise ConfigError(f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} is not allowed with "
+                          f"trainer.processes={processes}: expected a divisor of trainer.processes")
     if parallel == "fsdp" and cfg.backward.name not in DDP_STRATEGIES:
         raise ConfigError(f"trainer.parallel=fsdp is not allowed with backward={cfg.backward.name}: expected "
                           f"backward={' or '.join(DDP_STRATEGIES)} (or trainer.parallel=ddp)")
@@ -543,10 +559,12 @@ def validate_processes(cfg: Config) -> None:
         raise ConfigError(f"trainer.ema={cfg.trainer.ema} is not allowed with trainer.parallel=fsdp: the average "
                           "would hold sharded parameters, expected trainer.ema=0 (or trainer.parallel=ddp)")
     accumulation = cfg.backward.accumulation if name in readers_of("accumulation") else 1
-    if cfg.data.batch_size < processes * accumulation:
+    groups = processes // cfg.trainer.sequence_parallel  # a sequence-parallel group's ranks share their rows
+    if cfg.data.batch_size < groups * accumulation:
+        shared = f" / trainer.sequence_parallel ({groups})" if groups != processes else ""
         raise ConfigError(f"trainer.processes={processes} is not allowed with data.batch_size={cfg.data.batch_size} "
-                          f"and backward.accumulation={accumulation}: expected data.batch_size >= processes x "
-                          f"accumulation ({processes * accumulation}), a micro-batch for every rank")
+                          f"and backward.accumulation={accumulation}: expected data.batch_size >= processes{shared} x "
+                          f"accumulation ({groups * accumulation}), a micro-batch for every rank")
 
 
 def instantiate(dotted: str, target: Optional[str], kwargs: Dict[str, Any],

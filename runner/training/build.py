@@ -107,7 +107,8 @@ class Training:
     def shard(self, window):
         """This rank's rows of a window and its loss weight (runner.training.weighting.rank_shard)."""
         return rank_shard(window.inputs, window.targets, self.loss_fn, self.engine.rank, self.engine.world,
-                          plain(self.config.loss.rank_normalize))
+                          plain(self.config.loss.rank_normalize), self.config.trainer.sequence_parallel,
+                          plain(self.config.loss.count_group))
 
     def warnings(self) -> List[str]:
         """The lines printed before training and kept in the summary: options the strategy ignores, and
@@ -268,6 +269,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.dev
     if rank_normalize != "global" and not offers(loss_fn, TokenLoss):
         raise ConfigError(f"loss.rank_normalize={rank_normalize} is not allowed with {loss_label(cfg)}: it "
                           "divides a token loss by a token count, expected a token loss (loss=lm)")
+    if cfg.trainer.sequence_parallel > 1 and not (offers(loss_fn, TokenLoss) and loss_fn.normalization() != "sequence"):
+        raise ConfigError(f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} is not allowed with "
+                          f"{loss_label(cfg)}: its ranks score parts of each sequence, which only a token loss adds "
+                          "up, expected loss=lm (not loss.normalize=sequence) or loss=grpo loss.aggregation=token_mean")
     # backward.sync is accumulate's: sum synchronises its one backward, as full does.
     sync = plain(cfg.backward.sync) if cfg.backward.name in readers_of("sync") else "last"
     world = cfg.trainer.processes if under_torchrun() else 1
@@ -310,6 +315,14 @@ def check_router(cfg: Config, model: torch.nn.Module, loss_fn) -> None:
                           "in one process, expected trainer.processes=1")
 
 
+def check_boundaries(loss_fn, dataset: Dataset) -> None:
+    """loss.boundaries=twice removes packed rows' document boundaries from the count again: it needs packed rows."""
+    packed = isinstance(dataset.train_targets, dict) and "documents" in dataset.train_targets
+    if getattr(loss_fn, "boundaries", "once") == "twice" and not packed:
+        raise ConfigError("loss.boundaries=twice is not allowed without packed rows: it removes their documents' "
+                          "boundaries from the count, expected data=seq data.packing=true (or loss.boundaries=once)")
+
+
 def _misfit(strategy: Strategy, cfg: Config, exc: StrategyMismatch) -> str:
     if exc.misfit == "model":
         return f"backward={strategy.name} does not fit model={cfg.model.name}: {exc}"
@@ -343,6 +356,7 @@ def build_training(cfg: Config, loss_kwargs: Optional[Dict[str, Any]] = None,
         dataset.to(device, dtype)
         loss_fn = build_loss_fn(cfg, loss_kwargs, spec)
         check_router(cfg, model, loss_fn)
+        check_boundaries(loss_fn, dataset)
         # The strategy as its options make it: what fits, the batches, the probes' forward.
         planned = build_strategy(cfg.backward)
         loader = cfg.data.micro_batch_size is not None  # a window of k micro-batches is the step's batch

@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from runner.components.data import IGNORE_INDEX
+from runner.components.data import IGNORE_INDEX, labels_of
 from runner.components.losses import cosine_similarity, logits_of
 
 
@@ -45,6 +45,7 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets, kind: str) -
     if kind == "regression":
         return {"mse": float(torch.mean((outputs - targets).double() ** 2))}
     if kind == "sequence":  # next-token labels; padding (-100) is not scored
+        targets = labels_of(targets)  # packed rows' targets also carry their documents
         scored = targets != IGNORE_INDEX
         logits = logits_of(outputs)[scored]  # model=moe outputs a dict with its router's statistics
         return {"token_accuracy": float((logits.argmax(-1) == targets[scored]).double().mean()),

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from runner.components.data import MicroBatch, micro_batches
+from runner.components.data import IGNORE_INDEX, MicroBatch, labels_of, micro_batches
 from runner.components.losses import (
     RoutedLoss,
     TokenLoss,
@@ -140,15 +140,39 @@ class Shard:
     weight: Optional[object] = None
 
 
-def rank_shard(inputs, targets, loss_fn, rank: int, world: int, rank_normalize: str = "global") -> Shard:
-    """The rows of the batch this rank trains on (tensor_split, uneven allowed) and its loss weight."""
+def rank_shard(inputs, targets, loss_fn, rank: int, world: int, rank_normalize: str = "global",
+               sequence_parallel: int = 1, count_group: str = "data") -> Shard:
+    """The rows of the batch this rank trains on (tensor_split, uneven allowed) and its loss weight.
+
+    trainer.sequence_parallel=N: N consecutive ranks share their rows, each scoring a contiguous 1/N of every
+    sequence's positions (`sequence_piece`); a token loss's count is the batch's tokens, each counted once
+    (count_group=data), or over every rank, where an N-group's ranks count the same rows N times (world). The
+    engine averages the gradients over all ranks, which world x share undoes: they add up within a group and
+    average across groups."""
     if world <= 1:
         return Shard(inputs, targets, 1.0)
-    mine = micro_batches(inputs, targets, world)[rank]
+    group, piece = divmod(rank, sequence_parallel)
+    mine = micro_batches(inputs, targets, world // sequence_parallel)[group]
+    if sequence_parallel > 1:
+        mine.targets = sequence_piece(mine.targets, piece, sequence_parallel)
     batch_tokens = loss_fn.count_tokens(targets) if offers(loss_fn, TokenLoss) else None
+    if batch_tokens is not None and count_group == "world":
+        batch_tokens = batch_tokens * sequence_parallel
     share = exact_share(loss_fn, mine.targets, batch_tokens, mine.share)
     # Ranks average their gradients: world x share undoes the mean exactly. `local` keeps the
     # rank's own normalisation (weight 1); `no_world` forgets the mean (weight = share).
     weight = {"global": world * share, "local": None, "no_world": share}[rank_normalize]
     return Shard(mine.inputs, mine.targets, share, weight)
+
+
+def sequence_piece(targets, piece: int, pieces: int):
+    """The targets of a rank that scores piece `piece` of `pieces` contiguous pieces of every sequence's positions
+    (Ulysses, ring attention: each rank holds a slice of the sequence): the other positions' labels ignored. The rank
+    still runs the whole forward, the lab's stand-in for attention's exchange of keys and values, so that each
+    position's logits and their gradient are the whole sequence's."""
+    labels = labels_of(targets)
+    outside = torch.ones(labels.shape[-1], dtype=torch.bool, device=labels.device)
+    outside[torch.tensor_split(torch.arange(labels.shape[-1]), pieces)[piece]] = False
+    masked = labels.masked_fill(outside, IGNORE_INDEX)
+    return {**targets, "labels": masked} if isinstance(targets, dict) else masked
 
