@@ -20,6 +20,7 @@ EXTRA = {"tokens": ["data.max_length=12", "data.train_size=512", "data.eval_size
          "grpo": ["data.train_size=64", "data.eval_size=16", "data.max_length=6", "backward.accumulation=4"],
          "dpo": ["data.train_size=100", "data.eval_size=20", "data.max_length=8"],
          "terms": ["data.train_size=128", "data.eval_size=16", "data.max_length=8"],
+         "packing": ["data.train_size=256", "data.eval_size=64"],
          "focal": ["data.train_size=4096", "data.eval_size=1024"],
          "memory": ["data.train_size=512", "data.eval_size=64"],
          "ranks_tokens": ["data.train_size=256", "data.eval_size=64"],
@@ -37,8 +38,9 @@ STEPS = {"grpo": 10, "terms": 10, "precision": 2, "fsdp": 5, "ranks_tokens": 5, 
 
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp",
-                           "default", "dpo", "factors", "fingerprint", "focal", "fsdp", "grpo", "memory", "moe", "multitask", "partial_window",
-                           "precision", "ranks_tokens", "schedule", "step_state", "terms", "tokens", "uneven"]
+                           "default", "dpo", "factors", "fingerprint", "focal", "fsdp", "grpo", "memory", "moe",
+                           "multitask", "packing", "partial_window", "precision", "ranks_tokens", "schedule",
+                           "sequence_parallel", "step_state", "terms", "tokens", "uneven"]
     experiment = next(group for group in reference.groups(CONF_DIR) if group.name == "experiment")
     assert [option.name for option in experiment.options] == EXPERIMENTS
 

@@ -82,24 +82,38 @@ def test_bad_post_training_input_is_one_line():
         "divides by, expected loss.aggregation=token_mean (or 0)")
 
 
-def test_token_mean_and_a_mean_over_sequences_on_two_ranks_are_the_full_batch(tmp_path):
-    """Two gloo ranks, each with half of every batch in 2 micro-batches, end where one process's full batch ends,
-    within float32 tolerance: token_mean counts the tokens over both ranks; constant is a mean over sequences, as
-    sequence_mean and sequence_sum are (each rank's share of the rows weights it; two of the four keep the
-    suite's time)."""
-    sweep = tmp_path / "ranks"
-    result = run_cli("-m", *ROLLOUTS, "trainer.steps=3", "trainer.processes=2", "backward=accumulate",
-                     "backward.accumulation=2", "loss.aggregation=token_mean,constant",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+def test_every_aggregation_on_two_ranks_is_the_full_batch(tmp_path):
+    """Each of two ranks takes half of every batch (runner.training.weighting.rank_shard) and the engine averages their
+    gradients: simulated rank by rank, every aggregation's weighted rank gradients average to the full batch's
+    (token_mean counts the tokens over both ranks; the other three are means over sequences, weighted by the rank's
+    share of the rows). Two real gloo ranks, 2 micro-batches each, end where one process ends on token_mean."""
+    from runner.components.losses import policy_gradient_loss
+    from runner.training.weighting import rank_shard
+
+    training = api.compose([*ROLLOUTS, "trainer.steps=1"])
+    inputs, targets = training.dataset.batch(0)
+    model = training.model
+    params = list(model.parameters())
+    for aggregation in AGGREGATIONS:
+        loss_fn = policy_gradient_loss(aggregation)
+        full = torch.autograd.grad(loss_fn(model(inputs), targets), params)
+        averaged = [torch.zeros_like(p) for p in params]
+        for rank in range(2):
+            shard = rank_shard(inputs, targets, loss_fn, rank, 2)
+            for total, g in zip(averaged, torch.autograd.grad(loss_fn(model(shard.inputs), shard.targets) *
+                                                              shard.weight, params)):
+                total += g / 2
+        for total, g in zip(averaged, full):
+            torch.testing.assert_close(total, g, rtol=1e-5, atol=1e-7, msg=aggregation)
+
+    run_dir, reference = tmp_path / "ranks", tmp_path / "full"
+    result = run_cli(*ROLLOUTS, "trainer.steps=3", "trainer.processes=2", "backward=accumulate",
+                     "backward.accumulation=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in sorted(p for p in sweep.iterdir() if (p / record.SUMMARY).exists()):
-        aggregation = job.name.split("loss.aggregation=")[1].split(",")[0]
-        reference = tmp_path / f"full_{aggregation}"
-        assert api.run(api.compose([*ROLLOUTS, "trainer.steps=3", f"loss.aggregation={aggregation}"]),
-                       reference).status == "ok"
-        ranks, one = record.load_params(job), record.load_params(reference)
-        for name in one:
-            torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
+    assert api.run(api.compose([*ROLLOUTS, "trainer.steps=3"]), reference).status == "ok"
+    ranks, one = record.load_params(run_dir), record.load_params(reference)
+    for name in one:
+        torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
 
 
 PAIRS = ["model=seq", "data=preference_pairs", "loss=dpo", "data.max_length=8"]
@@ -287,7 +301,7 @@ def test_sequence_parallel_ranks_add_up_to_the_full_batch_and_the_world_count_is
         for rank in range(world):
             shard = rank_shard(inputs, targets, loss_fn, rank, world, "global", pieces, group)
             loss = loss_fn(model(shard.inputs), shard.targets)
-            logged += float(loss) * shard.share
+            logged += float(loss.detach()) * shard.share
             for total, g in zip(summed, torch.autograd.grad(loss * shard.weight, params)):
                 total += g / world  # the engine's mean over ranks
         assert logged == pytest.approx(float(full_loss) * factor, rel=1e-5)
@@ -295,27 +309,19 @@ def test_sequence_parallel_ranks_add_up_to_the_full_batch_and_the_world_count_is
             torch.testing.assert_close(total, g * factor, rtol=1e-5, atol=1e-7)
 
 
-def test_sequence_parallel_on_two_and_four_gloo_ranks(tmp_path):
-    """Real ranks: two ranks in one sequence-parallel group end where one process's full batch ends (count_group=data)
-    within float32 tolerance; four ranks in two groups of two with count_group=world take a first gradient of
-    exactly 1/2 of the full batch's."""
+def test_sequence_parallel_on_four_gloo_ranks_is_the_full_batch(tmp_path):
+    """Real ranks: four in two sequence-parallel groups of two, count_group=data, end where one process's full batch
+    ends within float32 tolerance (experiment=sequence_parallel measures count_group=world's exact 1/2 on two ranks)."""
     reference = tmp_path / "full"
     assert api.run(api.compose([*SEQUENCES, "trainer.steps=2"]), reference).status == "ok"
-    one, first = record.load_params(reference), record.load_first_grad(reference)
-    for world, group in ((2, "data"), (4, "world")):
-        run_dir = tmp_path / f"ranks{world}"
-        result = run_cli(*SEQUENCES, "trainer.steps=2", f"trainer.processes={world}", "trainer.sequence_parallel=2",
-                         "backward=accumulate", "backward.accumulation=2", f"loss.count_group={group}",
-                         f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        if group == "data":
-            ranks = record.load_params(run_dir)
-            for name in one:
-                torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
-        else:
-            halved = record.load_first_grad(run_dir)
-            for name in first:
-                torch.testing.assert_close(halved[name], first[name] / 2, rtol=1e-5, atol=1e-8)
+    run_dir = tmp_path / "ranks"
+    result = run_cli(*SEQUENCES, "trainer.steps=2", "trainer.processes=4", "trainer.sequence_parallel=2",
+                     "backward=accumulate", "backward.accumulation=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks, one = record.load_params(run_dir), record.load_params(reference)
+    for name in one:
+        torch.testing.assert_close(ranks[name], one[name], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_sequence_parallel_input_is_one_line():

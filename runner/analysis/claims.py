@@ -7,8 +7,8 @@ equivalent / identical / differs (final parameters against the run `reference:` 
 within_drift (the distance to the reference at most `factor` times the reference's own distance
 to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
 `rel`: a bug that scales the gradient, 1/world of it say), impact (a configuration's mean paired
-difference of `metric` from the reference's over seeds, in the reference's seed σ: `at_least` or
-`at_most`; runner.analysis.replicates), fails (status error, with `message` in the error),
+difference of `metric` from the reference's over seeds, in the reference's seed σ: `at_least`,
+`at_most` in size, or `below` for a metric a bug lowers; runner.analysis.replicates), fails (status error, with `message` in the error),
 succeeds, summary (a summary `key` equals `value` in every run: ranks_agree true, say), and
 smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
@@ -161,18 +161,20 @@ def evaluate_claim(claim: Dict[str, Any], runs: List[Run], cache: Dict[Any, Any]
 def _impact(name: str, claim: Dict[str, Any], chosen: List[Run], reference: Run, runs: List[Run]) -> ClaimResult:
     """Each chosen configuration's impact on `metric` (final_loss by default) against the
     reference configuration, paired by seed, in the reference's seed-to-seed σ: at least
-    `at_least` σ (a bug that costs), or at most `at_most` σ in size (one that does not)."""
+    `at_least` σ (a bug that costs), at most `at_most` σ in size (one that does not), or at most `below` σ (a
+    metric the bug lowers: a held-out accuracy, or a loss that reads lower than the objective's)."""
     metric = claim.get("metric", "final_loss")
-    at_least, at_most = claim.get("at_least"), claim.get("at_most")
-    if at_least is None and at_most is None:
-        return ClaimResult(name, "impact", False, "an impact claim needs at_least or at_most (in σ)")
+    at_least, at_most, below = claim.get("at_least"), claim.get("at_most"), claim.get("below")
+    if at_least is None and at_most is None and below is None:
+        return ClaimResult(name, "impact", False, "an impact claim needs at_least, at_most or below (in σ)")
     reference_runs = groups(runs).get(configuration(reference), [])
     found = [impact(members, reference_runs, metric) for members in groups(chosen).values()]
     holds = all(f.verdict not in ("unknown", "reference") and
                 (at_least is None or f.value >= float(at_least)) and (at_most is None or abs(f.value) <= float(at_most))
-                for f in found)
+                and (below is None or f.value <= float(below)) for f in found)
     bound = " and ".join(b for b in (f"at least {at_least}σ" if at_least is not None else "",
-                                      f"at most {at_most}σ in size" if at_most is not None else "") if b)
+                                      f"at most {at_most}σ in size" if at_most is not None else "",
+                                      f"at most {below}σ" if below is not None else "") if b)
     return ClaimResult(name, "impact", holds, f"{metric}: {', '.join(f.describe() for f in found)}; expected {bound}")
 
 
