@@ -19,6 +19,8 @@ loss.normalize, and named where they are chosen.
   share of the batch (rows, or scored tokens counted over every rank). loss.rank_normalize keeps the
   two cross-rank bugs of token losses: `local` divides by the rank's own count (transformers #34242),
   `no_world` by the global count without undoing the mean over ranks, 1/world (torchtitan #1842).
+  trainer.sequence_parallel=N: a group of N ranks shares its rows, each scoring a slice of the positions;
+  loss.count_group=world counts each sequence N times, 1/N (VeOmni PR #338).
 
 The logged value is always the micro-batch's exact share of the batch's loss, whatever the weighting:
 the `loss` column never changes with the split (except a load-balancing term computed from each
