@@ -50,7 +50,8 @@ fingerprints: $(STAMP)  ## fingerprint Lightning, Accelerate, the Trainer (and D
 	$(PY) -m runner -m experiment=fingerprint loop=lightning,accelerate,hf_trainer hydra.sweep.dir=$(FINGERPRINTS_DIR)/frameworks
 	@if $(PY) -c "import deepspeed" 2>/dev/null; then \
 	  $(PY) -m runner -m experiment=fingerprint loop=deepspeed loop.zero_stage=0,1,2 hydra.sweep.dir=$(FINGERPRINTS_DIR)/deepspeed; fi
-	$(PY) -m runner.analysis.fingerprints $$(ls -d $(FINGERPRINTS_DIR)/*) --docs docs/fingerprint.md
+	$(PY) -m runner.analysis.fingerprints $(FINGERPRINTS_DIR)/frameworks $$(ls -d $(FINGERPRINTS_DIR)/deepspeed 2>/dev/null) \
+	  --docs docs/fingerprint.md
 
 reference: $(STAMP)  ## regenerate docs/reference.md and the README's groups table from the keys' declarations
 	$(PY) -m runner.config.reference --write

@@ -16,20 +16,27 @@ from runner.fingerprint.session import fingerprint, fingerprint_probe
 from runner.recording import record
 from tests.conftest import run_here
 
-EXACT = {"uneven": "scale=size", "tokens": "normalize=tokens", "short_window": "partial_window=exact",
-         "short_epoch": "partial_window=exact", "warmup": "scheduler_every=step", "clip": "clip_every=step"}
+EXACT = {"uneven": "scale=size", "tokens": "normalize=tokens", "policy": "normalize=tokens", "packed": "normalize=tokens",
+         "short_window": "partial_window=exact", "short_epoch": "partial_window=exact", "warmup": "scheduler_every=step",
+         "clip": "clip_every=step"}
+TOKEN_PROBES = ("tokens", "policy", "packed")
 # Each mode of the lab's own loop, and what the fingerprint must name on the probes where it shows; the
 # other probes name the exact fix. (A key the probe's loss does not read is ignored: loss.normalize on bce.)
 MODES = {
     "exact": ([], {}),
     "scale=mean": (["backward.scale=mean"], {"uneven": "scale=mean"}),
     "scale=none": (["backward.scale=none"], {"uneven": "scale=none"}),
-    "keep=last": (["backward.keep=last"], {"uneven": "keep=last", "tokens": "keep=last"}),
-    "keep=first": (["backward.keep=first"], {"uneven": "keep=first", "tokens": "keep=first"}),
-    "normalize=micro_batch": (["loss.normalize=micro_batch"], {"tokens": "normalize=micro_batch"}),
+    "keep=last": (["backward.keep=last"], {"uneven": "keep=last", **dict.fromkeys(TOKEN_PROBES, "keep=last")}),
+    "keep=first": (["backward.keep=first"], {"uneven": "keep=first", **dict.fromkeys(TOKEN_PROBES, "keep=first")}),
+    "normalize=micro_batch": (["loss.normalize=micro_batch"], dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch")),
     "normalize=micro_batch scale=mean": (["loss.normalize=micro_batch", "backward.scale=mean"],
-                                         {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean"}),
-    "normalize=double": (["loss.normalize=double"], {"tokens": "normalize=double"}),
+                                         {"uneven": "scale=mean",
+                                          **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean")}),
+    "normalize=double": (["loss.normalize=double"], dict.fromkeys(TOKEN_PROBES, "normalize=double")),
+    # loss=grpo's token count over M micro-batches (TRL PR #6024), and packed rows' boundaries removed twice
+    # (unsloth-zoo PR #348): the tokens probe's unpacked rows refuse the latter
+    "count_window=6": (["loss.count_window=6"], {"policy": "count_window=6"}),
+    "boundaries=twice": (["loss.boundaries=twice"], {"packed": "boundaries=twice", "tokens": "not run"}),
     "partial_window=k": (["backward.partial_window=k"], {"short_window": "partial_window=k",
                                                           "short_epoch": "partial_window=k"}),
     "partial_window=drop": (["backward.partial_window=drop"], {"short_window": "partial_window=drop",
@@ -70,6 +77,7 @@ def test_the_self_test_names_every_mode_back_and_tells_each_pair_apart():
     assert telling[("normalize=micro_batch", "normalize=micro_batch scale=mean")] == "uneven"
     assert telling[("partial_window=k", "partial_window=carry")] == "short_window"
     assert telling[("keep=last", "keep=first")] == "uneven"
+    assert telling[("exact", "count_window=6")] == "policy"
     assert all(observed[m] == observed["exact"] for m in ("backward=sum", "backward=full"))
 
 
@@ -92,12 +100,13 @@ def test_weights_are_the_hand_computed_ones_for_a_nanogpt_loop():
 @pytest.mark.filterwarnings("ignore:Detected call of")  # lr_scheduler.step() before optimizer.step(): the loop's bug
 @pytest.mark.parametrize("function, expected", [
     ("exact", {}),
-    ("nanogpt", {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean",
+    ("nanogpt", {"uneven": "scale=mean", **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean"),
                  "short_window": "partial_window=k", "short_epoch": "partial_window=k"}),
-    ("zero_grad_inside", {"uneven": "keep=last scale=mean", "tokens": "keep=last normalize=micro_batch scale=mean",
+    ("zero_grad_inside", {"uneven": "keep=last scale=mean",
+                          **dict.fromkeys(TOKEN_PROBES, "keep=last normalize=micro_batch scale=mean"),
                           "short_window": "partial_window=k", "short_epoch": "partial_window=k", "clip": "clip=none"}),
-    ("clip_and_schedule_inside", {"tokens": "normalize=micro_batch", "warmup": "scheduler_every=micro_batch",
-                                  "clip": "clip_every=micro_batch"}),
+    ("clip_and_schedule_inside", {**dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch"),
+                                  "warmup": "scheduler_every=micro_batch", "clip": "clip_every=micro_batch"}),
 ])
 def test_users_loops_are_named(function, expected):
     result = fingerprint(Custom(f"runner.experiments.examples.loops.{function}"))
@@ -238,9 +247,9 @@ def test_bad_loops_are_one_line_and_leave_no_folder(tmp_path):
 # exact fix. Lightning and Accelerate divide each micro-batch's mean by k, the short window too (Lightning
 # #19987); the Trainer hands a token loss the window's count and never divides a compute_loss_func by k.
 FRAMEWORKS = {
-    "lightning": {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean",
+    "lightning": {"uneven": "scale=mean", **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean"),
                   "short_window": "partial_window=k", "short_epoch": "partial_window=k"},
-    "accelerate": {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean",
+    "accelerate": {"uneven": "scale=mean", **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean"),
                    "short_window": "partial_window=k", "short_epoch": "partial_window=k"},
     "hf_trainer": {"uneven": "scale=none"},
 }
@@ -264,7 +273,8 @@ def test_each_framework_is_fingerprinted_as_measured(name):
             assert r.distance == 0, (name, r.probe.name, r.distance)
 
 
-BIT_FOR_BIT = {"lightning": ("warmup", "clip"), "accelerate": ("warmup", "clip"), "hf_trainer": ("tokens",)}
+BIT_FOR_BIT = {"lightning": ("warmup", "clip"), "accelerate": ("warmup", "clip"),
+               "hf_trainer": ("tokens", "policy", "packed")}
 
 
 def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
@@ -277,8 +287,8 @@ def test_a_framework_that_is_not_installed_is_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("stage, expected", [
-    (0, {"uneven": "scale=mean", "tokens": "normalize=micro_batch scale=mean", "short_window": "partial_window=carry",
-         "short_epoch": "partial_window=carry"}),
+    (0, {"uneven": "scale=mean", **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean"),
+         "short_window": "partial_window=carry", "short_epoch": "partial_window=carry"}),
     (2, {probe: "not observed" for probe in PROBES if probe != "warmup"}),
 ])
 def test_deepspeed_is_fingerprinted_as_measured(tmp_path, stage, expected):

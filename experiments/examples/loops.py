@@ -23,6 +23,11 @@ def nanogpt(model, optimizer, loader, loss_fn, *, epochs, accumulation, schedule
                     scheduler.step()
 
 
+def _rows(targets):
+    """A micro-batch's rows: its targets may be a dict of tensors (rollouts, packed rows)."""
+    return len(next(iter(targets.values()))) if isinstance(targets, dict) else len(targets)
+
+
 def _windows(loader, accumulation):
     """The epoch's windows of k micro-batches (the last may hold fewer)."""
     batches = list(loader)
@@ -35,12 +40,12 @@ def exact(model, optimizer, loader, loss_fn, *, epochs, accumulation, scheduler=
     tokens = hasattr(loss_fn, "count_tokens")
     for _ in range(epochs):
         for window in _windows(loader, accumulation):
-            total = sum(int((y != -100).sum()) if tokens else len(y) for _, y in window)
+            total = sum(int(loss_fn.count_tokens(y)) if tokens else _rows(y) for _, y in window)
             for x, y in window:
                 if tokens:
                     loss = loss_fn(model(x), y, num_items_in_batch=total)
                 else:
-                    loss = loss_fn(model(x), y) * len(y) / total
+                    loss = loss_fn(model(x), y) * _rows(y) / total
                 loss.backward()
             if clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
@@ -70,7 +75,7 @@ def clip_and_schedule_inside(model, optimizer, loader, loss_fn, *, epochs, accum
     for _ in range(epochs):
         for window in _windows(loader, accumulation):
             for x, y in window:
-                (loss_fn(model(x), y) * len(y) / sum(len(t) for _, t in window)).backward()
+                (loss_fn(model(x), y) * _rows(y) / sum(_rows(t) for _, t in window)).backward()
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
                 if scheduler is not None:

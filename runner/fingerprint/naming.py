@@ -52,6 +52,32 @@ TOKEN_RULES: Dict[str, Rule] = {
 }
 
 
+def _boundaries_twice(mbs, d, k):
+    """loss.boundaries=twice on packed rows: the window's count less each row's documents after its first."""
+    c, _ = _counts(mbs)
+    again = sum(float((mb.targets["documents"] - 1).sum()) if isinstance(mb.targets, dict) and
+                "documents" in mb.targets else 0.0 for mb in mbs)
+    return torch.ones_like(c) / (c.sum() - again)
+
+
+TOKEN_RULES["boundaries=twice"] = _boundaries_twice  # the exact count where no row is packed: named exact first
+
+
+def count_window(steps: Sequence[Solved], k: int) -> Optional[Named]:
+    """loss.count_window=M: the window's token mean divided by M micro-batches' tokens (the window's x M / k), so
+    every weight is k / M times the exact one (TRL PR #6024). M is read off the weights and named where it is a
+    whole number of micro-batches that fits every step."""
+    exact = TOKEN_RULES["normalize=tokens"]
+    factor = float(torch.stack([(s.weights / exact(s.micro_batches, k, k)).mean() for s in steps]).mean())
+    if factor <= 0:
+        return None
+    windows = round(k / factor)
+    if windows < 1 or windows == k:
+        return None
+    worst = max(error(s.weights, exact(s.micro_batches, k, k) * k / windows) for s in steps)
+    return Named("normalization", f"count_window={windows}", False, worst) if worst < TOLERANCE else None
+
+
 def _kept(rule: Rule, which: int) -> Rule:
     """The accumulator keeps one micro-batch's gradient (keep=first: index 0; keep=last: -1)."""
     def predict(mbs, d, k):
@@ -112,6 +138,9 @@ def normalization(steps: Sequence[Solved], k: int, tokens: bool) -> Named:
         worst = max(error(s.weights, rule(s.micro_batches, k, k)) for s in full)
         if worst < TOLERANCE:
             return Named("normalization", name, name in EXACT["normalization"], worst)
+    counted = count_window(full, k) if tokens else None
+    if counted is not None:
+        return counted
     exact = next(iter(rules(tokens).values()))
     return _unnamed("normalization", full, lambda s: exact(s.micro_batches, k, k), "no named normalisation")
 

@@ -7,6 +7,8 @@ gradients add up to the batch's and the weights are well defined.
 
     uneven        30 rows in micro-batches of 8, 8, 8, 6 at k=4: scale=size / mean / none, keep
     tokens        sequences of 4..12 tokens, padding ignored, uneven counts of tokens and rows at k=3
+    policy        GRPO's token mean on rollouts, the same geometry: the count's window (count_window=M)
+    packed        packed rows of several documents: each boundary counted once or twice (boundaries=twice)
     short_window  5 micro-batches an epoch at k=2, two epochs: the short last window (exact, k, drop, carry)
     short_epoch   an epoch of 3 micro-batches, shorter than k=4, three epochs: carry against the rest
     warmup        a linear warmup at k=2: the schedule per optimizer step or per micro-batch
@@ -22,6 +24,11 @@ DIMENSIONS = ("normalization", "window", "schedule", "clipping")
 
 EXAMPLES = ("model=mlp", "data=default", "loss=bce", "optim=sgd")
 TOKENS = ("model=seq", "data=seq", "loss=lm", "optim=sgd", "data.min_length=4", "data.max_length=12")
+POLICY = ("model=seq", "data=rollouts", "loss=grpo", "optim=sgd", "data.min_length=1", "data.max_length=8",
+          "data.group_size=2")
+PACKED = ("model=seq", "model.cell=transformer", "data=seq", "loss=lm", "optim=sgd", "data.packing=true",
+          "data.min_length=2", "data.max_length=6", "data.pack_length=12")
+TOKEN_LOSSES = ("loss=lm", "loss=grpo")  # the probes whose loss divides by a token count
 # The clip probe's clip, as a fraction of the exact first step's gradient norm: it binds at every step
 # and, inside a window, already after the first micro-batches.
 CLIP_FRACTION = 0.1
@@ -43,7 +50,7 @@ class Probe:
 
     @property
     def tokens(self) -> bool:
-        return "loss=lm" in self.settings
+        return any(loss in self.settings for loss in TOKEN_LOSSES)
 
     def overrides(self) -> Tuple[str, ...]:
         """The probe's own keys: they win over a mode that sets the same key."""
@@ -59,6 +66,10 @@ PROBES: Dict[str, Probe] = {p.name: p for p in (
           "(1/30 each) differs from a mean of means (1/32 and 1/24)", EXAMPLES, 30, 8, 4, 2),
     Probe("tokens", "normalization", "sequences of 4 to 12 tokens with padding ignored: each micro-batch scores "
           "another number of tokens, and the second window's last holds 2 sequences, not 4", TOKENS, 22, 4, 3, 2),
+    Probe("policy", "normalization", "GRPO's token mean on rollouts of 1 to 8 tokens, the tokens probe's geometry: "
+          "the window whose tokens the mean divides by", POLICY, 22, 4, 3, 2),
+    Probe("packed", "normalization", "rows of 12 tokens packing documents of 2 to 6: each row scores 12 minus its "
+          "documents, and a count that removes the boundaries again divides by less", PACKED, 22, 4, 3, 2),
     Probe("short_window", "window", "5 micro-batches an epoch at k=2: each epoch ends with a window of one",
           EXAMPLES, 38, 8, 2, 2),
     Probe("short_epoch", "window", "an epoch of 3 micro-batches at k=4, shorter than one window, three epochs",

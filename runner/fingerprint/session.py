@@ -23,7 +23,8 @@ from runner.fingerprint.weights import Basis, Solved
 # What makes the lab's own loop exact whatever the command line chose (the reference runs).
 EXACT_MODES = ("backward=accumulate",)
 # The command line's keys that choose the lab's own loop's modes (loop=runner); the probes set the rest.
-MODE_KEYS = ("backward", "loss.normalize", "optim.scheduler_every", "optim.clip_every", "seed")
+MODE_KEYS = ("backward", "loss.normalize", "loss.count_window", "loss.boundaries", "optim.scheduler_every",
+             "optim.clip_every", "seed")
 
 
 @dataclass
@@ -157,7 +158,7 @@ def fingerprint_probe(loop: Loop, probe: Probe, modes: Sequence[str] = (), seed:
     except ConfigError as exc:  # the lab refuses this mode on this probe (drop with an epoch shorter than k)
         return ProbeResult(probe, naming.Named(probe.dimension, f"not run: {exc}", False))
     reference = _reference(probe, extra, seed)
-    stream = _stream(training)
+    stream = Stream(training.batches.loader, _count(reference))  # the exact count, whatever the loop's loss counts
     stream.epoch(probe.epochs)  # the runner's carried windows draw one epoch ahead
     session = Session(training, ProbeLoader(stream), probe.epochs, probe.accumulation,
                       training.config.optim.clip_norm, probe.tokens)

@@ -10,19 +10,22 @@ import tempfile
 import torch
 from torch import nn
 
+from runner.components.data import labels_of
 from runner.components.losses import TokenLoss, offers
 from runner.fingerprint.loops import EpochsDataset, Loop, Session, installed_version
 
 
 class _LogitsModel(nn.Module):
-    """The lab's model as the Trainer calls it: model(**inputs) -> {"logits": ...} (the lab's model is hooked)."""
+    """The lab's model as the Trainer calls it: model(**inputs) -> {"logits": ...} (the lab's model is hooked).
+    Targets with more than labels (rollouts' advantages, packed rows' documents) ride along as `targets`, and come
+    back with the logits for the loss: the Trainer sees a label tensor, which it counts num_items_in_batch from."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, labels=None):
-        return {"logits": self.model(inputs)}
+    def forward(self, inputs, labels=None, targets=None):
+        return {"logits": self.model(inputs), "targets": targets}
 
 
 class Adapter(Loop):
@@ -40,13 +43,19 @@ class Adapter(Loop):
         tokens = offers(session.loss_fn, TokenLoss)
 
         def compute_loss(outputs, labels, num_items_in_batch=None):
+            targets = outputs["targets"] if outputs["targets"] is not None else labels
             if tokens:
-                return session.loss_fn(outputs["logits"], labels, num_items_in_batch=num_items_in_batch)
-            return session.loss_fn(outputs["logits"], labels)
+                return session.loss_fn(outputs["logits"], targets, num_items_in_batch=num_items_in_batch)
+            return session.loss_fn(outputs["logits"], targets)
+
+        def item(inputs, targets):
+            if isinstance(targets, dict):
+                return {"inputs": inputs, "labels": labels_of(targets), "targets": targets}
+            return {"inputs": inputs, "labels": targets}
 
         # Without a schedule of the lab's, a constant one: the Trainer's own default decays linearly.
         scheduler = session.scheduler or torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda step: 1.0)
-        dataset = EpochsDataset(session.loader, lambda inputs, targets: {"inputs": inputs, "labels": targets})
+        dataset = EpochsDataset(session.loader, item)
         with tempfile.TemporaryDirectory() as output_dir:
             args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=1,
                                      gradient_accumulation_steps=session.accumulation, num_train_epochs=session.epochs,
