@@ -45,7 +45,6 @@ SLOW_SECONDS = {
     "tests/test_fingerprint.py::test_the_command_line_writes_the_fingerprint_and_its_picture": 7,
     "tests/test_fingerprint.py::test_each_framework_is_fingerprinted_as_measured[": 5,
     "tests/test_experiments.py::test_claims_hold[precision]": 25,
-    "tests/test_experiments.py::test_claims_hold[ddp]": 23,
     "tests/test_experiments.py::test_claims_hold[ranks_tokens]": 23,
     "tests/test_trackers.py::test_a_sweep_is_a_parent_run": 14,
     "tests/test_experiments.py::test_claims_hold[factors]": 13,

@@ -36,6 +36,12 @@ STEPS = {"grpo": 10, "terms": 10, "precision": 2, "fsdp": 5, "ranks_tokens": 5, 
          "contrastive": 10}
 
 
+# The fsdp experiment trains DDP beside FSDP on the ddp experiment's own grid (processes 1, 2 x full, accumulate
+# x sync last, every, first; k = 4, batches of 32): the ddp experiment's claims are checked on those DDP runs,
+# which spares the suite a second sweep of two-process jobs. `make experiments` runs both experiments.
+CHECKED_ON = {"ddp": ("fsdp", {"trainer.parallel": "ddp"})}
+
+
 def test_the_experiment_group_lists_every_experiment():
     assert EXPERIMENTS == ["accumulation", "audit", "batchnorm", "chained", "contrastive", "custom_loss", "ddp",
                            "default", "dpo", "factors", "fingerprint", "focal", "fsdp", "grpo", "memory", "moe",
@@ -51,7 +57,8 @@ def make_run(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("name", [name for name in EXPERIMENTS if name != "fingerprint"])  # tests/test_fingerprint.py
+@pytest.mark.parametrize("name", [name for name in EXPERIMENTS  # fingerprint: tests/test_fingerprint.py
+                                  if name != "fingerprint" and name not in CHECKED_ON])
 def test_claims_hold(tmp_path, name):
     sweep_dir = tmp_path / name
     if name == "default":  # as `make run` runs it, on its own 100 steps
@@ -81,10 +88,29 @@ def test_claims_hold(tmp_path, name):
     assert all_hold == (not failed) and f"## {name}\n\n{about}\n\n" in report and f"{held}/{claims} claims hold" in report
     # ... with its pictures, linked relative to the report's folder (it renders on GitHub).
     assert f"![loss curves]({name}/loss_curves.png)" in report and (sweep_dir / "loss_curves.png").exists()
+    for other, (host, selected) in CHECKED_ON.items():
+        if host == name:
+            assert_claims_hold_on(other, sweep_dir, selected)
     if name == "default":  # make run prints the default comparison's table and verdicts
         assert "FAILS" not in result.stdout and "equivalent" in result.stdout
         for strategy in ("full", "sum", "accumulate"):
             assert strategy in result.stdout
+
+
+def assert_claims_hold_on(name, sweep_dir, selected):
+    """Experiment `name`'s claims, each selecting its runs and reference among `selected` ones too, hold on the
+    runs of another experiment's sweep."""
+    from runner.analysis.claims import evaluate_claims
+    from runner.analysis.runs import find_runs
+
+    claims = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["claims"]
+    for claim in claims:
+        for side in ("runs", "reference"):
+            if side in claim:
+                claim[side] = {**claim[side], **selected}
+    results = evaluate_claims(claims, find_runs([sweep_dir]))
+    assert len(results) == len(claims) and all(r.holds for r in results), \
+        [(r.name, r.detail) for r in results if not r.holds]
 
 
 def test_glob_over_experiments_launches_every_job(tmp_path, recwarn):
