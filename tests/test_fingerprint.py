@@ -16,10 +16,10 @@ from runner.fingerprint.session import fingerprint, fingerprint_probe
 from runner.recording import record
 from tests.conftest import run_here
 
-EXACT = {"uneven": "scale=size", "tokens": "normalize=tokens", "policy": "normalize=tokens", "packed": "normalize=tokens",
+TOKEN_PROBES = ("tokens", "policy", "packed", "terms")
+EXACT = {"uneven": "scale=size", **dict.fromkeys(TOKEN_PROBES, "normalize=tokens"),
          "short_window": "partial_window=exact", "short_epoch": "partial_window=exact", "warmup": "scheduler_every=step",
          "clip": "clip_every=step"}
-TOKEN_PROBES = ("tokens", "policy", "packed")
 # Each mode of the lab's own loop, and what the fingerprint must name on the probes where it shows; the
 # other probes name the exact fix. (A key the probe's loss does not read is ignored: loss.normalize on bce.)
 MODES = {
@@ -33,10 +33,13 @@ MODES = {
                                          {"uneven": "scale=mean",
                                           **dict.fromkeys(TOKEN_PROBES, "normalize=micro_batch scale=mean")}),
     "normalize=double": (["loss.normalize=double"], dict.fromkeys(TOKEN_PROBES, "normalize=double")),
-    # loss=grpo's token count over M micro-batches (TRL PR #6024), and packed rows' boundaries removed twice
-    # (unsloth-zoo PR #348): the tokens probe's unpacked rows refuse the latter
+    # loss=grpo's token count over M micro-batches (TRL PR #6024), packed rows' boundaries removed twice
+    # (unsloth-zoo PR #348: the unpacked rows of tokens and terms refuse it), and label smoothing's term over
+    # each micro-batch's own tokens (transformers #46731)
     "count_window=6": (["loss.count_window=6"], {"policy": "count_window=6"}),
-    "boundaries=twice": (["loss.boundaries=twice"], {"packed": "boundaries=twice", "tokens": "not run"}),
+    "boundaries=twice": (["loss.boundaries=twice"], {"packed": "boundaries=twice", "tokens": "not run",
+                                                     "terms": "not run"}),
+    "term_normalize=micro_batch": (["loss.term_normalize=micro_batch"], {"terms": "term_normalize=micro_batch"}),
     "partial_window=k": (["backward.partial_window=k"], {"short_window": "partial_window=k",
                                                           "short_epoch": "partial_window=k"}),
     "partial_window=drop": (["backward.partial_window=drop"], {"short_window": "partial_window=drop",
@@ -78,7 +81,22 @@ def test_the_self_test_names_every_mode_back_and_tells_each_pair_apart():
     assert telling[("partial_window=k", "partial_window=carry")] == "short_window"
     assert telling[("keep=last", "keep=first")] == "uneven"
     assert telling[("exact", "count_window=6")] == "policy"
+    assert telling[("exact", "term_normalize=micro_batch")] == "terms"
     assert all(observed[m] == observed["exact"] for m in ("backward=sum", "backward=full"))
+
+
+def test_a_term_over_each_micro_batchs_tokens_gets_its_own_weights():
+    """The terms probe solves each term's weight: exact, both terms get 1/T of the window's T tokens; with
+    term_normalize=micro_batch the smoothing term gets 1/t_i of the micro-batch's t_i tokens (k times its weight
+    where the micro-batches score alike, transformers #46731), while the next-token term keeps 1/T."""
+    for modes, smoothing in (([], lambda t: 1 / t.sum()), (["loss.term_normalize=micro_batch"], lambda t: 1 / t)):
+        result = fingerprint_probe(Runner(), PROBES["terms"], modes)
+        full = [s for s in result.steps if len(s.micro_batches) == 3]
+        assert full and result.residual < 1e-5
+        for step in full:
+            tokens = torch.tensor([float(mb.count) for mb in step.micro_batches], dtype=torch.float64)
+            assert torch.allclose(step.terms[:, 0], 1 / tokens.sum().expand(3), rtol=1e-4)
+            assert torch.allclose(step.terms[:, 1], smoothing(tokens).expand(3), rtol=1e-4)
 
 
 def test_weights_are_the_hand_computed_ones_for_a_nanogpt_loop():

@@ -145,6 +145,30 @@ def normalization(steps: Sequence[Solved], k: int, tokens: bool) -> Named:
     return _unnamed("normalization", full, lambda s: exact(s.micro_batches, k, k), "no named normalisation")
 
 
+def terms(steps: Sequence[Solved], k: int) -> Named:
+    """A loss of several terms, solved per term: the first term's weights named as any token loss's, then each
+    other term against it. Weighted alike, the first term's name stands; divided by each micro-batch's own tokens
+    where the first is divided by the window's, `term_normalize=micro_batch` (transformers #46731: k times its
+    weight on equal micro-batches)."""
+    named = normalization(steps, k, tokens=True)
+    full = [s for s in steps if len(s.micro_batches) == k and s.terms is not None]
+    if not full or named.observed.startswith(("no named", "not named")):
+        return named
+    others = [(s, t) for s in full for t in range(1, s.terms.shape[1])]
+    if max(error(s.terms[:, t], s.terms[:, 0]) for s, t in others) < TOLERANCE:
+        return named
+    def own_count(s: Solved) -> torch.Tensor:  # the first term's weight x the window's tokens / the micro-batch's
+        c, _ = _counts(s.micro_batches)
+        return s.terms[:, 0] * c.sum() / c
+    worst = max(error(s.terms[:, t], own_count(s)) for s, t in others)
+    if worst < TOLERANCE and named.observed == "normalize=tokens":
+        return Named("normalization", "term_normalize=micro_batch", False, worst)
+    s, t = max(others, key=lambda pair: error(pair[0].terms[:, pair[1]], pair[0].terms[:, 0]))
+    ratios = " ".join(f"{float(r):.3f}" for r in s.terms[:, t] / s.terms[:, 0])
+    return Named("normalization", f"no named term weighting: with the first term {named.observed}, term {t + 1} "
+                                  "got other weights", False, None, f"term {t + 1} / term 1 per micro-batch: {ratios}")
+
+
 def window(steps: Sequence[Solved], k: int, per_epoch: int, rule: Optional[Rule]) -> Named:
     """An epoch's short last window: weighted by what it holds (exact), divided by k as if full (k),
     skipped (drop), or completed by the next epoch's first micro-batches (carry)."""

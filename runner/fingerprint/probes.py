@@ -9,6 +9,7 @@ gradients add up to the batch's and the weights are well defined.
     tokens        sequences of 4..12 tokens, padding ignored, uneven counts of tokens and rows at k=3
     policy        GRPO's token mean on rollouts, the same geometry: the count's window (count_window=M)
     packed        packed rows of several documents: each boundary counted once or twice (boundaries=twice)
+    terms         the tokens probe with label smoothing: each of the loss's two terms weighted on its own
     short_window  5 micro-batches an epoch at k=2, two epochs: the short last window (exact, k, drop, carry)
     short_epoch   an epoch of 3 micro-batches, shorter than k=4, three epochs: carry against the rest
     warmup        a linear warmup at k=2: the schedule per optimizer step or per micro-batch
@@ -28,6 +29,7 @@ POLICY = ("model=seq", "data=rollouts", "loss=grpo", "optim=sgd", "data.min_leng
           "data.group_size=2")
 PACKED = ("model=seq", "model.cell=transformer", "data=seq", "loss=lm", "optim=sgd", "data.packing=true",
           "data.min_length=2", "data.max_length=6", "data.pack_length=12")
+TERMS = (*TOKENS, "loss.label_smoothing=0.1")
 TOKEN_LOSSES = ("loss=lm", "loss=grpo")  # the probes whose loss divides by a token count
 # The clip probe's clip, as a fraction of the exact first step's gradient norm: it binds at every step
 # and, inside a window, already after the first micro-batches.
@@ -52,6 +54,11 @@ class Probe:
     def tokens(self) -> bool:
         return any(loss in self.settings for loss in TOKEN_LOSSES)
 
+    @property
+    def terms(self) -> bool:
+        """Its loss has terms (runner.components.losses.MultiPartLoss), each weighted on its own."""
+        return self.settings == TERMS
+
     def overrides(self) -> Tuple[str, ...]:
         """The probe's own keys: they win over a mode that sets the same key."""
         schedule = ("optim.scheduler=linear", f"optim.warmup_steps={WARMUP_STEPS}") if self.scheduled \
@@ -70,6 +77,9 @@ PROBES: Dict[str, Probe] = {p.name: p for p in (
           "the window whose tokens the mean divides by", POLICY, 22, 4, 3, 2),
     Probe("packed", "normalization", "rows of 12 tokens packing documents of 2 to 6: each row scores 12 minus its "
           "documents, and a count that removes the boundaries again divides by less", PACKED, 22, 4, 3, 2),
+    Probe("terms", "normalization", "the tokens probe with label smoothing 0.1: the next-token term and the "
+          "smoothing term, each micro-batch's weighted on its own, so that a term divided by another count shows",
+          TERMS, 22, 4, 3, 2),
     Probe("short_window", "window", "5 micro-batches an epoch at k=2: each epoch ends with a window of one",
           EXAMPLES, 38, 8, 2, 2),
     Probe("short_epoch", "window", "an epoch of 3 micro-batches at k=4, shorter than one window, three epochs",

@@ -162,7 +162,7 @@ def fingerprint_probe(loop: Loop, probe: Probe, modes: Sequence[str] = (), seed:
     stream.epoch(probe.epochs)  # the runner's carried windows draw one epoch ahead
     session = Session(training, ProbeLoader(stream), probe.epochs, probe.accumulation,
                       training.config.optim.clip_norm, probe.tokens)
-    basis = Basis(reference.model, reference.loss_fn)
+    basis = Basis(reference.model, reference.loss_fn, terms=probe.terms)
     with Observer(training.model, session.optimizer, stream) as observer:
         try:
             loop.train(session)
@@ -191,7 +191,7 @@ def _name(probe: Probe, steps: List[Solved], stream: Stream, training, normaliza
         return naming.Named(probe.dimension, "not observed: .grad was empty at every optimizer step (the loop keeps "
                                              "the gradient elsewhere)", False)
     if probe.dimension == "normalization":
-        return naming.normalization(steps, k, probe.tokens)
+        return naming.terms(steps, k) if probe.terms else naming.normalization(steps, k, probe.tokens)
     rule = naming.rules(probe.tokens).get(normalization.observed) if normalization is not None else None
     if probe.dimension == "window":
         return naming.window(steps, k, stream.micro_batches_per_epoch, rule)
