@@ -18,8 +18,8 @@ from tests.conftest import run_here
 
 TOKEN_PROBES = ("tokens", "policy", "packed", "terms")
 EXACT = {"uneven": "scale=size", **dict.fromkeys(TOKEN_PROBES, "normalize=tokens"),
-         "short_window": "partial_window=exact", "short_epoch": "partial_window=exact", "warmup": "scheduler_every=step",
-         "clip": "clip_every=step"}
+         "short_window": "partial_window=exact", "short_epoch": "partial_window=exact",
+         "warmup": "scheduler_every=step", "clip": "clip_every=step"}
 # Each mode of the lab's own loop, and what the fingerprint must name on the probes where it shows; the
 # other probes name the exact fix. (A key the probe's loss does not read is ignored: loss.normalize on bce.)
 MODES = {

@@ -8,9 +8,9 @@ within_drift (the distance to the reference at most `factor` times the reference
 to its float64 oracle), grad_scaled (the first gradient is `factor` times the reference's, within
 `rel`: a bug that scales the gradient, 1/world of it say), impact (a configuration's mean paired
 difference of `metric` from the reference's over seeds, in the reference's seed σ: `at_least`,
-`at_most` in size, or `below` for a metric a bug lowers; runner.analysis.replicates), fails (status error, with `message` in the error),
-succeeds, summary (a summary `key` equals `value` in every run: ranks_agree true, say), and
-smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
+`at_most` in size, or `below` for a metric a bug lowers; runner.analysis.replicates), fails (status
+error, with `message` in the error), succeeds, summary (a summary `key` equals `value` in every run:
+ranks_agree true, say), and smaller / about (a `metric` against `factor` times the reference's; `about` within `rel`). A
 metric is a summary key (peak_saved_bytes, time_per_step_s) or a comparison column
 (grad_rel_diff, grad_diff_to_oracle, ...: against the sweep's reference and its oracle; with
 `against: {loss.normalize: tokens}`, each run against its twin that differs only in those keys,

@@ -212,11 +212,11 @@ def documents_of(inputs: torch.Tensor):
 def packed_sequences(vocab: int, rows: int, seed: int, min_length: int, max_length: int, pack_length: int):
     """data.packing=true: the Markov documents of data=seq, in order, packed into rows of exactly pack_length tokens;
     the document that overflows a row is cut at its end, its rest beginning the next row as a document of its own
-    (TRL's `wrapped` packing), so every row is full and no label is padding. As (inputs, targets): inputs the rows' first pack_length - 1 tokens with each document's first token
-    marked (`mark_starts`), targets {"labels": the next tokens, -100 where the next token starts a document (no
-    position predicts across a boundary: TRL >= 0.23.1's labels[position_ids == 0] = -100, transformers'
-    DataCollatorWithFlattening), "documents": the documents each row holds}. A row of T tokens and N documents
-    scores T - N tokens."""
+    (TRL's `wrapped` packing), so every row is full and no label is padding. As (inputs, targets): inputs the rows'
+    first pack_length - 1 tokens with each document's first token marked (`mark_starts`), targets {"labels": the
+    next tokens, -100 where the next token starts a document (no position predicts across a boundary: TRL >=
+    0.23.1's labels[position_ids == 0] = -100, transformers' DataCollatorWithFlattening), "documents": the documents
+    each row holds}. A row of T tokens and N documents scores T - N tokens."""
     mean_length = (min_length + max_length) / 2
     drawn = int(rows * pack_length / mean_length * 1.3) + 8
     while True:

@@ -301,8 +301,9 @@ class SmoothedTokenLoss(TokenCrossEntropy):
         own = self.count_tokens(targets)
         count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
             else own
+        term_count = count if self.term_normalize == "window" else own
         return {"lm": per_count((1 - self.label_smoothing) * nll, count),
-                "smoothing": per_count(self.label_smoothing * uniform, count if self.term_normalize == "window" else own)}
+                "smoothing": per_count(self.label_smoothing * uniform, term_count)}
 
     def forward(self, logits, targets, num_items_in_batch=None) -> torch.Tensor:
         return sum(self.parts(logits, targets, num_items_in_batch).values())

@@ -190,7 +190,8 @@ class CausalLM(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The hidden state at every position, (B, T, hidden), before the output layer."""
-        if self.cell == "transformer" and bool((tokens < 0).any()):  # packed rows (runner.components.data.mark_starts)
+        # Packed rows (runner.components.data.mark_starts): a host read per forward of the transformer cell
+        if self.cell == "transformer" and bool((tokens < 0).any()):
             return self.packed_features(tokens)
         x = self.embed(tokens)
         if self.cell == "gru":

@@ -168,8 +168,8 @@ class LossConf(GroupKeys):
                                                "whose constructor takes it)")
     rank_normalize: RankNormalize = key(RankNormalize["global"], "a token loss (loss=lm) with several processes: "
                                                                  "what each rank's loss is divided by")
-    count_group: CountGroup = key(CountGroup.data, "a token loss with trainer.sequence_parallel > 1: the ranks the token "
-                                                   "count is summed over")
+    count_group: CountGroup = key(CountGroup.data, "a token loss with trainer.sequence_parallel > 1: the ranks the "
+                                                   "token count is summed over")
     _target_: Optional[str] = key(None, "the loss class an option names (loss=custom: the import path of yours, called "
                                         "as loss(outputs, targets); its constructor's arguments as +loss.KEY=VALUE)",
                                   values="package.module.Class")

@@ -38,6 +38,15 @@ def _rule(weights) -> Rule:
     return predict
 
 
+def _boundaries_twice(mbs, d, k):
+    """loss.boundaries=twice on packed rows: the window's count less each row's documents after its first (the
+    exact count where no row is packed, which the exact rule names first)."""
+    c, _ = _counts(mbs)
+    again = sum(float((mb.targets["documents"] - 1).sum()) if isinstance(mb.targets, dict) and
+                "documents" in mb.targets else 0.0 for mb in mbs)
+    return torch.ones_like(c) / (c.sum() - again)
+
+
 EXAMPLE_RULES: Dict[str, Rule] = {
     "scale=size": _rule(lambda c, r, d, k: torch.ones_like(c) / c.sum()),  # the window's mean: exact
     "scale=mean": _rule(lambda c, r, d, k: 1.0 / (d * c)),  # each micro-batch's mean / k (Lightning, Accelerate)
@@ -49,18 +58,8 @@ TOKEN_RULES: Dict[str, Rule] = {
     "normalize=micro_batch": _rule(lambda c, r, d, k: r / (r.sum() * c)),  # own tokens, weighted by rows
     "normalize=micro_batch scale=mean": _rule(lambda c, r, d, k: 1.0 / (d * c)),  # own tokens / k
     "normalize=micro_batch scale=none": _rule(lambda c, r, d, k: 1.0 / c),  # own tokens, never divided
+    "boundaries=twice": _boundaries_twice,  # packed rows' boundaries removed from the count again
 }
-
-
-def _boundaries_twice(mbs, d, k):
-    """loss.boundaries=twice on packed rows: the window's count less each row's documents after its first."""
-    c, _ = _counts(mbs)
-    again = sum(float((mb.targets["documents"] - 1).sum()) if isinstance(mb.targets, dict) and
-                "documents" in mb.targets else 0.0 for mb in mbs)
-    return torch.ones_like(c) / (c.sum() - again)
-
-
-TOKEN_RULES["boundaries=twice"] = _boundaries_twice  # the exact count where no row is packed: named exact first
 
 
 def count_window(steps: Sequence[Solved], k: int) -> Optional[Named]:
@@ -157,6 +156,7 @@ def terms(steps: Sequence[Solved], k: int) -> Named:
     others = [(s, t) for s in full for t in range(1, s.terms.shape[1])]
     if max(error(s.terms[:, t], s.terms[:, 0]) for s, t in others) < TOLERANCE:
         return named
+
     def own_count(s: Solved) -> torch.Tensor:  # the first term's weight x the window's tokens / the micro-batch's
         c, _ = _counts(s.micro_batches)
         return s.terms[:, 0] * c.sum() / c

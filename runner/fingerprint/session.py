@@ -23,8 +23,8 @@ from runner.fingerprint.weights import Basis, Solved
 # What makes the lab's own loop exact whatever the command line chose (the reference runs).
 EXACT_MODES = ("backward=accumulate",)
 # The command line's keys that choose the lab's own loop's modes (loop=runner); the probes set the rest.
-MODE_KEYS = ("backward", "loss.normalize", "loss.count_window", "loss.boundaries", "optim.scheduler_every",
-             "optim.clip_every", "seed")
+MODE_KEYS = ("backward", "loss.normalize", "loss.count_window", "loss.boundaries", "loss.term_normalize",
+             "optim.scheduler_every", "optim.clip_every", "seed")
 
 
 @dataclass

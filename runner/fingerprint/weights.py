@@ -55,7 +55,8 @@ class Basis:
                 outputs = self.model(inputs)
                 if self.terms:
                     parts = list(self.loss_fn.parts(outputs, mb.targets).values())
-                    columns += [self._gradient(own, part * mb.count, i < len(parts) - 1) for i, part in enumerate(parts)]
+                    columns += [self._gradient(own, part * mb.count, i < len(parts) - 1)
+                                for i, part in enumerate(parts)]
                 else:
                     columns.append(self._gradient(own, self.loss_fn(outputs, mb.targets) * mb.count, False))
         return torch.stack(columns, dim=1) if columns else torch.zeros(sum(p.numel() for p in own), 0,
