@@ -222,13 +222,16 @@ def test_a_packed_row_gives_each_document_the_logits_it_has_alone():
     assert int(targets["documents"].min()) >= 3  # several documents in every row
     scored = (targets["labels"] != -100).sum(dim=1)
     assert scored.tolist() == (24 - targets["documents"]).tolist()
+    model = training.model
+    assert model.packed  # the source told it (read_packed_rows)
     with torch.no_grad():
-        packed = training.model(inputs)
+        packed = model(inputs)
+        model.packed = False  # each document alone, through the unpacked causal forward
         for row in range(len(inputs)):
             for document in documents[row].unique():
                 mine = documents[row] == document
                 assert positions[row][mine].tolist() == list(range(int(mine.sum())))
-                alone = training.model(tokens[row][mine][None])[0]
+                alone = model(tokens[row][mine][None])[0]
                 torch.testing.assert_close(packed[row][mine], alone, rtol=1e-5, atol=1e-5)
     labels = targets["labels"]
     starts = torch.cat([inputs[:, 1:] < 0, torch.zeros(len(inputs), 1, dtype=torch.bool)], dim=1)
@@ -268,7 +271,7 @@ def test_boundaries_removed_twice_scale_the_loss_and_its_gradient_by_t_minus_n_o
 def test_bad_packing_input_is_one_line():
     assert refusal(*PACKED, "model.cell=gru") == (
         "data.packing=true is not allowed with model=seq: it cannot restart positions at each document, expected "
-        "model.cell=transformer (model=seq or moe), or a model of your own with restarts_positions() (or "
+        "model.cell=transformer (model=seq or moe), or a model of your own with read_packed_rows() (or "
         "data.packing=false)")
     assert refusal("model=seq", "data=seq", "loss=lm", "loss.boundaries=twice") == (
         "loss.boundaries=twice is not allowed without packed rows: it removes their documents' boundaries from the "

@@ -166,6 +166,7 @@ class CausalLM(nn.Module):
         if cell not in self.CELLS:
             raise ValueError(f"model.cell={cell} is not allowed: expected one of {list(self.CELLS)}")
         self.cell, layers = cell, depth
+        self.packed = False  # rows that pack several documents (read_packed_rows)
         self.embed = nn.Embedding(vocab, hidden)
         if cell == "gru":
             self.body = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
@@ -183,15 +184,16 @@ class CausalLM(nn.Module):
         times its input); the GRU as one block (its layers are one module)."""
         return list(self.body.layers) if self.cell == "transformer" else [self.body]
 
-    def restarts_positions(self) -> bool:
-        """Can it read packed rows (data.packing=true), positions restarting and attention kept within each
-        document? The Transformer can (a mask per row); the GRU's state runs on across the row."""
-        return self.cell == "transformer"
+    def read_packed_rows(self) -> bool:
+        """data.packing=true: from now on each row packs documents, their first tokens marked
+        (runner.components.data.mark_starts), positions restarting and attention kept within each. The Transformer
+        can (a mask per row); the GRU cannot, its state running on across the row: False, and nothing changes."""
+        self.packed = self.cell == "transformer"
+        return self.packed
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The hidden state at every position, (B, T, hidden), before the output layer."""
-        # Packed rows (runner.components.data.mark_starts): a host read per forward of the transformer cell
-        if self.cell == "transformer" and bool((tokens < 0).any()):
+        if self.packed:
             return self.packed_features(tokens)
         x = self.embed(tokens)
         if self.cell == "gru":

@@ -139,21 +139,22 @@ class Sequences:
         if not self.packing:
             return sequences(spec, request.seed, request.train_size, request.eval_size, request.batch_size,
                              self.min_length, self.max_length, self.sort_lengths, self.topics), spec
-        check_restarts_positions(request)
+        read_packed_rows(request)
         inputs, targets = packed_sequences(request.vocab, request.train_size + request.eval_size, request.seed,
                                            self.min_length, self.max_length, self.pack_length)
         return Dataset(inputs, targets, request.seed, request.train_size, request.batch_size, self.sort_lengths), spec
 
 
-def check_restarts_positions(request: Request) -> None:
-    """Packed rows need a model that restarts positions at each document and keeps attention within it: one that
-    says so (`restarts_positions()`, runner.components.models.CausalLM's), reading the marks of
-    runner.components.data.mark_starts."""
-    says = getattr(request.model, "restarts_positions", None)
-    if request.model is not None and not (callable(says) and says()):
+def read_packed_rows(request: Request) -> None:
+    """Packed rows need a model that restarts positions at each document and keeps attention within it: the source
+    tells the model its rows are packed (`read_packed_rows()`, runner.components.models.CausalLM's), which answers
+    whether it can read the marks of runner.components.data.mark_starts. Told once here, the model never inspects
+    its inputs for marks (on a GPU that would be a host read per forward)."""
+    reads = getattr(request.model, "read_packed_rows", None)
+    if request.model is not None and not (callable(reads) and reads()):
         raise ValueError(f"data.packing=true is not allowed with {request.model_label}: it cannot restart positions at "
                          "each document, expected model.cell=transformer (model=seq or moe), or a model of your own "
-                         "with restarts_positions() (or data.packing=false)")
+                         "with read_packed_rows() (or data.packing=false)")
 
 
 class Rollouts:
