@@ -115,6 +115,14 @@ def per_count(total: torch.Tensor, count) -> torch.Tensor:
     return total / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1))
 
 
+def divisor(loss_fn, targets, num_items_in_batch=None):
+    """What a token loss (TokenLoss) divides its summed loss by: the window's count it is handed as
+    num_items_in_batch under normalize=tokens or double, else its own count of the targets."""
+    if num_items_in_batch is not None and loss_fn.normalize in ("tokens", "double"):
+        return num_items_in_batch
+    return loss_fn.count_tokens(targets)
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -265,15 +273,13 @@ class TokenCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        logits, count_from, targets = logits_of(logits), targets, labels_of(targets)
-        per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=self.ignore_index,
-                                    reduction="none").view(targets.shape)
+        labels = labels_of(targets)
+        per_token = F.cross_entropy(logits_of(logits).flatten(0, -2), labels.flatten(), ignore_index=self.ignore_index,
+                                    reduction="none").view(labels.shape)
         if self.normalize == "sequence":
-            scored = (targets != self.ignore_index).sum(dim=1).clamp(min=1)
+            scored = (labels != self.ignore_index).sum(dim=1).clamp(min=1)
             return (per_token.sum(dim=1) / scored).mean()
-        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            else self.count_tokens(count_from)
-        return per_count(per_token.sum(), count)
+        return per_count(per_token.sum(), divisor(self, targets, num_items_in_batch))
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize!r}, ignore_index={self.ignore_index}, boundaries={self.boundaries!r}"
@@ -298,9 +304,7 @@ class SmoothedTokenLoss(TokenCrossEntropy):
         scored = labels != self.ignore_index
         nll = -(logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored).sum()
         uniform = -(logp.mean(dim=-1) * scored).sum()
-        own = self.count_tokens(targets)
-        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            else own
+        own, count = self.count_tokens(targets), divisor(self, targets, num_items_in_batch)
         term_count = count if self.term_normalize == "window" else own
         return {"lm": per_count((1 - self.label_smoothing) * nll, count),
                 "smoothing": per_count(self.label_smoothing * uniform, term_count)}
@@ -351,8 +355,8 @@ class LoadBalancedTokenLoss(TokenCrossEntropy):
         scored = labels_of(targets) != self.ignore_index
         load = expert_load if expert_load is not None else self.count_load(outputs["expert_mask"], targets)
         share = load / load.sum().clamp(min=1)  # f_i: no gradient (counts of a top-k)
-        tokens = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            and self.term_normalize == "window" else self.count_tokens(targets)
+        tokens = divisor(self, targets, num_items_in_batch) if self.term_normalize == "window" \
+            else self.count_tokens(targets)
         mean_probs = per_count(outputs["router_probs"][scored].sum(dim=0), tokens)  # P_i, over `tokens`
         return load.shape[0] * (share * mean_probs).sum()
 
@@ -472,9 +476,7 @@ class TokenMeanPolicyGradient(PolicyGradient):
         return self.normalize
 
     def forward(self, outputs, targets, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        count = num_items_in_batch if num_items_in_batch is not None and self.normalize in ("tokens", "double") \
-            else self.count_tokens(targets)
-        return per_count(self.per_token(outputs, targets).sum(), count)
+        return per_count(self.per_token(outputs, targets).sum(), divisor(self, targets, num_items_in_batch))
 
 
 class SequencePolicyGradient(PolicyGradient):
